@@ -1,0 +1,1 @@
+"""Receiver-SMTP (R-SMTP): the SMTP server that durably queues every message."""

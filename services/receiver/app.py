@@ -1,0 +1,138 @@
+"""The receiver program: build the servers from the config, run them, stop gracefully.
+
+Start-up problems (port in use, unwritable queue, bad TLS key, unreadable users file)
+raise StartupError: one line, exit status 2 (SPEC §2). SIGTERM is recorded by the
+StopFlag; this main loop then stops accepting, lets DATA in progress finish, answers
+421 to every other session, and returns 0 (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from collections.abc import Callable
+
+from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits
+from services.receiver.session import SessionPolicy
+from services.receiver.users import UserFileError, load_users, verify_password
+from shared.cli import EXIT_OK, StartupError, StopFlag
+from shared.config import Config, HostPort
+from shared.log import EventLog, setup_logging, shutdown_logging
+from shared.queue import QueueWriter
+
+GRACE_SECONDS = 8.0  # how long a stop waits for DATA in progress (supervisor waits 15)
+
+
+def build_queue(config: Config) -> QueueWriter:
+    try:
+        writer = QueueWriter(config.queue.dir)
+        probe = writer.tmp_dir / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise StartupError(f"queue folder {config.queue.dir} is not usable: {err.strerror}") from None
+    return writer
+
+
+def build_tls_context(config: Config) -> ssl.SSLContext | None:
+    rcv = config.receiver
+    if not rcv.tls_cert or not rcv.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(rcv.tls_cert, rcv.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        detail = getattr(err, "strerror", None) or str(err)
+        raise StartupError(
+            f"cannot load TLS certificate {rcv.tls_cert} / key {rcv.tls_key}: {detail}"
+        ) from None
+    return context
+
+
+def build_password_check(config: Config) -> Callable[[str, str], bool] | None:
+    if not config.receiver.users_file:
+        return None
+    try:
+        users = load_users(config.receiver.users_file)
+    except UserFileError as err:
+        raise StartupError(str(err)) from None
+    return lambda username, password: verify_password(users, username, password)
+
+
+def build_servers(config: Config, queue: QueueWriter) -> list[ReceiverServer]:
+    rcv = config.receiver
+    tls_context = build_tls_context(config)
+    check_password = build_password_check(config)
+    policy = SessionPolicy(
+        hostname=config.hostname,
+        max_message_bytes=rcv.max_message_bytes,
+        max_recipients=rcv.max_recipients,
+        max_bad_commands=rcv.max_bad_commands,
+        local_domains=frozenset(config.local.domains),
+        tls_available=tls_context is not None,
+        auth_available=check_password is not None,
+        require_auth=rcv.require_auth,
+    )
+    limits = ServerLimits(
+        idle_timeout=rcv.idle_timeout,
+        session_deadline=rcv.session_deadline,
+        max_connections=rcv.max_connections,
+        max_connections_per_ip=rcv.max_connections_per_ip,
+    )
+    listens: list[tuple[HostPort, bool]] = [(rcv.listen, False)]
+    if rcv.tls_listen:
+        listens.append((rcv.tls_listen, True))
+    servers = []
+    for listen, implicit in listens:
+        try:
+            servers.append(
+                ReceiverServer(
+                    (listen.host, listen.port),
+                    policy=policy,
+                    limits=limits,
+                    queue=queue,
+                    relay_networks=rcv.relay_networks,
+                    tls_context=tls_context,
+                    implicit_tls=implicit,
+                    check_password=check_password,
+                )
+            )
+        except OSError as err:
+            for server in servers:
+                server.server_close()
+            raise StartupError(f"cannot listen on {listen}: {err.strerror}") from None
+    return servers
+
+
+def main(config: Config) -> int:
+    queue = build_queue(config)
+    servers = build_servers(config, queue)
+    log: EventLog = setup_logging(config.log, PROGRAM)
+    removed = queue.clean_leftovers()
+    if removed:
+        log.info("cleanup", removed_tmp_files=len(removed))
+    stop = StopFlag()
+    stop.install()
+    threads = [
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True)
+        for server in servers
+    ]
+    for thread in threads:
+        thread.start()
+    log.ok(
+        "start",
+        listen=",".join(f"{s.server_address[0]}:{s.server_address[1]}" for s in servers),
+        queue=config.queue.dir,
+        pid=os.getpid(),
+    )
+    while not stop.wait(1.0):
+        pass
+    log.info("stop", signal=stop.signal_name, sessions=sum(s.session_count() for s in servers))
+    for server in servers:
+        server.begin_shutdown()
+    clean = all(server.wait_for_sessions(GRACE_SECONDS) for server in servers)
+    log.ok("exit", clean=clean)
+    shutdown_logging()
+    return EXIT_OK

@@ -1,0 +1,358 @@
+"""The receiver's socket shell: a ThreadingTCPServer with a bounded pool of session slots.
+
+All SMTP decisions are made by `ServerSession`; this module moves bytes, keeps time,
+stores messages through `QueueWriter`, and carries out the session's events.
+
+- Slots: at most `max_connections` sessions (and `max_connections_per_ip` per client).
+  The connection after that is accepted, answered 421 and closed at once, from the
+  accepting thread, so it never waits for a slot (SPEC §3).
+- Time: a session reads in short slices so that it notices the idle timeout, its
+  total deadline and a graceful stop without any extra thread.
+- Graceful stop (SPEC §6): `begin_shutdown()` stops accepting; a session in the middle
+  of DATA reads its message to the end, stores it and answers 250; every other
+  session is answered 421 and closed; `wait_for_sessions()` bounds the wait.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.receiver import replies as R
+from services.receiver.session import (
+    NEED_DATA,
+    AuthRequest,
+    CloseConnection,
+    MessageReady,
+    SendReply,
+    ServerSession,
+    SessionPolicy,
+    StartTLS,
+)
+from shared.config import IPNetwork
+from shared.log import EventLog, describe_exception
+from shared.queue import QueueWriteError, QueueWriter
+
+PROGRAM = "R-SMTP"
+READ_SLICE = 0.5  # seconds a recv may block before timers and the stop flag are checked
+RECV_SIZE = 256 * 1024
+AUTH_FAILURE_DELAY = 1.0  # seconds a failed login waits before its 535 (slows guessing)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    idle_timeout: float = 300.0
+    session_deadline: float = 1800.0
+    max_connections: int = 5
+    max_connections_per_ip: int = 0  # 0 = no per-IP limit
+    tls_handshake_timeout: float = 30.0
+
+
+class ReceiverServer(socketserver.ThreadingTCPServer):
+    """One listening socket; sessions run in their own threads, at most N at once."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        policy: SessionPolicy,
+        limits: ServerLimits,
+        queue: QueueWriter,
+        relay_networks: tuple[IPNetwork, ...],
+        tls_context: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+        check_password: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.policy = policy
+        self.limits = limits
+        self.queue = queue
+        self.relay_networks = relay_networks
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.check_password = check_password
+        self.stopping = threading.Event()
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
+        self._per_ip: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._sessions: set[threading.Thread] = set()
+        self._open_sockets: set[socket.socket] = set()
+        self.log = EventLog(PROGRAM, "-")
+        super().__init__(address, SessionHandler)
+
+    # -- slots ---------------------------------------------------------------------
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
+        ip = client_address[0]
+        if not self._take_slot(ip):
+            self._refuse(request, client_address)
+            return
+        thread = threading.Thread(
+            target=self._run_session, args=(request, client_address), daemon=True
+        )
+        with self._lock:
+            self._sessions.add(thread)
+            self._open_sockets.add(request)
+        thread.start()
+
+    def _take_slot(self, ip: str) -> bool:
+        if self.stopping.is_set() or not self._slots.acquire(blocking=False):
+            return False
+        per_ip = self.limits.max_connections_per_ip
+        with self._lock:
+            if per_ip and self._per_ip.get(ip, 0) >= per_ip:
+                self._slots.release()
+                return False
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return True
+
+    def _give_back_slot(self, ip: str) -> None:
+        with self._lock:
+            left = self._per_ip.get(ip, 1) - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
+        self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: tuple) -> None:
+        """Over the limit: 421 at once, then close; never blocks the accepting thread."""
+        log = self.log.with_peer(_peer_text(client_address))
+        try:
+            request.setblocking(False)
+            request.send(R.S421_UNAVAILABLE.format(hostname=self.policy.hostname).to_bytes())
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+        log.fail("connect", reason="too many connections", reply=421)
+
+    def _run_session(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception as exc:  # noqa: BLE001 - a session's bug must not kill the server
+            self.handle_error(request, client_address, exc)
+        finally:
+            self.shutdown_request(request)
+            self._give_back_slot(client_address[0])
+            with self._lock:
+                self._sessions.discard(threading.current_thread())
+                self._open_sockets.discard(request)
+
+    def handle_error(  # type: ignore[override]
+        self, request: object, client_address: tuple, exc: BaseException | None = None
+    ) -> None:
+        """Log a session's unexpected error as one line (the default prints to stderr)."""
+        exc = exc or sys.exc_info()[1]
+        self.log.with_peer(_peer_text(client_address)).error("session", exc=exc)
+
+    def replace_socket(self, old: socket.socket, new: socket.socket) -> None:
+        """A session wrapped its socket in TLS: track the new one for a forced stop."""
+        with self._lock:
+            self._open_sockets.discard(old)
+            self._open_sockets.add(new)
+
+    # -- relay policy ---------------------------------------------------------------
+
+    def may_relay(self, ip: str) -> bool:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.relay_networks)
+
+    # -- graceful stop ----------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting now; sessions see `stopping` within READ_SLICE seconds."""
+        self.stopping.set()
+        self.shutdown()  # stops serve_forever (called from another thread)
+        self.server_close()
+
+    def wait_for_sessions(self, timeout: float) -> bool:
+        """Wait for the sessions to end; after `timeout`, cut the stragglers off."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = list(self._sessions)
+            if not threads:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            threads[0].join(min(left, 0.2))
+        with self._lock:
+            sockets = list(self._open_sockets)
+        for sock in sockets:  # nothing acknowledged is lost: their DATA never got 250
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return False
+
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+
+def _peer_text(client_address: tuple) -> str:
+    host, port = client_address[0], client_address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class SessionHandler(socketserver.BaseRequestHandler):
+    """Runs one session: the loop between the socket and `ServerSession`."""
+
+    server: ReceiverServer
+
+    def setup(self) -> None:
+        server = self.server
+        ip = self.client_address[0]
+        self.log = server.log.with_peer(_peer_text(self.client_address))
+        self.sock: socket.socket = self.request
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.session = ServerSession(
+            server.policy, ip, may_relay=server.may_relay(ip), tls_active=server.implicit_tls
+        )
+        self.outgoing: list[bytes] = []
+        self.started = self.last_input = time.monotonic()
+        self.close_reason = "peer"
+
+    def handle(self) -> None:
+        self.log.ok("connect", tls="implicit" if self.server.implicit_tls else "no")
+        try:
+            if self.server.implicit_tls and not self._start_tls():
+                return
+            self.sock.settimeout(READ_SLICE)
+            self._send_now(self.session.greeting())
+            self._loop()
+        except (ConnectionError, ssl.SSLError, TimeoutError) as err:
+            self.close_reason = f"error: {describe_exception(err)}"
+        finally:
+            self.log.ok("close", reason=self.close_reason)
+
+    def finish(self) -> None:
+        try:
+            self.sock.close()  # after STARTTLS this is the TLS socket, not self.request
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        session = self.session
+        while True:
+            event = session.next_event()
+            if event is NEED_DATA:
+                self._flush()
+                if not self._read_more():
+                    return
+            elif isinstance(event, SendReply):
+                self.outgoing.append(event.data)
+                if event.reply.code >= 400:
+                    self.log.fail("reject", command=event.command, reply=str(event.reply))
+            elif isinstance(event, MessageReady):
+                self._store(event)
+            elif isinstance(event, AuthRequest):
+                self._authenticate(event)
+            elif isinstance(event, StartTLS):
+                self._flush()
+                if not self._start_tls():
+                    return
+                session.tls_started()
+            elif isinstance(event, CloseConnection):
+                self._flush()
+                self.close_reason = event.reason
+                return
+
+    def _read_more(self) -> bool:
+        """Read the next bytes, or decide the session is over. False = close now."""
+        while True:
+            now = time.monotonic()
+            if self.server.stopping.is_set() and not self.session.in_data:
+                self._send_now(self.session.shutting_down())
+                self.close_reason = "shutdown"
+                return False
+            if now - self.last_input > self.server.limits.idle_timeout:
+                return self._time_out("idle timeout")
+            if now - self.started > self.server.limits.session_deadline:
+                return self._time_out("session deadline")
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                continue
+            if not data:
+                self.close_reason = "peer closed"
+                return False
+            self.last_input = time.monotonic()
+            self.session.receive_data(data)
+            return True
+
+    def _time_out(self, reason: str) -> bool:
+        self._send_now(self.session.timed_out())
+        self.close_reason = reason
+        return False
+
+    def _store(self, event: MessageReady) -> None:
+        envelope = event.envelope
+        try:
+            queue_id = self.server.queue.store(envelope.mail_from, envelope.rcpt_tos, event.data)
+        except QueueWriteError as err:
+            reply = R.S452_NO_SPACE if err.no_space else R.S451_LOCAL_ERROR
+            self.session.message_not_stored(reply)
+            self.log.error("queue", exc=err, sender=f"<{envelope.mail_from}>", reply=reply.code)
+            return
+        self.session.message_stored(queue_id)
+        self.log.ok(
+            "queued",
+            id=queue_id,
+            sender=f"<{envelope.mail_from}>",
+            rcpts=len(envelope.rcpt_tos),
+            size=len(event.data),
+        )
+
+    def _authenticate(self, event: AuthRequest) -> None:
+        check = self.server.check_password
+        ok = bool(check and check(event.username, event.password))
+        if ok:
+            self.log.ok("auth", user=event.username, mechanism=event.mechanism)
+        else:
+            self.log.fail("auth", user=event.username, mechanism=event.mechanism)
+            self._flush()
+            time.sleep(AUTH_FAILURE_DELAY)
+        self.session.auth_result(ok, event.username)
+
+    def _start_tls(self) -> bool:
+        context = self.server.tls_context
+        assert context is not None
+        self.sock.settimeout(self.server.limits.tls_handshake_timeout)
+        plain = self.sock
+        try:
+            self.sock = context.wrap_socket(plain, server_side=True)
+            self.server.replace_socket(plain, self.sock)
+        except (ssl.SSLError, OSError) as err:
+            self.log.fail("tls", error=describe_exception(err))
+            self.close_reason = "tls handshake failed"
+            return False
+        self.sock.settimeout(READ_SLICE)
+        self.log.ok("tls", version=self.sock.version(), cipher=(self.sock.cipher() or ("",))[0])
+        return True
+
+    def _send_now(self, event: SendReply) -> None:
+        self.outgoing.append(event.data)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.outgoing:
+            data = b"".join(self.outgoing)
+            self.outgoing.clear()
+            self.sock.sendall(data)

@@ -1,0 +1,323 @@
+"""mailbag's configuration: one TOML file, loaded and validated here and nowhere else.
+
+Invariants this module guarantees to every caller:
+
+- every key has a default, so an empty file is a valid configuration;
+- an unknown section or key, a value of the wrong type or out of range raises
+  `ConfigError` whose message is ONE line naming the key and the problem;
+- relative paths are resolved against the folder of the config file (SPEC §2), so
+  the programs behave the same whatever their working directory is.
+
+Which file: `--config FILE`, else the environment variable `MAILBAG_CONFIG`, else
+`mailbag.toml` at the repository root (`resolve_config_path`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_VAR = "MAILBAG_CONFIG"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "mailbag.toml"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A configuration problem; str(err) is one line fit for the operator."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A `host:port` pair; IPv6 literals are written `[::1]:2525`."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text.strip())
+        if not match:
+            raise ValueError(f"expected host:port (or [ipv6]:port), got {text!r}")
+        host = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4))
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# Marker types: a field annotated with one of these gets the matching conversion.
+class OptionalPath(Path):
+    """A path that may be empty ("" in TOML means: not set, None in Python)."""
+
+
+class OptionalHostPort(HostPort):
+    """A host:port that may be empty ("" means: not set, None in Python)."""
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    listen: HostPort = HostPort("127.0.0.1", 2525)
+    max_connections: int = 5
+    max_message_bytes: int = 10 * 1024 * 1024
+    idle_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: at least 5 minutes
+    relay_networks: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    max_recipients: int = 100  # RFC 5321 §4.5.3.1.8: at least 100
+    max_connections_per_ip: int = 0  # 0 = only max_connections limits
+    session_deadline: float = 1800.0  # total seconds a session may last
+    max_bad_commands: int = 20  # unknown/invalid commands before 421
+    tls_cert: OptionalPath | None = None
+    tls_key: OptionalPath | None = None
+    tls_listen: OptionalHostPort | None = None  # implicit TLS (port 465 style)
+    users_file: OptionalPath | None = None
+    require_auth: bool = False
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    dir: Path = Path("var/queue")
+    failed_dir: OptionalPath | None = None  # default: "failed" next to dir
+    quarantine_dir: OptionalPath | None = None  # default: "quarantine" next to dir
+
+    @property
+    def failed(self) -> Path:
+        return self.failed_dir or self.dir.parent / "failed"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.quarantine_dir or self.dir.parent / "quarantine"
+
+
+TLS_MODES = ("none", "starttls", "tls")
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    relay: OptionalHostPort | None = None
+    poll_interval: float = 60.0
+    tls: str = "none"
+    tls_verify: bool = True
+    ca_file: OptionalPath | None = None
+    username: str = ""
+    password_file: OptionalPath | None = None
+    # RFC 5321 §4.5.3.2 timeouts, in seconds.
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
+    command_timeout: float = 300.0
+    data_init_timeout: float = 120.0
+    data_block_timeout: float = 180.0
+    data_end_timeout: float = 600.0
+    retry_initial: float = 60.0  # first backoff; doubles on every further failure
+    retry_max: float = 3600.0
+    max_queue_lifetime: float = 5 * 24 * 3600.0
+    messages_per_connection: int = 1000
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    domains: tuple[str, ...] = ("localhost",)
+    maildir: Path = Path("var/mail")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    file: Path = Path("var/log/mailbag.log")
+    level: str = "INFO"
+    rotation: str = "10 MB"  # size at which the file is rotated; "" = never
+    retention: int = 5  # rotated files kept (mailbag.log.1 ... .N)
+
+    @property
+    def rotation_bytes(self) -> int | None:
+        return parse_size(self.rotation) if self.rotation else None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    hostname: str = "mailbag.localdomain"
+    receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    sender: SenderConfig = field(default_factory=SenderConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_SECTIONS: dict[str, type] = {
+    "receiver": ReceiverConfig,
+    "queue": QueueConfig,
+    "sender": SenderConfig,
+    "local": LocalConfig,
+    "log": LogConfig,
+}
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'10 MB' -> 10_000_000; '512 KiB' -> 524288; '1000' -> 1000."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise ValueError(f"expected a size like '10 MB', got {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def resolve_config_path(cli_value: str | None) -> Path:
+    """--config wins over MAILBAG_CONFIG, which wins over the repository default."""
+    chosen = cli_value or os.environ.get(ENV_VAR) or str(DEFAULT_CONFIG_PATH)
+    return Path(chosen).expanduser().resolve()
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate `path`; raise ConfigError (one line) on any problem."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, typing.Any], path: Path) -> Config:
+    base = path.parent
+    values: dict[str, typing.Any] = {"path": path}
+    for key, value in raw.items():
+        if key == "hostname":
+            values["hostname"] = _convert(value, str, "hostname", base)
+            if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", values["hostname"]):
+                raise ConfigError(f"hostname: {values['hostname']!r} is not a host name")
+        elif key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            values[key] = _build_section(key, _SECTIONS[key], value, base)
+        else:
+            raise ConfigError(f"unknown key {key!r} at the top level of {path.name}")
+    for name, cls in _SECTIONS.items():
+        values.setdefault(name, _build_section(name, cls, {}, base))
+    config = Config(**values)
+    _check_ranges(config)
+    return config
+
+
+def _build_section(name: str, cls: type, raw: dict[str, typing.Any], base: Path) -> typing.Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, typing.Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} in [{name}]")
+        kwargs[key] = _convert(value, hints[key], f"{name}.{key}", base)
+    # Defaults that are relative paths are relative to the config file too.
+    for key, fld in known.items():
+        if key not in kwargs and isinstance(fld.default, Path):
+            kwargs[key] = _absolute(fld.default, base)
+    return cls(**kwargs)
+
+
+def _absolute(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _convert(value: typing.Any, annotation: typing.Any, key: str, base: Path) -> typing.Any:
+    """Check `value` against the field's annotation and convert it; ConfigError if wrong."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        annotation = next(a for a in args if a is not type(None))
+    try:
+        if annotation is bool:
+            return _expect(value, bool, key)
+        if annotation is int:
+            if isinstance(value, bool):
+                raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            return _expect(value, int, key)
+        if annotation is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{key}: expected a number, got {value!r}")
+            return float(value)
+        if annotation is str:
+            return _expect(value, str, key)
+        if annotation is Path:
+            return _absolute(Path(_expect(value, str, key)), base)
+        if annotation is OptionalPath:
+            text = _expect(value, str, key)
+            return _absolute(Path(text), base) if text else None
+        if annotation is HostPort:
+            return HostPort.parse(_expect(value, str, key))
+        if annotation is OptionalHostPort:
+            text = _expect(value, str, key)
+            return HostPort.parse(text) if text else None
+        if annotation == tuple[str, ...]:
+            items = _expect(value, list, key)
+            return tuple(_expect(item, str, key).lower() for item in items)
+        if annotation == tuple[IPNetwork, ...]:
+            items = _expect(value, list, key)
+            return tuple(ipaddress.ip_network(_expect(i, str, key), strict=False) for i in items)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    raise AssertionError(f"no conversion for {annotation!r}")  # a bug in this module
+
+
+def _expect(value: typing.Any, kind: type, key: str) -> typing.Any:
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_ranges(config: Config) -> None:
+    rcv, snd, log = config.receiver, config.sender, config.log
+    positive = {
+        "receiver.max_connections": rcv.max_connections,
+        "receiver.max_message_bytes": rcv.max_message_bytes,
+        "receiver.idle_timeout": rcv.idle_timeout,
+        "receiver.max_recipients": rcv.max_recipients,
+        "receiver.session_deadline": rcv.session_deadline,
+        "receiver.max_bad_commands": rcv.max_bad_commands,
+        "sender.poll_interval": snd.poll_interval,
+        "sender.connect_timeout": snd.connect_timeout,
+        "sender.retry_initial": snd.retry_initial,
+        "sender.retry_max": snd.retry_max,
+        "sender.max_queue_lifetime": snd.max_queue_lifetime,
+        "sender.messages_per_connection": snd.messages_per_connection,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    if rcv.max_connections_per_ip < 0:
+        raise ConfigError("receiver.max_connections_per_ip: must be 0 (off) or more")
+    if snd.tls not in TLS_MODES:
+        raise ConfigError(f"sender.tls: must be one of {', '.join(TLS_MODES)}, got {snd.tls!r}")
+    if bool(rcv.tls_cert) != bool(rcv.tls_key):
+        raise ConfigError("receiver.tls_cert and receiver.tls_key must be set together")
+    if rcv.tls_listen and not rcv.tls_cert:
+        raise ConfigError("receiver.tls_listen needs receiver.tls_cert and receiver.tls_key")
+    if snd.username and not snd.password_file:
+        raise ConfigError("sender.username is set but sender.password_file is not")
+    if log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"):
+        raise ConfigError(f"log.level: unknown level {log.level!r}")
+    if log.retention < 0:
+        raise ConfigError("log.retention: must be 0 or more")
+    try:
+        log.rotation_bytes  # noqa: B018 - validates the size text
+    except ValueError as err:
+        raise ConfigError(f"log.rotation: {err}") from None

@@ -1,0 +1,213 @@
+"""The ONE logfile both programs write (SPEC §5), configured here and nowhere else.
+
+Every line is::
+
+    2026-11-28T21:50:01.123+00:00 R-SMTP 127.0.0.1:53422 queued ok id=... from=<a@b>
+
+that is: ISO 8601 timestamp with zone, the program (`R-SMTP` / `S-SMTP`), the peer
+(client IP:port for R-SMTP, relay host/IP or `local` for S-SMTP), the event, its
+outcome (`ok`, `fail`, `defer`, `info`), then `key=value` details.
+
+Invariants:
+- no CR, LF, ESC or other control byte from the wire reaches a line unescaped
+  (`escape`), so one record is always one line and nobody can forge a line;
+- each record reaches the file as ONE `write(2)` on an `O_APPEND` descriptor, so lines
+  from several threads and processes never tear or interleave;
+- rotation is coordinated between the independent processes with an `flock` on a
+  lock file next to the log: exactly one process renames, the others notice the new
+  inode and reopen. loguru's own `rotation=` is only safe within one process tree.
+- `enqueue=True`: session threads hand records to loguru's queue and never block on
+  the disk.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from shared.config import LogConfig
+
+LOG_FORMAT = (
+    "{time:YYYY-MM-DDTHH:mm:ss.SSSZ} {extra[program]} {extra[peer]} {message}"
+)
+
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group(0)
+    return "\\" + char if char in '"\\' else f"\\x{ord(char):02x}"
+
+
+def escape(value: object) -> str:
+    """Render a value for a log line: control bytes escaped, quoted if it has spaces.
+
+    Bytes are decoded as UTF-8 with invalid bytes shown as \\xNN escapes.
+    """
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("utf-8", "backslashreplace")
+    else:
+        text = str(value)
+    text = _UNSAFE.sub(_escape_char, text)
+    if not text or " " in text:
+        return f'"{text}"'
+    return text
+
+
+class EventLog:
+    """The log of one program and peer: `log.ok("queued", id=qid, size=123)`.
+
+    Details are escaped; the event name and outcome are ours, never from the wire.
+    """
+
+    def __init__(self, program: str, peer: str) -> None:
+        self.program = program
+        self.peer = peer
+        self._logger = logger.bind(program=program, peer=escape(peer))
+
+    def with_peer(self, peer: str) -> EventLog:
+        return EventLog(self.program, peer)
+
+    def event(self, event: str, outcome: str, level: str = "INFO", **details: Any) -> None:
+        parts = [event, outcome]
+        parts.extend(f"{key}={escape(value)}" for key, value in details.items())
+        self._logger.log(level, " ".join(parts))
+
+    def ok(self, event: str, **details: Any) -> None:
+        self.event(event, "ok", **details)
+
+    def info(self, event: str, **details: Any) -> None:
+        self.event(event, "info", **details)
+
+    def fail(self, event: str, **details: Any) -> None:
+        self.event(event, "fail", level="WARNING", **details)
+
+    def defer(self, event: str, **details: Any) -> None:
+        self.event(event, "defer", level="WARNING", **details)
+
+    def error(self, event: str, exc: BaseException | None = None, **details: Any) -> None:
+        if exc is not None:
+            details["error"] = describe_exception(exc)
+        self.event(event, "fail", level="ERROR", **details)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line: the type, the message and where it was raised (no multi-line traceback)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class SharedFileSink:
+    """A loguru sink that many processes may append to and rotate safely.
+
+    Rotation protocol: after a write, if the file has reached `rotate_bytes`, take an
+    exclusive `flock` on `<file>.lock`; under the lock, re-check that the file at the
+    path is still big (another process may have rotated it meanwhile), then shift
+    `.N-1 -> .N ... file -> .1`, and reopen. Before each write, a process whose
+    descriptor no longer names the file at the path (someone else rotated) reopens.
+    A line written just between another process's rename and our reopen lands at
+    the end of `.1`: it is never lost nor written twice.
+    """
+
+    def __init__(self, path: Path, rotate_bytes: int | None, retention: int) -> None:
+        self.path = Path(path)
+        self.rotate_bytes = rotate_bytes
+        self.retention = retention
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._mutex = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = -1
+        self._ino = -1
+        self._open()
+
+    def _open(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._ino = os.fstat(self._fd).st_ino
+
+    def _rotated_by_someone_else(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino != self._ino
+        except FileNotFoundError:
+            return True
+
+    def write(self, message: str) -> None:
+        data = message.encode("utf-8", "backslashreplace")
+        with self._mutex:
+            if self._rotated_by_someone_else():
+                self._open()
+            os.write(self._fd, data)
+            if self.rotate_bytes and os.fstat(self._fd).st_size >= self.rotate_bytes:
+                self._rotate()
+
+    def _rotate(self) -> None:
+        lock_fd = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and current.st_size >= (self.rotate_bytes or 0):
+                self._shift_old_files()
+            self._open()
+        finally:
+            os.close(lock_fd)  # closing releases the flock
+
+    def _shift_old_files(self) -> None:
+        def numbered(n: int) -> Path:
+            return self.path.with_name(f"{self.path.name}.{n}")
+
+        if self.retention == 0:
+            os.unlink(self.path)
+            return
+        numbered(self.retention).unlink(missing_ok=True)
+        for n in range(self.retention - 1, 0, -1):
+            if numbered(n).exists():
+                os.rename(numbered(n), numbered(n + 1))
+        os.rename(self.path, numbered(1))
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def setup_logging(config: LogConfig, program: str, *, enqueue: bool = True) -> EventLog:
+    """Send every loguru record of this process to the shared logfile.
+
+    Returns the program's EventLog for events with no peer yet (start-up, shutdown).
+    Also mirrors WARNING and above to stderr, which supervisord captures.
+    """
+    logger.remove()
+    logger.configure(extra={"program": program, "peer": "-"})
+    sink = SharedFileSink(config.file, config.rotation_bytes, config.retention)
+    logger.add(
+        sink.write,
+        format=LOG_FORMAT,
+        level=config.level.upper(),
+        enqueue=enqueue,
+        backtrace=False,
+        diagnose=False,
+        catch=True,
+    )
+    logger.add(sys.stderr, format=LOG_FORMAT, level="WARNING", backtrace=False, diagnose=False)
+    return EventLog(program, "-")
+
+
+def shutdown_logging() -> None:
+    """Flush queued records and close the sinks (call before the process exits)."""
+    logger.complete()
+    logger.remove()

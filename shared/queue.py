@@ -1,0 +1,391 @@
+"""The queue: the file format and every move of a file in, through and out of the queue.
+
+This module is the ONLY place that reads or writes the queue file format (SPEC §3)::
+
+    From: <alice@example.com>\\n
+    To: <bob@example.org>\\n            (one line per recipient, in RCPT order)
+    \\n
+    <the message data exactly as received, after dot-unstuffing>
+
+Folders (all on the queue's filesystem, so every move is an atomic rename):
+
+    queue.dir/             ready messages, one file each: the only thing the sender pops
+    queue.dir/.tmp/        files being written by the receiver; never seen by the sender
+    queue.dir/.work/<pid>/ files claimed by the sender process <pid> (flock'd lock file)
+    failed/, quarantine/   next to queue.dir (config): messages that will never be sent
+
+Durability (SPEC §3, §6): a message is written to `.tmp`, flushed, fsynced, renamed
+into queue.dir and the folder fsynced before `store` returns; only then may the
+receiver say 250. Concurrent sessions share the folder fsync (`GroupSync`): each
+waits for an fsync that began after its own rename, so the rule holds while N
+sessions pay for about one folder sync instead of N.
+
+Queue ids are `<16 hex digits of time_ns><6 random hex digits>`: unique without a
+shared counter (safe across threads and processes) and sortable by arrival.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+TMP_DIRNAME = ".tmp"
+WORK_DIRNAME = ".work"
+REASON_SUFFIX = ".reason"
+
+_ENVELOPE_LINE = re.compile(rb"(From|To): <([^<>\r\n]*)>")
+
+
+class QueueFormatError(ValueError):
+    """A queue file that does not follow the format; the sender quarantines it."""
+
+
+class QueueWriteError(OSError):
+    """Storing a message failed; nothing was left behind. `no_space` says why."""
+
+    @property
+    def no_space(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class QueueFile:
+    """One queued message: the envelope and the data, as the format holds them."""
+
+    sender: str  # "" for the null sender <>
+    recipients: tuple[str, ...]
+    data: bytes
+
+    def envelope_bytes(self) -> bytes:
+        lines = [b"From: <" + _encode_address(self.sender) + b">\n"]
+        lines.extend(b"To: <" + _encode_address(r) + b">\n" for r in self.recipients)
+        lines.append(b"\n")
+        return b"".join(lines)
+
+    def to_bytes(self) -> bytes:
+        return self.envelope_bytes() + self.data
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> QueueFile:
+        """Parse a queue file; raise QueueFormatError naming what is wrong."""
+        end = raw.find(b"\n\n")
+        if end < 0:
+            raise QueueFormatError("no blank line after the envelope")
+        lines = raw[:end].split(b"\n")
+        sender: str | None = None
+        recipients: list[str] = []
+        for number, line in enumerate(lines, 1):
+            match = _ENVELOPE_LINE.fullmatch(line)
+            if not match:
+                raise QueueFormatError(f"envelope line {number} is malformed: {line[:80]!r}")
+            address = match.group(2).decode("utf-8", "surrogateescape")
+            if match.group(1) == b"From":
+                if number != 1:
+                    raise QueueFormatError(f"'From:' on line {number}, expected only on line 1")
+                sender = address
+            else:
+                if sender is None:
+                    raise QueueFormatError("'To:' before 'From:'")
+                if not address:
+                    raise QueueFormatError(f"empty recipient on line {number}")
+                recipients.append(address)
+        if sender is None:
+            raise QueueFormatError("no 'From:' line")
+        if not recipients:
+            raise QueueFormatError("no 'To:' line")
+        return cls(sender, tuple(recipients), raw[end + 2 :])
+
+
+def _encode_address(address: str) -> bytes:
+    raw = address.encode("utf-8", "surrogateescape")
+    if re.search(rb"[\x00-\x1f<>\x7f]", raw):
+        # The receiver never accepts such an address; refuse rather than corrupt the format.
+        raise QueueFormatError(f"address {address!r} cannot be queued")
+    return raw
+
+
+def new_queue_id(now_ns: int | None = None) -> str:
+    """A unique id, sortable by arrival time (16 hex digits of ns, 6 random)."""
+    return f"{now_ns if now_ns is not None else time.time_ns():016x}{secrets.token_hex(3)}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class GroupSync:
+    """Leader-based group commit of one folder's fsync.
+
+    `sync()` returns only after an fsync of the folder that *started after* the call
+    began: whatever the caller renamed into the folder before calling is durable.
+    While one thread runs the fsync, later callers wait; the next leader's fsync then
+    covers all of them at once.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._cond = threading.Condition()
+        self._requested = 0  # tickets handed out
+        self._done = 0  # every ticket <= _done is durable
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._done < ticket:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                covered = self._requested
+                synced = False
+                self._cond.release()
+                try:
+                    os.fsync(self._fd)
+                    synced = True
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    if synced:
+                        self._done = max(self._done, covered)
+                    self._cond.notify_all()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class QueueWriter:
+    """The receiver's side: store a message durably, then it is the sender's."""
+
+    def __init__(self, queue_dir: Path) -> None:
+        self.dir = Path(queue_dir)
+        self.tmp_dir = self.dir / TMP_DIRNAME
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(exist_ok=True)
+        self._dir_sync = GroupSync(self.dir)
+
+    def clean_leftovers(self) -> list[str]:
+        """Delete temporary files a crashed receiver left; they were never acknowledged."""
+        removed = []
+        for entry in os.scandir(self.tmp_dir):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        return removed
+
+    def store(self, sender: str, recipients: Sequence[str], data: bytes) -> str:
+        """Write the message durably into the queue and return its queue id.
+
+        Raises QueueWriteError (nothing left behind) if any step fails.
+        """
+        queue_id = new_queue_id()
+        envelope = QueueFile(sender, tuple(recipients), b"").envelope_bytes()
+        tmp_path = self.tmp_dir / queue_id
+        final_path = self.dir / queue_id
+        try:
+            write_durably(tmp_path, (envelope, data))
+            os.rename(tmp_path, final_path)
+        except OSError as err:
+            _unlink_quietly(tmp_path)
+            raise QueueWriteError(err.errno, f"cannot queue message: {err.strerror}") from err
+        try:
+            self._dir_sync.sync()
+        except OSError as err:
+            # The rename may or may not be durable: take the file back rather than
+            # leave an unacknowledged message that the sender might still deliver.
+            _unlink_quietly(final_path)
+            raise QueueWriteError(err.errno, f"cannot sync queue folder: {err.strerror}") from err
+        return queue_id
+
+
+def write_durably(path: Path, chunks: Sequence[bytes]) -> None:
+    """Create `path` exclusively, write all chunks, fsync. No rename here."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        total = sum(len(c) for c in chunks)
+        written = os.writev(fd, chunks)
+        if written != total:  # short write: finish it the slow way
+            rest = b"".join(chunks)[written:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A ready file in queue.dir, as listed (not yet claimed)."""
+
+    name: str
+    mtime_ns: int
+
+
+class QueueReader:
+    """The sender's side: list, claim, finish, defer, fail and quarantine messages.
+
+    A message is claimed by an atomic rename into this process's own work folder,
+    so two sender processes never handle the same file. The work folder is guarded
+    by an flock on `<pid>.lock`: `recover_abandoned` takes back the files of work
+    folders whose lock is free (their process died), never of a live process.
+    """
+
+    def __init__(self, queue_dir: Path, failed_dir: Path, quarantine_dir: Path) -> None:
+        self.dir = Path(queue_dir)
+        self.failed_dir = Path(failed_dir)
+        self.quarantine_dir = Path(quarantine_dir)
+        self.work_root = self.dir / WORK_DIRNAME
+        for folder in (self.dir, self.work_root, self.failed_dir, self.quarantine_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.work_dir = self.work_root / str(os.getpid())
+        self.work_dir.mkdir(exist_ok=True)
+        self._lock_fd = os.open(
+            self.work_root / f"{os.getpid()}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640
+        )
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def close(self) -> None:
+        """Give back whatever is still claimed and drop the lock (clean exit)."""
+        self._return_all(self.work_dir)
+        _rmdir_quietly(self.work_dir)
+        lock_path = self.work_root / f"{os.getpid()}.lock"
+        _unlink_quietly(lock_path)
+        os.close(self._lock_fd)
+
+    def recover_abandoned(self) -> list[str]:
+        """Move files claimed by dead sender processes back into the queue."""
+        recovered: list[str] = []
+        for entry in os.scandir(self.work_root):
+            if not entry.is_dir() or entry.path == str(self.work_dir):
+                continue
+            lock_path = self.work_root / f"{entry.name}.lock"
+            lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock_fd)
+                continue  # its owner is alive
+            try:
+                recovered.extend(self._return_all(Path(entry.path)))
+                _rmdir_quietly(Path(entry.path))
+                _unlink_quietly(lock_path)
+            finally:
+                os.close(lock_fd)
+        return recovered
+
+    def _return_all(self, work_dir: Path) -> list[str]:
+        names = []
+        for entry in os.scandir(work_dir):
+            os.rename(entry.path, self.dir / entry.name)
+            names.append(entry.name)
+        if names:
+            fsync_dir(self.dir)
+        return names
+
+    def list_ready(self) -> list[QueueEntry]:
+        """Ready messages, oldest first (mtime, then name)."""
+        entries = []
+        for entry in os.scandir(self.dir):
+            if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                entries.append(QueueEntry(entry.name, entry.stat(follow_symlinks=False).st_mtime_ns))
+            except FileNotFoundError:
+                continue  # claimed by another sender meanwhile
+        entries.sort(key=lambda e: (e.mtime_ns, e.name))
+        return entries
+
+    def claim(self, name: str) -> Path | None:
+        """Take a ready message for this process; None if another process was faster."""
+        target = self.work_dir / name
+        try:
+            os.rename(self.dir / name, target)
+        except FileNotFoundError:
+            return None
+        return target
+
+    def claimed(self) -> Iterator[Path]:
+        for entry in os.scandir(self.work_dir):
+            yield Path(entry.path)
+
+    @staticmethod
+    def read(path: Path) -> QueueFile:
+        """Parse a claimed file; QueueFormatError if it does not follow the format."""
+        return QueueFile.from_bytes(path.read_bytes())
+
+    def finish(self, path: Path) -> None:
+        """Every recipient is done: the message leaves the queue."""
+        os.unlink(path)
+
+    def release(self, path: Path) -> None:
+        """Give a claimed message back to the queue (deferred); its mtime keeps its place."""
+        os.rename(path, self.dir / path.name)
+
+    def rewrite(self, path: Path, message: QueueFile) -> None:
+        """Durably replace a claimed file's content (e.g. fewer recipients left).
+
+        The original mtime is kept so that the message keeps its place in the queue.
+        """
+        stat = os.stat(path)
+        tmp = path.with_name(path.name + ".new")
+        _unlink_quietly(tmp)
+        write_durably(tmp, (message.envelope_bytes(), message.data))
+        os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+
+    def fail(self, path: Path, message: QueueFile, reasons: Sequence[str]) -> Path:
+        """Move a message out of the queue for good, with the reasons beside it."""
+        return self._set_aside(path, message, reasons, self.failed_dir)
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move an unreadable file aside, untouched, with the reason beside it."""
+        return self._set_aside(path, None, [reason], self.quarantine_dir)
+
+    def _set_aside(
+        self, path: Path, message: QueueFile | None, reasons: Sequence[str], folder: Path
+    ) -> Path:
+        target = folder / path.name
+        reason_text = "".join(r.replace("\r", " ").replace("\n", " ") + "\n" for r in reasons)
+        write_durably_replacing(folder / (path.name + REASON_SUFFIX), reason_text.encode())
+        if message is None:
+            os.rename(path, target)
+        else:
+            write_durably_replacing(target, message.to_bytes())
+            os.unlink(path)
+        fsync_dir(folder)
+        return target
+
+
+def write_durably_replacing(path: Path, data: bytes) -> None:
+    """Write `path` via a temporary name + fsync + rename (replaces an older file)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    write_durably(tmp, (data,))
+    os.rename(tmp, path)
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

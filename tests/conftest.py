@@ -1,0 +1,35 @@
+"""Shared fixtures: a real receiver process on a private port with its own queue."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.config import load_config
+from tests.support import MailbagProcess, wait_for_banner, write_config
+
+
+@pytest.fixture
+def receiver_factory(tmp_path: Path) -> Iterator:
+    """Start receivers: `cfg, proc = receiver_factory(receiver={...})`; stopped at teardown."""
+    started: list[MailbagProcess] = []
+
+    def start(**sections):
+        path = write_config(tmp_path, **sections)
+        config = load_config(path)
+        proc = MailbagProcess("receiver", path).start()
+        started.append(proc)
+        wait_for_banner(config.receiver.listen.host, config.receiver.listen.port)
+        return config, proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def receiver(receiver_factory):
+    """A receiver with the default settings on a private port."""
+    return receiver_factory()[0]

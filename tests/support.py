@@ -1,0 +1,122 @@
+"""Helpers for end-to-end tests: free ports, temporary configs, real mailbag processes.
+
+Every process is started with `python -m services.<name> --config FILE` exactly as
+supervisord starts it, on a private port, with its own queue and logfile under the
+test's tmp_path. Nothing here fakes the programs under test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(folder: Path, **sections: dict[str, Any]) -> Path:
+    """Write a mailbag.toml into `folder`: private queue, mail and log under it.
+
+    `write_config(tmp, receiver={"listen": "127.0.0.1:2600"}, sender={...})`;
+    top-level keys go in `top={...}`.
+    """
+    base: dict[str, dict[str, Any]] = {
+        "receiver": {"listen": f"127.0.0.1:{free_port()}"},
+        "queue": {"dir": "var/queue"},
+        "sender": {"poll_interval": 60},
+        "local": {"domains": ["localhost"], "maildir": "var/mail"},
+        "log": {"file": "var/log/mailbag.log"},
+    }
+    top = sections.pop("top", {})
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items()]
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+    path = Path(folder) / "mailbag.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_for_banner(host: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until something on host:port answers with a 220 greeting."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0) as sock:
+                if sock.recv(512).startswith(b"220"):
+                    sock.sendall(b"QUIT\r\n")
+                    return
+        except OSError as err:
+            last_error = err
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing answered 220 on {host}:{port}: {last_error}")
+
+
+class MailbagProcess:
+    """A real `python -m services.<program>` process with a given config."""
+
+    def __init__(self, program: str, config: Path, env: dict[str, str] | None = None) -> None:
+        self.program = program
+        self.config = config
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MailbagProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.program}", "--config", str(self.config)],
+            cwd=REPO,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        return self
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """TERM, wait, return the exit status (KILL if it does not stop in time)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+        return self.proc.returncode
+
+    def stderr_text(self) -> str:
+        assert self.proc is not None and self.proc.stderr is not None
+        return self.proc.stderr.read().decode(errors="replace")
