@@ -2,9 +2,14 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-CONFIG ?= mailbag.toml
+CTL    := $(VENV)/bin/supervisorctl -c supervisord.conf
+PIDFILE := var/supervisord.pid
 
-.PHONY: venv run stop test lint
+# The mailbag config both programs read; supervisord's children inherit it from here.
+MAILBAG_CONFIG ?= $(CURDIR)/mailbag.toml
+export MAILBAG_CONFIG := $(abspath $(MAILBAG_CONFIG))
+
+.PHONY: venv run stop status test lint
 
 venv: $(STAMP)
 
@@ -19,5 +24,29 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check shared services tests bench
 
+# Start the appliance as a daemon (idempotent), wait for the receiver's 220, say where things are.
 run: venv
-	$(PY) -m services.receiver --config $(CONFIG)
+	@mkdir -p var/log
+	@if $(CTL) pid >/dev/null 2>&1; then \
+		echo "supervisord is already running (pid $$($(CTL) pid)); starting any stopped program"; \
+		$(CTL) start all >/dev/null 2>&1 || true; \
+	else \
+		echo "starting supervisord (MAILBAG_CONFIG=$(MAILBAG_CONFIG))"; \
+		$(VENV)/bin/supervisord -c supervisord.conf || exit 1; \
+	fi
+	@$(PY) tools/ready.py
+
+# Shut supervisord and both programs down; wait (bounded) until supervisord is gone.
+stop:
+	@if ! $(CTL) pid >/dev/null 2>&1; then echo "mailbag is not running"; exit 0; fi; \
+	pid=$$(cat $(PIDFILE) 2>/dev/null); \
+	$(CTL) shutdown; \
+	for i in $$(seq 1 300); do \
+		if [ -z "$$pid" ] || ! kill -0 "$$pid" 2>/dev/null; then echo "mailbag stopped"; exit 0; fi; \
+		sleep 0.1; \
+	done; \
+	echo "supervisord (pid $$pid) is still running after 30 s" >&2; exit 1
+
+status:
+	@if $(CTL) pid >/dev/null 2>&1; then $(CTL) status || true; \
+	else echo "mailbag is not running (make run starts it)"; fi

@@ -38,12 +38,20 @@ LOG_FORMAT = (
     "{time:YYYY-MM-DDTHH:mm:ss.SSSZ} {extra[program]} {extra[peer]} {message}"
 )
 
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
+# C0 and C1 controls (ESC and CSI drive terminals), quote, backslash, the Unicode line
+# and paragraph separators (str.splitlines() breaks on them); \udc80-\udcff are bytes
+# that were not UTF-8 (decoded with surrogateescape), shown as the original \xNN.
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\\u2028\u2029\udc80-\udcff]')
 
 
 def _escape_char(match: re.Match[str]) -> str:
     char = match.group(0)
-    return "\\" + char if char in '"\\' else f"\\x{ord(char):02x}"
+    if char in '"\\':
+        return "\\" + char
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def escape(value: object) -> str:
@@ -52,7 +60,7 @@ def escape(value: object) -> str:
     Bytes are decoded as UTF-8 with invalid bytes shown as \\xNN escapes.
     """
     if isinstance(value, bytes | bytearray):
-        text = bytes(value).decode("utf-8", "backslashreplace")
+        text = bytes(value).decode("utf-8", "surrogateescape")
     else:
         text = str(value)
     text = _UNSAFE.sub(_escape_char, text)

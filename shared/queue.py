@@ -358,6 +358,24 @@ class QueueReader:
         """Move a message out of the queue for good, with the reasons beside it."""
         return self._set_aside(path, message, reasons, self.failed_dir)
 
+    def fail_some(self, path: Path, message: QueueFile, reasons: Sequence[str]) -> Path:
+        """Record recipients that failed for good while others stay queued.
+
+        A copy holding only those recipients goes to the failed folder as
+        `<id>.<n>` (never replacing an earlier record); the claimed file is left
+        alone — the caller rewrites it with the recipients still to do.
+        """
+        number = 1
+        while (self.failed_dir / f"{path.name}.{number}").exists():
+            number += 1
+        part = path.with_name(f"{path.name}.{number}")
+        target = self.failed_dir / part.name
+        reason_text = "".join(r.replace("\r", " ").replace("\n", " ") + "\n" for r in reasons)
+        write_durably_replacing(self.failed_dir / (part.name + REASON_SUFFIX), reason_text.encode())
+        write_durably_replacing(target, message.to_bytes())
+        fsync_dir(self.failed_dir)
+        return target
+
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move an unreadable file aside, untouched, with the reason beside it."""
         return self._set_aside(path, None, [reason], self.quarantine_dir)

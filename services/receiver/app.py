@@ -13,7 +13,7 @@ import ssl
 import threading
 from collections.abc import Callable
 
-from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits
+from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits, SlotPool
 from services.receiver.session import SessionPolicy
 from services.receiver.users import UserFileError, load_users, verify_password
 from shared.cli import EXIT_OK, StartupError, StopFlag
@@ -81,6 +81,7 @@ def build_servers(config: Config, queue: QueueWriter) -> list[ReceiverServer]:
         max_connections=rcv.max_connections,
         max_connections_per_ip=rcv.max_connections_per_ip,
     )
+    slots = SlotPool(rcv.max_connections, rcv.max_connections_per_ip)  # for all listeners
     listens: list[tuple[HostPort, bool]] = [(rcv.listen, False)]
     if rcv.tls_listen:
         listens.append((rcv.tls_listen, True))
@@ -97,6 +98,7 @@ def build_servers(config: Config, queue: QueueWriter) -> list[ReceiverServer]:
                     tls_context=tls_context,
                     implicit_tls=implicit,
                     check_password=check_password,
+                    slots=slots,
                 )
             )
         except OSError as err:

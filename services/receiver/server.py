@@ -3,11 +3,14 @@
 All SMTP decisions are made by `ServerSession`; this module moves bytes, keeps time,
 stores messages through `QueueWriter`, and carries out the session's events.
 
-- Slots: at most `max_connections` sessions (and `max_connections_per_ip` per client).
+- Slots: at most `max_connections` sessions (and `max_connections_per_ip` per client),
+  counted over all listeners together (one `SlotPool` shared by the plain and the
+  implicit-TLS server).
   The connection after that is accepted, answered 421 and closed at once, from the
   accepting thread, so it never waits for a slot (SPEC §3).
 - Time: a session reads in short slices so that it notices the idle timeout, its
-  total deadline and a graceful stop without any extra thread.
+  total deadline and a graceful stop without any extra thread. A TLS handshake is
+  bounded by the same deadline (a stalled handshake must not hold a slot longer).
 - Graceful stop (SPEC §6): `begin_shutdown()` stops accepting; a session in the middle
   of DATA reads its message to the end, stores it and answers 250; every other
   session is answered 421 and closed; `wait_for_sessions()` bounds the wait.
@@ -46,6 +49,37 @@ RECV_SIZE = 256 * 1024
 AUTH_FAILURE_DELAY = 1.0  # seconds a failed login waits before its 535 (slows guessing)
 
 
+class SlotPool:
+    """The session slots of the whole receiver: `max_connections` in all, and at most
+    `max_connections_per_ip` for one client address (0 = no per-address limit)."""
+
+    def __init__(self, max_connections: int, max_per_ip: int = 0) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_per_ip = max_per_ip
+        self._per_ip: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, ip: str) -> bool:
+        """A slot for this client, or False at once (never waits)."""
+        if not self._slots.acquire(blocking=False):
+            return False
+        with self._lock:
+            if self._max_per_ip and self._per_ip.get(ip, 0) >= self._max_per_ip:
+                self._slots.release()
+                return False
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return True
+
+    def give_back(self, ip: str) -> None:
+        with self._lock:
+            left = self._per_ip.get(ip, 1) - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
+        self._slots.release()
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     idle_timeout: float = 300.0
@@ -74,6 +108,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         tls_context: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         check_password: Callable[[str, str], bool] | None = None,
+        slots: SlotPool | None = None,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.policy = policy
@@ -84,8 +119,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.implicit_tls = implicit_tls
         self.check_password = check_password
         self.stopping = threading.Event()
-        self._slots = threading.BoundedSemaphore(limits.max_connections)
-        self._per_ip: dict[str, int] = {}
+        self.slots = slots or SlotPool(limits.max_connections, limits.max_connections_per_ip)
         self._lock = threading.Lock()
         self._sessions: set[threading.Thread] = set()
         self._open_sockets: set[socket.socket] = set()
@@ -108,24 +142,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         thread.start()
 
     def _take_slot(self, ip: str) -> bool:
-        if self.stopping.is_set() or not self._slots.acquire(blocking=False):
-            return False
-        per_ip = self.limits.max_connections_per_ip
-        with self._lock:
-            if per_ip and self._per_ip.get(ip, 0) >= per_ip:
-                self._slots.release()
-                return False
-            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        return True
-
-    def _give_back_slot(self, ip: str) -> None:
-        with self._lock:
-            left = self._per_ip.get(ip, 1) - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                self._per_ip.pop(ip, None)
-        self._slots.release()
+        return not self.stopping.is_set() and self.slots.take(ip)
 
     def _refuse(self, request: socket.socket, client_address: tuple) -> None:
         """Over the limit: 421 at once, then close; never blocks the accepting thread."""
@@ -146,7 +163,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
             self.handle_error(request, client_address, exc)
         finally:
             self.shutdown_request(request)
-            self._give_back_slot(client_address[0])
+            self.slots.give_back(client_address[0])
             with self._lock:
                 self._sessions.discard(threading.current_thread())
                 self._open_sockets.discard(request)
@@ -334,7 +351,12 @@ class SessionHandler(socketserver.BaseRequestHandler):
     def _start_tls(self) -> bool:
         context = self.server.tls_context
         assert context is not None
-        self.sock.settimeout(self.server.limits.tls_handshake_timeout)
+        # One bound for the whole handshake (ssl applies a socket timeout to the whole
+        # do_handshake), never beyond the idle timeout or the session's deadline.
+        limits = self.server.limits
+        left = limits.session_deadline - (time.monotonic() - self.started)
+        bound = min(limits.tls_handshake_timeout, limits.idle_timeout, left)
+        self.sock.settimeout(max(0.01, bound))
         plain = self.sock
         try:
             self.sock = context.wrap_socket(plain, server_side=True)

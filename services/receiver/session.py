@@ -561,7 +561,7 @@ def _data_problem(raw: bytes) -> Reply | None:
     if len(raw) > MAX_TEXT_LINE:
         # A dot-stuffed line may be one octet longer on the wire (§4.5.3.1.6).
         longest = max(map(len, raw.split(b"\r\n")))
-        if longest > MAX_TEXT_LINE - 2 + 1:
+        if longest > MAX_TEXT_LINE - 2:
             unstuffed = max(map(len, dot_unstuff(raw).split(b"\r\n")))
             if unstuffed > MAX_TEXT_LINE - 2:
                 return R.S554_LINE_TOO_LONG

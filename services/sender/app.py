@@ -1,0 +1,109 @@
+"""The sender program: read the config, then run the queue runner until TERM.
+
+Start-up problems (unusable queue folders, unreadable password file, bad CA file)
+raise StartupError: one line, exit status 2 (SPEC §2). SIGTERM is recorded by the
+StopFlag; the runner finishes (or, after a short grace, abandons) the transaction in
+progress, sends QUIT, gives back whatever it still holds, and the program exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from collections.abc import Callable
+
+from services.sender.local import LocalDelivery
+from services.sender.relay import RelayConnection, RelaySettings, build_tls_context
+from services.sender.runner import PROGRAM, QueueRunner, watch_queue
+from shared.cli import EXIT_OK, StartupError, StopFlag
+from shared.config import Config, SenderConfig
+from shared.log import EventLog, setup_logging, shutdown_logging
+from shared.queue import QueueReader
+
+
+def build_reader(config: Config) -> QueueReader:
+    try:
+        return QueueReader(config.queue.dir, config.queue.failed, config.queue.quarantine)
+    except OSError as err:
+        raise StartupError(
+            f"queue folder {config.queue.dir} is not usable: {err.strerror or err}"
+        ) from None
+
+
+def read_password(sender: SenderConfig) -> str:
+    """The relay password: the first line of password_file (never the TOML itself)."""
+    if not sender.username:
+        return ""
+    assert sender.password_file is not None  # the config checks this
+    try:
+        text = sender.password_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        detail = getattr(err, "strerror", None) or str(err)
+        raise StartupError(
+            f"cannot read sender.password_file {sender.password_file}: {detail}"
+        ) from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise StartupError(f"sender.password_file {sender.password_file} is empty")
+    return password
+
+
+def build_connect(
+    config: Config, log: EventLog, stop: threading.Event
+) -> Callable[[], RelayConnection] | None:
+    """A factory of relay sessions, or None when no relay is configured."""
+    if config.sender.relay is None:
+        return None
+    settings = RelaySettings.from_config(
+        config.sender, config.hostname, read_password(config.sender)
+    )
+    context = None
+    if settings.tls != "none":
+        try:
+            context = build_tls_context(settings)
+        except (OSError, ssl.SSLError) as err:
+            raise StartupError(
+                f"cannot load sender.ca_file {settings.ca_file}: {getattr(err, 'strerror', err)}"
+            ) from None
+    return lambda: RelayConnection(settings, log, stop, context)
+
+
+def main(config: Config) -> int:
+    reader = build_reader(config)
+    stop = StopFlag()
+    try:
+        connect = build_connect(config, EventLog(PROGRAM, "-"), stop.event)
+    except StartupError:
+        reader.close()
+        raise
+    log = setup_logging(config.log, PROGRAM)
+    recovered = reader.recover_abandoned()
+    if recovered:
+        log.info("recover", messages=len(recovered))
+    stop.install()
+    wake = threading.Event()
+    # The runner waits on `wake`; a stop must wake it too.
+    threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
+    runner = QueueRunner(
+        config, reader, log, connect=connect,
+        local=LocalDelivery(config.local.maildir), stop=stop.event,
+    )
+    observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)
+    log.ok(
+        "start",
+        relay=config.sender.relay or "none",
+        tls=config.sender.tls,
+        queue=config.queue.dir,
+        pid=os.getpid(),
+    )
+    try:
+        runner.run(wake)
+    finally:
+        runner.close_relay()
+        observer.stop()
+        observer.join(timeout=5)
+        reader.close()
+    log.ok("exit", signal=stop.signal_name or "-")
+    shutdown_logging()
+    return EXIT_OK

@@ -1,0 +1,551 @@
+"""The sender's SMTP client session as a state machine with no I/O in it (sans-I/O).
+
+The mirror of `services/receiver/session.py`: everything that decides what the
+sender says to a relay lives here; `relay.py` only moves bytes, keeps time and
+carries out the events this module returns.
+
+Use::
+
+    client = ClientSession(ClientPolicy(hostname="mailbag.example"))
+    client.receive_data(b"220 relay ESMTP\\r\\n")   # bytes from the relay
+    while (event := client.next_event()) is not NEED_DATA:
+        ...   # Send / StartTLS / Ready / MessageDone / SessionError / Closed
+
+After `Ready` the shell calls `send_message(...)` or `quit()`; after `StartTLS` it
+runs the handshake and calls `tls_started()`.
+
+Rules this module guarantees (SPEC §4):
+- it advances only on a positive reply (2xx; 334 inside AUTH, 354 after DATA); a
+  4xx/5xx never moves it forward. The per-step moves are the table `ON_SUCCESS`;
+- EHLO answered 5xx falls back to HELO (RFC 5321 §4.1.1.1);
+- STARTTLS, when required, is never skipped: no STARTTLS → the session fails;
+- a session ends with QUIT and the 221 is read; it closes without QUIT only after
+  a 421 (RFC 5321 §3.8) — a broken connection is the shell's business;
+- per-recipient results: a recipient is delivered only by the 2xx to the final dot;
+  DATA goes out only if at least one RCPT was accepted (otherwise RSET);
+- the data is re-encoded by `to_wire_data` (CRLF only, dot-stuffed, no NUL), so no
+  queued body can smuggle an end-of-data past the relay;
+- with PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared.smtp import Reply, ReplyParser, to_wire_data
+
+
+class Step(enum.Enum):
+    """What the session waits for: the reply to this command (or event)."""
+
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    STARTTLS = "STARTTLS"
+    TLS = "TLS handshake"  # the shell is running the handshake
+    AUTH = "AUTH"
+    READY = "ready"  # greeted, nothing outstanding, no transaction
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    BODY = "end of data"  # the reply to the final dot
+    RSET = "RSET"
+    QUIT = "QUIT"
+    CLOSED = "closed"
+
+
+# THE handshake machine: the step that follows a positive reply. AFTER_HELLO is
+# resolved by the policy: STARTTLS if still needed, then AUTH if configured, then READY.
+AFTER_HELLO = "after hello"
+ON_SUCCESS: dict[Step, Step | str] = {
+    Step.GREETING: Step.EHLO,
+    Step.EHLO: AFTER_HELLO,
+    Step.HELO: AFTER_HELLO,
+    Step.STARTTLS: Step.TLS,
+    Step.TLS: Step.EHLO,  # RFC 3207 §4.2: start over with EHLO after the handshake
+    Step.AUTH: AFTER_HELLO,
+}
+
+# Which RFC 5321 §4.5.3.2 timeout applies while waiting for the reply to a step.
+TIMEOUT_KIND: dict[Step, str] = {
+    Step.GREETING: "greeting",
+    Step.DATA: "data_init",
+    Step.BODY: "data_end",
+}
+
+
+# ---------------------------------------------------------------------------- events
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+@dataclass(frozen=True)
+class Send:
+    """Write these bytes to the relay. `body`: the message data (data block timeout)."""
+
+    data: bytes
+    body: bool = False
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """The relay said 220 to STARTTLS: run the handshake, then call tls_started()."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Greeted and idle: call send_message() or quit()."""
+
+
+@dataclass(frozen=True)
+class MessageDone:
+    """One message's outcome: each recipient with the reply that decided it.
+
+    A 2xx means delivered (it is the reply to the final dot), 4xx try again later,
+    5xx failed for good. Decide by `reply.code`, never by its text.
+    """
+
+    ref: str
+    results: tuple[tuple[str, Reply], ...]
+
+
+@dataclass(frozen=True)
+class SessionError:
+    """The session cannot carry mail: greeting, EHLO/HELO, STARTTLS or AUTH failed,
+    or the relay closes (421). A QUIT follows unless the relay said 421."""
+
+    step: Step
+    reply: Reply | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    """Close the connection now (after the 221, or after a 421)."""
+
+    reason: str
+
+
+Event = Send | StartTLS | Ready | MessageDone | SessionError | Closed | _NeedData
+
+
+class ProtocolError(Exception):
+    """The relay sent something that is not SMTP or a reply nobody asked for."""
+
+
+class SessionUsageError(RuntimeError):
+    """The shell called the session out of order (a bug in the shell)."""
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """What a client session needs to know of the configuration."""
+
+    hostname: str  # our name in EHLO/HELO
+    require_starttls: bool = False  # RFC 3207; never falls back to plain text
+    username: str = ""  # AUTH (RFC 4954) when set
+    password: str = ""
+    use_pipelining: bool = True  # when the relay offers it (RFC 2920)
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A message to relay: the envelope and the data as queued."""
+
+    ref: str  # the queue id, echoed in MessageDone
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+@dataclass
+class _Transaction:
+    """One message in flight (aiosmtpd's Envelope, client side)."""
+
+    message: OutgoingMessage
+    wire: bytes
+    pipelined: bool
+    mail_reply: Reply | None = None
+    next_rcpt: int = 0  # index of the RCPT whose reply comes next
+    results: dict[int, Reply] = field(default_factory=dict)  # refused recipients
+    accepted: list[int] = field(default_factory=list)
+    discard: bool = False  # DATA got 354 although nothing was accepted
+
+    @property
+    def mail_ok(self) -> bool:
+        return self.mail_reply is not None and self.mail_reply.code // 100 == 2
+
+
+# ---------------------------------------------------------------------------- session
+
+class ClientSession:
+    """One SMTP session, client side. Feed reply bytes in, take events out."""
+
+    def __init__(self, policy: ClientPolicy, *, tls_active: bool = False) -> None:
+        self.policy = policy
+        self.tls_active = tls_active
+        self.step = Step.GREETING
+        self.extensions: dict[str, str] = {}  # EHLO keyword -> parameters
+        self.authenticated = False
+        self.messages_sent = 0
+        self._parser = ReplyParser()
+        self._expected: deque[Step] = deque([Step.GREETING])
+        self._pending: deque[Event] = deque()
+        self._replies: deque[Reply] = deque()
+        self._txn: _Transaction | None = None
+        self._auth_lines: deque[bytes] = deque()  # LOGIN: what to answer the next 334s
+        self._handlers: dict[Step, Callable[[Reply], None]] = {
+            Step.GREETING: self._on_greeting,
+            Step.EHLO: self._on_ehlo,
+            Step.HELO: self._on_helo,
+            Step.STARTTLS: self._on_starttls,
+            Step.AUTH: self._on_auth,
+            Step.MAIL: self._on_mail,
+            Step.RCPT: self._on_rcpt,
+            Step.DATA: self._on_data,
+            Step.BODY: self._on_body,
+            Step.RSET: self._on_rset,
+            Step.QUIT: self._on_quit,
+        }
+
+    # -- the shell's API ----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the relay. Raises ProtocolError if they are not SMTP replies."""
+        try:
+            self._replies.extend(self._parser.feed(data))
+        except ValueError as err:  # ReplySyntaxError
+            raise ProtocolError(str(err)) from None
+
+    def next_event(self) -> Event:
+        while not self._pending and self._replies:
+            self._take_reply(self._replies.popleft())
+        if self._pending:
+            return self._pending.popleft()
+        return NEED_DATA
+
+    @property
+    def waiting_for(self) -> str | None:
+        """The timeout that applies now: greeting, command, data_init, data_end, or None."""
+        if not self._expected:
+            return None
+        return TIMEOUT_KIND.get(self._expected[0], "command")
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._txn is not None
+
+    def send_message(self, message: OutgoingMessage) -> None:
+        """Start a transaction; only when Ready (RFC 5321 §3.3)."""
+        if self.step is not Step.READY or self._expected:
+            raise SessionUsageError(f"send_message() while {self.step.value}")
+        if not message.recipients:
+            raise SessionUsageError("a message needs at least one recipient")
+        wire = to_wire_data(message.data)
+        pipelined = self.policy.use_pipelining and "PIPELINING" in self.extensions
+        self._txn = _Transaction(message, wire, pipelined)
+        mail = self._mail_command(message.sender, len(wire) - 3)
+        if pipelined:
+            commands = [mail] + [self._rcpt_command(r) for r in message.recipients]
+            commands.append(b"DATA\r\n")
+            self._expected.extend([Step.MAIL, *[Step.RCPT] * len(message.recipients), Step.DATA])
+            self._send(b"".join(commands), Step.MAIL)
+        else:
+            self._command(mail, Step.MAIL)
+
+    def quit(self) -> None:
+        """End the session politely: QUIT, then Closed once the 221 is read."""
+        if self.step in (Step.QUIT, Step.CLOSED):
+            return
+        if self._txn is not None or self._expected or self.step is Step.TLS:
+            raise SessionUsageError(f"quit() while {self.step.value}")
+        self._command(b"QUIT\r\n", Step.QUIT)
+
+    def tls_started(self) -> None:
+        """The handshake succeeded: forget what the relay said in plain text, EHLO again."""
+        if self.step is not Step.TLS:
+            raise SessionUsageError("tls_started() without STARTTLS")
+        self.tls_active = True
+        self.extensions = {}
+        self._parser = ReplyParser()  # RFC 3207 §4.2: nothing from before the handshake
+        self._replies.clear()
+        self._ehlo()
+
+    def connection_lost(self) -> None:
+        """The shell saw the connection end; nothing more can be sent."""
+        self.step = Step.CLOSED
+        self._expected.clear()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _send(self, data: bytes, step: Step, *, body: bool = False) -> None:
+        self.step = step
+        self._pending.append(Send(data, body))
+
+    def _command(self, line: bytes, step: Step) -> None:
+        self._expected.append(step)
+        self._send(line, step)
+
+    def _take_reply(self, reply: Reply) -> None:
+        if not self._expected:
+            if reply.code == 421:  # e.g. the relay's idle timeout while we were Ready
+                self._relay_closing(Step.READY, reply)
+                return
+            raise ProtocolError(f"unexpected reply while {self.step.value}: {reply}")
+        step = self._expected.popleft()
+        if reply.code == 421:
+            self._relay_closing(step, reply)
+            return
+        self._handlers[step](reply)
+
+    def _relay_closing(self, step: Step, reply: Reply) -> None:
+        """421 (RFC 5321 §3.8): the relay is going away; do not QUIT, just close."""
+        if step is Step.QUIT:
+            self._closed("quit")
+            return
+        if self._txn is not None:
+            self._finish_transaction(reply, unresolved_only=True)
+        self._pending.append(SessionError(step, reply, "the relay is closing the connection"))
+        self._closed("421")
+
+    def _closed(self, reason: str) -> None:
+        self._expected.clear()
+        self.step = Step.CLOSED
+        self._pending.append(Closed(reason))
+
+    def _fail(self, step: Step, reply: Reply | None, detail: str) -> None:
+        """The session cannot go on: say why, then QUIT and read the 221."""
+        self._pending.append(SessionError(step, reply, detail))
+        self._expected.clear()
+        self._command(b"QUIT\r\n", Step.QUIT)
+
+    def _advance(self, step: Step) -> None:
+        """A positive reply to `step`: take the move the table gives."""
+        following = ON_SUCCESS[step]
+        if following == AFTER_HELLO:
+            self._after_hello()
+        elif following is Step.EHLO:
+            self._ehlo()
+        elif following is Step.TLS:
+            self.step = Step.TLS
+            self._pending.append(StartTLS())
+        else:
+            raise AssertionError(following)
+
+    @staticmethod
+    def _positive(reply: Reply) -> bool:
+        return reply.code // 100 == 2
+
+    # -- handshake ------------------------------------------------------------------
+
+    def _on_greeting(self, reply: Reply) -> None:
+        if self._positive(reply):
+            self._advance(Step.GREETING)
+        else:  # RFC 5321 §3.1: a 554 greeting still waits for our QUIT
+            self._fail(Step.GREETING, reply, "the relay refused the session")
+
+    def _ehlo(self) -> None:
+        self._command(f"EHLO {self.policy.hostname}\r\n".encode(), Step.EHLO)
+
+    def _on_ehlo(self, reply: Reply) -> None:
+        if self._positive(reply):
+            self.extensions = parse_extensions(reply)
+            self._advance(Step.EHLO)
+        elif reply.is_permanent:  # RFC 5321 §4.1.1.1: an old server, try HELO
+            self._command(f"HELO {self.policy.hostname}\r\n".encode(), Step.HELO)
+        else:
+            self._fail(Step.EHLO, reply, "EHLO refused")
+
+    def _on_helo(self, reply: Reply) -> None:
+        if self._positive(reply):
+            self.extensions = {}
+            self._advance(Step.HELO)
+        else:
+            self._fail(Step.HELO, reply, "HELO refused")
+
+    def _after_hello(self) -> None:
+        if self.policy.require_starttls and not self.tls_active:
+            if "STARTTLS" not in self.extensions:
+                self._fail(self.step, None, "the relay does not offer STARTTLS")
+            else:
+                self._command(b"STARTTLS\r\n", Step.STARTTLS)
+        elif self.policy.username and not self.authenticated:
+            self._start_auth()
+        else:
+            self.step = Step.READY
+            self._pending.append(Ready())
+
+    def _on_starttls(self, reply: Reply) -> None:
+        if self._positive(reply):
+            self._advance(Step.STARTTLS)
+        else:
+            self._fail(Step.STARTTLS, reply, "STARTTLS refused")
+
+    # -- AUTH (RFC 4954; PLAIN RFC 4616; LOGIN) ---------------------------------------
+
+    def _start_auth(self) -> None:
+        offered = self.extensions.get("AUTH", "").upper().split()
+        user = self.policy.username.encode()
+        password = self.policy.password.encode()
+        if "PLAIN" in offered:
+            token = base64.b64encode(b"\0" + user + b"\0" + password)
+            self._command(b"AUTH PLAIN " + token + b"\r\n", Step.AUTH)
+        elif "LOGIN" in offered:
+            self._auth_lines = deque([base64.b64encode(user), base64.b64encode(password)])
+            self._command(b"AUTH LOGIN\r\n", Step.AUTH)
+        else:
+            detail = "the relay offers no AUTH PLAIN or LOGIN" + (
+                "" if self.tls_active else " (without TLS)"
+            )
+            self._fail(self.step, None, detail)
+
+    def _on_auth(self, reply: Reply) -> None:
+        if reply.code == 334 and self._auth_lines:
+            self._command(self._auth_lines.popleft() + b"\r\n", Step.AUTH)
+        elif self._positive(reply):
+            self.authenticated = True
+            self._auth_lines.clear()
+            self._advance(Step.AUTH)
+        elif reply.code == 334:  # a challenge we have no answer for: cancel (RFC 4954 §4)
+            self._command(b"*\r\n", Step.AUTH)
+        else:
+            self._auth_lines.clear()
+            self._fail(Step.AUTH, reply, "authentication failed")
+
+    # -- a transaction ----------------------------------------------------------------
+
+    def _mail_command(self, sender: str, size: int) -> bytes:
+        params = ""
+        if "SIZE" in self.extensions:  # RFC 1870
+            params += f" SIZE={size}"
+        if "8BITMIME" in self.extensions:  # RFC 6152
+            params += " BODY=8BITMIME"
+        return f"MAIL FROM:<{sender}>{params}\r\n".encode("utf-8", "surrogateescape")
+
+    @staticmethod
+    def _rcpt_command(recipient: str) -> bytes:
+        return f"RCPT TO:<{recipient}>\r\n".encode("utf-8", "surrogateescape")
+
+    def _on_mail(self, reply: Reply) -> None:
+        txn = self._need_txn()
+        txn.mail_reply = reply
+        if not self._positive(reply):
+            # Every recipient shares the sender's fate. Pipelined: the RCPT/DATA
+            # replies still to come are read and ignored.
+            for index in range(len(txn.message.recipients)):
+                txn.results[index] = reply
+            if not txn.pipelined:
+                self._end_transaction(rset=False)
+            return
+        if not txn.pipelined:
+            self._command(self._rcpt_command(txn.message.recipients[0]), Step.RCPT)
+
+    def _on_rcpt(self, reply: Reply) -> None:
+        txn = self._need_txn()
+        index = txn.next_rcpt
+        txn.next_rcpt += 1
+        if txn.mail_ok:
+            if self._positive(reply):
+                txn.accepted.append(index)
+            else:
+                txn.results[index] = reply
+        if txn.pipelined:
+            return
+        if txn.next_rcpt < len(txn.message.recipients):
+            self._command(self._rcpt_command(txn.message.recipients[txn.next_rcpt]), Step.RCPT)
+        elif txn.accepted:
+            self._command(b"DATA\r\n", Step.DATA)
+        else:
+            self._end_transaction(rset=True)  # nobody accepted: no DATA
+
+    def _on_data(self, reply: Reply) -> None:
+        txn = self._need_txn()
+        if reply.code == 354:
+            if txn.mail_ok and txn.accepted:
+                self._expected.append(Step.BODY)
+                self._send(txn.wire, Step.BODY, body=True)
+            else:
+                # RFC 2920 §3.1: DATA accepted with no valid recipient — send an empty
+                # message end and let its reply go; nobody is delivered by it.
+                txn.discard = True
+                self._expected.append(Step.BODY)
+                self._send(b".\r\n", Step.BODY, body=True)
+            return
+        if reply.code // 100 in (2, 3):
+            raise ProtocolError(f"DATA answered {reply}")
+        for index in txn.accepted:
+            txn.results[index] = reply
+        self._end_transaction(rset=txn.mail_ok)
+
+    def _on_body(self, reply: Reply) -> None:
+        txn = self._need_txn()
+        if reply.code // 100 == 3:
+            raise ProtocolError(f"the final dot answered {reply}")
+        if not txn.discard:
+            for index in txn.accepted:
+                txn.results[index] = reply
+            if self._positive(reply):
+                self.messages_sent += 1
+        self._end_transaction(rset=False)
+
+    def _end_transaction(self, *, rset: bool) -> None:
+        self._finish_transaction(None)
+        if rset:  # §4.1.1.5: abort the half-open transaction before the next one
+            self._command(b"RSET\r\n", Step.RSET)
+        else:
+            self.step = Step.READY
+            self._pending.append(Ready())
+
+    def _finish_transaction(self, reply: Reply | None, *, unresolved_only: bool = False) -> None:
+        txn = self._need_txn()
+        self._txn = None
+        results = []
+        for index, recipient in enumerate(txn.message.recipients):
+            decided = txn.results.get(index)
+            if decided is None or (unresolved_only and decided.code // 100 == 2):
+                decided = reply
+            if decided is None:  # cannot happen: every path resolves every recipient
+                raise AssertionError(f"recipient {index} unresolved")
+            results.append((recipient, decided))
+        self._pending.append(MessageDone(txn.message.ref, tuple(results)))
+
+    def _on_rset(self, reply: Reply) -> None:
+        if self._positive(reply):
+            self.step = Step.READY
+            self._pending.append(Ready())
+        else:
+            self._fail(Step.RSET, reply, "RSET refused")
+
+    def _on_quit(self, reply: Reply) -> None:
+        self._closed("quit")
+
+    def _need_txn(self) -> _Transaction:
+        if self._txn is None:
+            raise ProtocolError(f"a transaction reply while {self.step.value}")
+        return self._txn
+
+
+def parse_extensions(reply: Reply) -> dict[str, str]:
+    """EHLO reply -> {"SIZE": "10240000", "AUTH": "PLAIN LOGIN", "PIPELINING": ""}.
+
+    The first line is the relay's greeting (RFC 5321 §4.1.1.1). `AUTH=PLAIN` is the
+    pre-standard spelling some servers still send.
+    """
+    extensions: dict[str, str] = {}
+    for line in reply.text.split("\n")[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword.upper().startswith("AUTH="):
+            keyword, params = "AUTH", keyword[5:] + " " + params
+        if keyword:
+            upper = keyword.upper()
+            extensions[upper] = (extensions.get(upper, "") + " " + params).strip()
+    return extensions

@@ -1,0 +1,93 @@
+"""Local delivery: a recipient in a `[local] domains` domain gets the message in a Maildir.
+
+`<[local] maildir>/<local-part>/{tmp,new,cur}` (stdlib `mailbox.Maildir`), created
+on the first delivery. The outcome of each delivery is an SMTP-style `Reply`, so the
+queue runner decides on local and relayed recipients by the same rule (the code):
+
+- 250: the file is in `new/` and durable (mailbox fsyncs the file; we fsync `new/`);
+- 550: a local part that could leave its folder (`/`, a leading `.`, NUL, control
+  characters, empty) is refused for good — it is never turned into a path;
+- 452 / 451: the disk is full, or another I/O error: try again later.
+
+The stored file is the queued data with `Return-Path:` and `Delivered-To:` in front
+(RFC 5321 §4.4), with LF line ends as Maildir readers expect. Local parts are folded
+to lower case: `You@localhost` and `you@localhost` share one Maildir.
+"""
+
+from __future__ import annotations
+
+import errno
+import mailbox
+import re
+from pathlib import Path
+
+from shared.queue import fsync_dir
+from shared.smtp import Reply, domain_of, local_part_of
+
+DELIVERED = Reply(250, "delivered to maildir {folder}", "2.0.0")
+BAD_MAILBOX = Reply(550, "local mailbox {local!r} is not allowed: {why}", "5.1.3")
+DISK_FULL = Reply(452, "cannot deliver to {folder}: {error}", "4.3.1")
+IO_ERROR = Reply(451, "cannot deliver to {folder}: {error}", "4.3.0")
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+def is_local(recipient: str, local_domains: tuple[str, ...] | frozenset[str]) -> bool:
+    """A recipient without a domain (`postmaster`) or in a local domain is ours."""
+    return "@" not in recipient or domain_of(recipient) in local_domains
+
+
+def mailbox_name(recipient: str) -> str:
+    """The folder name for a local recipient; ValueError says why it is refused."""
+    local = local_part_of(recipient)
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        local = local[1:-1]
+    if not local:
+        raise ValueError("empty local part")
+    if local.startswith("."):
+        raise ValueError("starts with a dot")
+    if _UNSAFE.search(local):
+        raise ValueError("contains '/', '\\' or a control character")
+    return local.lower()
+
+
+class LocalDelivery:
+    """Deliver to Maildirs under one root folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def deliver(self, sender: str, recipient: str, data: bytes) -> Reply:
+        """Store one copy for `recipient`; the reply says how it went (never raises OSError)."""
+        try:
+            name = mailbox_name(recipient)
+        except ValueError as err:
+            return BAD_MAILBOX.format(local=local_part_of(recipient), why=str(err))
+        folder = self.root / name
+        try:
+            box = self._open(folder)
+            key = box.add(self._content(sender, recipient, data))
+            fsync_dir(folder / "new")
+        except OSError as err:
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            reply = DISK_FULL if full else IO_ERROR
+            return reply.format(folder=folder, error=err.strerror or str(err))
+        except mailbox.Error as err:  # e.g. a name clash: try again later
+            return IO_ERROR.format(folder=folder, error=str(err))
+        return DELIVERED.format(folder=f"{folder}/new/{key}")
+
+    def _open(self, folder: Path) -> mailbox.Maildir:
+        created = not folder.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        box = mailbox.Maildir(folder, factory=None, create=True)
+        if created:  # make the new folders themselves durable
+            for path in (folder, self.root):
+                fsync_dir(path)
+        return box
+
+    @staticmethod
+    def _content(sender: str, recipient: str, data: bytes) -> bytes:
+        header = f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n"
+        body = data.replace(b"\r\n", b"\n")
+        return header.encode("utf-8", "surrogateescape") + body
+

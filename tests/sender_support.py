@@ -1,0 +1,190 @@
+"""Real relays for the sender's tests: aiosmtpd on a free loopback port, and smtp-sink.
+
+`RecordingHandler` records every envelope and the exact content aiosmtpd received,
+and counts QUITs; replies for RCPT/DATA can be scripted per test (4xx, 5xx).
+"""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from tests.support import free_port
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    mail_options: list[str]
+    tls: bool = False
+
+
+@dataclass
+class RecordingHandler:
+    """aiosmtpd handler: records messages; scripted replies per recipient or for DATA."""
+
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str | None = None
+    messages: list[Received] = field(default_factory=list)
+    quits: int = 0
+    sessions_with_mail: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        reply = self.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if self.data_reply:
+            return self.data_reply
+        with self.lock:
+            self.messages.append(
+                Received(envelope.mail_from, list(envelope.rcpt_tos),
+                         bytes(envelope.original_content), list(envelope.mail_options),
+                         tls=server.transport.get_extra_info("ssl_object") is not None)
+            )
+        return "250 2.0.0 Message accepted for delivery"
+
+    async def handle_QUIT(self, server, session, envelope):  # noqa: N802
+        with self.lock:
+            self.quits += 1
+        return "221 Bye"
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            time.sleep(0.02)
+        raise AssertionError(f"relay got {len(self.messages)} messages, expected {count}")
+
+    def wait_quits(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.quits < count:
+            time.sleep(0.02)
+        assert self.quits >= count, f"relay saw {self.quits} QUITs, expected {count}"
+
+
+def authenticator(users: dict[str, str]) -> Callable:
+    def check(server, session, envelope, mechanism, auth_data) -> AuthResult:
+        ok = isinstance(auth_data, LoginPassword) and users.get(
+            auth_data.login.decode()
+        ) == auth_data.password.decode()
+        return AuthResult(success=ok, handled=False)
+
+    return check
+
+
+class Relay:
+    """An aiosmtpd relay on 127.0.0.1:<free port>; `start()`/`stop()` may repeat."""
+
+    def __init__(self, handler: RecordingHandler | None = None, **smtp_kwargs) -> None:
+        self.handler = handler or RecordingHandler()
+        self.port = free_port()
+        self.smtp_kwargs = smtp_kwargs
+        self.controller: Controller | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Relay:
+        kwargs = dict(self.smtp_kwargs)
+        self.controller = Controller(
+            self.handler, hostname="127.0.0.1", port=self.port,
+            server_hostname="relay.test", **kwargs
+        )
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+
+@dataclass
+class CertAuthority:
+    """A trustme CA and a server certificate for the given names."""
+
+    folder: Path
+    names: tuple[str, ...] = ("127.0.0.1",)
+
+    def __post_init__(self) -> None:
+        self.ca = trustme.CA()
+        self.cert = self.ca.issue_cert(*self.names)
+        self.ca_file = self.folder / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.cert.configure_cert(context)
+        return context
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on a free port, dumping every message to a folder."""
+
+    def __init__(self, folder: Path, extra: tuple[str, ...] = ()) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which(SMTP_SINK) is not None or Path(SMTP_SINK).exists()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> SmtpSink:
+        # -u: the user to run as when started as root; -d: one file per message.
+        command = [SMTP_SINK, "-u", _run_user(), "-d", str(self.folder) + "/%M.",
+                   *self.extra, f"127.0.0.1:{self.port}", "100"]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("smtp-sink did not start")
+
+    def dumps(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(5)
+            if self.proc.stderr:
+                self.proc.stderr.close()
+
+
+def _run_user() -> str:
+    return getpass.getuser()

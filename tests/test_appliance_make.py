@@ -1,0 +1,67 @@
+"""`make run`, `make status`, `make stop`: the README's commands, on a private instance.
+
+The instance folder links the repository's Makefile, tools/, supervisord.conf, .venv
+and code (see `tests/appliance_support.py`); `MAILBAG_CONFIG` in make's environment
+names the test config (the Makefile's `?=` keeps it). `-o .venv/.installed-stamp`
+tells make not to reinstall the shared venv from here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.appliance_support import Appliance, pid_alive, wait_until
+from tests.support import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def make(app: Appliance, target: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MAILBAG_CONFIG": str(app.config_path)}
+    return subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed-stamp", target],
+        cwd=app.home, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.fixture
+def app():
+    appliance = Appliance()
+    for name in ("Makefile", "tools", "pyproject.toml"):
+        (appliance.home / name).symlink_to(REPO / name)
+    yield appliance
+    appliance.cleanup()
+
+
+def test_make_run_starts_the_daemon_once_and_make_stop_ends_it(app):
+    started = make(app, "run")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "mailbag is running" in started.stdout
+    for where in (app.config.queue.dir, app.config.local.maildir, app.config.log.file):
+        assert str(where) in started.stdout
+    assert "swaks --server" in started.stdout
+    assert app.answers_220()
+    app.supervisord_pid = int(app.pidfile.read_text())
+    # Detached: supervisord is not a child of make (nor of this test).
+    with open(f"/proc/{app.supervisord_pid}/stat") as handle:
+        assert int(handle.read().rsplit(")", 1)[1].split()[1]) != os.getpid()
+
+    again = make(app, "run")  # idempotent: the same supervisord, still serving
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already running" in again.stdout
+    assert int(app.pidfile.read_text()) == app.supervisord_pid
+
+    app.wait_running("receiver", "sender")
+    status = make(app, "status")
+    assert status.stdout.count("RUNNING") == 2, status.stdout
+    pids = [app.supervisord_pid, app.info("receiver")["pid"], app.info("sender")["pid"]]
+
+    stopped = make(app, "stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not [pid for pid in pids if pid_alive(pid)]  # make stop waited for them
+    assert "not running" in make(app, "status").stdout
+    assert "not running" in make(app, "stop").stdout
+    wait_until(lambda: not app.answers_220(), 5, "the port to close")

@@ -1,0 +1,221 @@
+"""shared/config.py and the receiver's start-up errors: one line, exit status 2 (SPEC §2)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.config import (
+    DEFAULT_CONFIG_PATH,
+    ENV_VAR,
+    ConfigError,
+    HostPort,
+    load_config,
+    resolve_config_path,
+)
+from tests.support import REPO, free_port, write_config
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mailbag.toml"
+    path.write_text(text)
+    return path
+
+
+def test_empty_file_gives_the_spec_defaults(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, ""))
+    rcv = config.receiver
+    assert config.hostname == "mailbag.localdomain"
+    assert rcv.listen == HostPort("127.0.0.1", 2525)
+    assert (rcv.max_connections, rcv.max_message_bytes, rcv.idle_timeout) == (5, 10485760, 300)
+    assert rcv.relay_networks == (ipaddress.ip_network("127.0.0.0/8"),
+                                  ipaddress.ip_network("::1/128"))
+    assert config.sender.relay is None and config.sender.tls == "none"
+    assert config.sender.poll_interval == 60
+    assert config.local.domains == ("localhost",)
+    # Default relative paths are relative to the config's folder, not the cwd.
+    assert config.queue.dir == tmp_path / "var/queue"
+    assert config.local.maildir == tmp_path / "var/mail"
+    assert config.log.file == tmp_path / "var/log/mailbag.log"
+
+
+def test_repository_default_config_loads() -> None:
+    config = load_config(DEFAULT_CONFIG_PATH)
+    assert config.receiver.listen == HostPort("127.0.0.1", 2525)
+    assert config.queue.dir == DEFAULT_CONFIG_PATH.parent / "var/queue"
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = _write(folder, '[queue]\ndir = "spool/q"\n[log]\nfile = "/abs/mail.log"\n'
+                          '[local]\nmaildir = "../mail"\n')
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    config = load_config(path)
+    assert config.queue.dir == folder / "spool/q"
+    assert config.log.file == Path("/abs/mail.log")
+    assert config.local.maildir == folder / "../mail"
+    assert config.queue.failed == folder / "spool/failed"
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, (
+        'hostname = "mx.example.org"\n[receiver]\nlisten = "[::1]:2600"\nmax_connections = 7\n'
+        'idle_timeout = 1\nrelay_networks = ["10.0.0.0/8"]\n[local]\ndomains = ["Example.ORG"]\n'
+    )))
+    assert config.hostname == "mx.example.org"
+    assert config.receiver.listen == HostPort("::1", 2600)
+    assert config.receiver.max_connections == 7
+    assert config.receiver.idle_timeout == 1.0
+    assert config.receiver.relay_networks == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert config.local.domains == ("example.org",)
+
+
+BAD_CONFIGS = [
+    ("unknown-top", "colour = 1\n", "colour"),
+    ("unknown-section", "[mystery]\nx = 1\n", "mystery"),
+    ("unknown-key", "[receiver]\nlisten_on = \"1.2.3.4:25\"\n", "listen_on"),
+    ("wrong-type-int", "[receiver]\nmax_connections = \"5\"\n", "receiver.max_connections"),
+    ("bool-for-int", "[receiver]\nmax_connections = true\n", "receiver.max_connections"),
+    ("wrong-type-list", "[local]\ndomains = \"localhost\"\n", "local.domains"),
+    ("wrong-type-path", "[queue]\ndir = 5\n", "queue.dir"),
+    ("section-not-table", "receiver = 5\n", "receiver"),
+    ("listen-no-port", "[receiver]\nlisten = \"localhost\"\n", "receiver.listen"),
+    ("listen-port-range", "[receiver]\nlisten = \"127.0.0.1:99999\"\n", "receiver.listen"),
+    ("listen-v6-no-brackets", "[receiver]\nlisten = \"::1:2525\"\n", "receiver.listen"),
+    ("listen-number", "[receiver]\nlisten = 2525\n", "receiver.listen"),
+    ("bad-network", "[receiver]\nrelay_networks = [\"10.0.0.300/8\"]\n", "receiver.relay_networks"),
+    ("zero-connections", "[receiver]\nmax_connections = 0\n", "receiver.max_connections"),
+    ("negative-timeout", "[receiver]\nidle_timeout = -1\n", "receiver.idle_timeout"),
+    ("bad-tls-mode", "[sender]\ntls = \"maybe\"\n", "sender.tls"),
+    ("bad-hostname", "hostname = \"mx example\"\n", "hostname"),
+    ("invalid-toml", "[receiver\nlisten = \n", "invalid TOML"),
+]
+
+
+@pytest.mark.parametrize(("text", "named"), [pytest.param(t, n, id=i) for i, t, n in BAD_CONFIGS])
+def test_bad_config_is_one_line_naming_the_problem(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError) as failure:
+        load_config(_write(tmp_path, text))
+    message = str(failure.value)
+    assert named in message
+    assert "\n" not in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+# ---------------------------------------------------------------------------- which file
+
+
+@pytest.fixture
+def no_env(monkeypatch) -> Iterator[None]:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    yield
+
+
+def test_config_option_wins_over_environment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env.toml"))
+    assert resolve_config_path(str(tmp_path / "cli.toml")) == tmp_path / "cli.toml"
+    assert resolve_config_path(None) == tmp_path / "env.toml"
+
+
+def test_default_is_the_repository_file(no_env) -> None:
+    assert resolve_config_path(None) == DEFAULT_CONFIG_PATH == REPO / "mailbag.toml"
+
+
+def test_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch, no_env) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("sub/m.toml") == tmp_path / "sub/m.toml"
+
+
+# ---------------------------------------------------------------------------- the program
+
+
+def run_receiver(args: list[str], env: dict[str, str] | None = None,
+                 timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    """Run `python -m services.receiver ARGS` expecting it to stop at start-up."""
+    full_env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "services.receiver", *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *named: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in named:
+        assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [pytest.param(t, n, id=i) for i, t, n in BAD_CONFIGS
+     if i in ("unknown-key", "wrong-type-int", "listen-no-port", "invalid-toml")],
+)
+def test_bad_config_stops_the_receiver_with_one_line(tmp_path: Path, text: str, named: str) -> None:
+    path = _write(tmp_path, text)
+    assert_one_line_error(run_receiver(["--config", str(path)]), named)
+
+
+def test_config_option_wins_over_environment_in_the_program(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    bad = _write(tmp_path, "[receiver]\nmystery_key = 1\n")
+    env = {ENV_VAR: str(write_config(good))}
+    assert_one_line_error(run_receiver(["--config", str(bad)], env), "mystery_key")
+    env_bad = {ENV_VAR: str(bad)}
+    assert_one_line_error(run_receiver([], env_bad), "mystery_key")
+
+
+def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(run_receiver(["--config", str(tmp_path / "absent.toml")]),
+                          "absent.toml")
+
+
+def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        path = write_config(tmp_path, receiver={"listen": f"127.0.0.1:{port}"})
+        assert_one_line_error(run_receiver(["--config", str(path)]), str(port))
+
+
+@pytest.mark.parametrize("kind", ["file-in-the-way", "under-a-file"])
+def test_unusable_queue_dir_is_one_line(tmp_path: Path, kind: str) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    queue_dir = blocker if kind == "file-in-the-way" else blocker / "queue"
+    path = write_config(tmp_path, queue={"dir": str(queue_dir)})
+    assert_one_line_error(run_receiver(["--config", str(path)]), "queue")
+
+
+def test_read_only_queue_dir_is_one_line(tmp_path: Path) -> None:
+    """Root ignores permissions, but not a read-only filesystem."""
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs",
+                              str(mount_point)], capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        path = write_config(tmp_path, queue={"dir": str(mount_point)})
+        assert_one_line_error(run_receiver(["--config", str(path)]), "queue", "ead-only")
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

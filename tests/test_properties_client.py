@@ -1,0 +1,235 @@
+"""Property tests of the sender's sans-I/O client session (issue 5 §6), with hypothesis.
+
+Whatever a relay answers — valid replies in any order, garbage, in any pieces —
+`ClientSession`:
+- raises nothing but its documented `ProtocolError` (the shell closes on it);
+- always comes back to NEED_DATA, and sends at most one write per reply it read;
+- never sends MAIL before a positive greeting/EHLO (and STARTTLS/AUTH when required),
+  never sends the message data before a 354, never anything after Closed;
+- reports a recipient delivered only with the 2xx that answered the final dot;
+- reports every message it was given exactly once, unless the session breaks;
+- puts exactly one end-of-data on the wire per message: CRLF only, dot-stuffed,
+  no NUL (no SMTP smuggling, whatever the queued bytes are).
+"""
+
+from __future__ import annotations
+
+import base64
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.sender.client import (
+    NEED_DATA,
+    ClientPolicy,
+    ClientSession,
+    Closed,
+    MessageDone,
+    OutgoingMessage,
+    ProtocolError,
+    Ready,
+    Send,
+    SessionError,
+    StartTLS,
+)
+from shared.smtp import ReplyParser
+
+SETTINGS = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+MAX_EVENTS = 10_000
+
+REPLIES = [
+    b"220 relay.test ESMTP\r\n", b"220 Ready to start TLS\r\n", b"221 bye\r\n",
+    b"235 2.7.0 ok\r\n", b"250 ok\r\n", b"250 2.0.0 queued as X\r\n",
+    b"250-relay.test\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250-8BITMIME\r\n"
+    b"250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n",
+    b"250-relay.test\r\n250 AUTH=LOGIN\r\n", b"250-relay.test\r\n250 PIPELINING\r\n",
+    b"334 \r\n", b"334 VXNlcm5hbWU6\r\n", b"354 go ahead\r\n",
+    b"421 4.3.2 shutting down\r\n", b"450 busy\r\n", b"451 local error\r\n",
+    b"452 4.5.3 too many\r\n", b"500 what\r\n", b"501 syntax\r\n", b"502 no\r\n",
+    b"503 sequence\r\n", b"504 mech\r\n", b"530 auth\r\n", b"535 bad\r\n",
+    b"550 5.1.1 no such user\r\n", b"552 too big\r\n", b"554 no\r\n",
+    b"250-multi\r\n", b"250", b"\r\n", b"999 nonsense\r\n", b"hello\r\n",
+]
+replies_stream = st.lists(
+    st.one_of(st.sampled_from(REPLIES), st.binary(max_size=12)), max_size=40
+).map(b"".join)
+positive_heavy = st.lists(st.sampled_from(REPLIES), max_size=40).map(b"".join)
+datas = st.one_of(
+    st.binary(max_size=200),
+    st.lists(st.sampled_from([b"line\r\n", b".\r\n", b"\n.\n", b"\r.\r", b".", b"\x00",
+                              b"..\r\n", b"\r", b"\n", b"text"]), max_size=20).map(b"".join),
+)
+messages = st.lists(
+    st.builds(
+        OutgoingMessage,
+        ref=st.sampled_from(["q1", "q2", "q3"]),
+        sender=st.sampled_from(["", "a@example.com"]),
+        recipients=st.lists(st.sampled_from(["b@example.org", "c@example.net", "d@x.test"]),
+                            min_size=1, max_size=3).map(tuple),
+        data=datas,
+    ),
+    min_size=1, max_size=3,
+)
+policies = st.builds(
+    ClientPolicy,
+    hostname=st.just("mailbag.test"),
+    require_starttls=st.booleans(),
+    username=st.sampled_from(["", "alice"]),
+    password=st.just("pw"),
+    use_pipelining=st.booleans(),
+)
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for point in points:
+        pieces.append(data[last:point])
+        last = point
+    pieces.append(data[last:])
+    return pieces
+
+
+class Shell:
+    """What relay.py does, minus the sockets: carries out events, records the wire."""
+
+    def __init__(self, policy: ClientPolicy, outgoing: list[OutgoingMessage]) -> None:
+        self.session = ClientSession(policy)
+        self.policy = policy
+        self.outgoing = list(outgoing)
+        self.given: list[OutgoingMessage] = []
+        self.sent: list[Send] = []
+        self.done: list[MessageDone] = []
+        self.closed = False
+        self.broken = False  # a ProtocolError or a SessionError ended the session
+        self.replies_read = 0
+        self.parser = ReplyParser()
+        self.last_reply_code: int | None = None
+        self.tls = False
+        self.auth_ok = False
+
+    def feed(self, data: bytes) -> None:
+        """Feed the bytes one at a time, so that the test knows which reply the
+        session has just read when it acts (the pump drains every reply it holds)."""
+        for index in range(len(data)):
+            if self.broken and not self.closed:
+                return
+            byte = data[index:index + 1]
+            try:
+                self.session.receive_data(byte)
+            except ProtocolError:
+                self.broken = True
+                return
+            for reply in self.parser.feed(byte):  # same grammar: cannot fail here
+                self.replies_read += 1
+                self.last_reply_code = reply.code
+            try:
+                self.pump()
+            except ProtocolError:
+                self.broken = True
+
+    def pump(self) -> None:
+        for _ in range(MAX_EVENTS):
+            event = self.session.next_event()
+            if event is NEED_DATA:
+                return
+            assert not self.closed, f"{event} after Closed"
+            if isinstance(event, Send):
+                self.check_send(event)
+                self.sent.append(event)
+            elif isinstance(event, Ready):
+                if self.outgoing:
+                    message = self.outgoing.pop(0)
+                    self.given.append(message)
+                    self.session.send_message(message)
+                else:
+                    self.session.quit()
+            elif isinstance(event, StartTLS):
+                self.tls = True
+                self.session.tls_started()
+            elif isinstance(event, MessageDone):
+                self.done.append(event)
+            elif isinstance(event, SessionError):
+                self.broken = True
+            elif isinstance(event, Closed):
+                self.closed = True
+        raise AssertionError("the client produced events without end")
+
+    def check_send(self, event: Send) -> None:
+        data = event.data
+        if event.body:
+            assert self.last_reply_code == 354, "message data sent without a 354"
+            assert data.endswith(b".\r\n")
+            body = data[:-3]
+            assert body == b"" or body.endswith(b"\r\n")
+            assert b"\r\n.\r\n" not in b"\r\n" + body, "a second end-of-data in the body"
+            assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
+            assert b"\0" not in data
+            return
+        assert data.endswith(b"\r\n") and data.count(b"\r") == data.count(b"\n")
+        assert data.count(b"\r\n") == data.count(b"\n")
+        for line in data[:-2].split(b"\r\n"):
+            verb = line.split(b" ")[0].upper()
+            if verb in (b"MAIL", b"RCPT", b"DATA"):
+                if self.policy.require_starttls:
+                    assert self.tls, "MAIL before STARTTLS succeeded"
+            if verb == b"AUTH" and self.policy.require_starttls:
+                assert self.tls, "credentials sent in clear text"
+
+
+def _assert_outcomes(shell: Shell) -> None:
+    # At most one write per reply read (plus none before the greeting).
+    assert len(shell.sent) <= shell.replies_read + 1
+    reported = [done.ref for done in shell.done]
+    assert len(reported) <= len(shell.given)
+    if not shell.broken and shell.closed:
+        assert reported == [m.ref for m in shell.given]  # each exactly once, in order
+    bodies = [s for s in shell.sent if s.body]
+    delivered_refs = {
+        done.ref for done in shell.done if any(r.code // 100 == 2 for _, r in done.results)
+    }
+    # Delivered only after the data went out (the 2xx answers the final dot).
+    assert len(delivered_refs) <= len(bodies)
+    for done in shell.done:
+        for _, reply in done.results:
+            assert 200 <= reply.code <= 599 and reply.code // 100 != 3
+
+
+@SETTINGS
+@given(policy=policies, outgoing=messages, wire=replies_stream,
+       cuts=st.lists(st.integers(min_value=0), max_size=10))
+def test_arbitrary_replies_never_raise_and_stay_bounded(policy, outgoing, wire, cuts):
+    shell = Shell(policy, outgoing)
+    for piece in chunked(wire, cuts):
+        shell.feed(piece)
+        if shell.broken and not shell.closed:
+            break
+    _assert_outcomes(shell)
+
+
+@SETTINGS
+@given(policy=policies, outgoing=messages, wire=positive_heavy)
+def test_valid_replies_in_any_order(policy, outgoing, wire):
+    shell = Shell(policy, outgoing)
+    shell.feed(wire)
+    _assert_outcomes(shell)
+
+
+def test_a_cooperative_relay_gets_every_message_once():
+    """The checker itself: a relay that says yes to everything delivers all."""
+    policy = ClientPolicy(hostname="mailbag.test", username="alice", password="pw")
+    outgoing = [OutgoingMessage("q1", "a@example.com", ("b@example.org",), b"x\n.\nsmuggle"),
+                OutgoingMessage("q2", "", ("c@example.net", "d@x.test"), b".dot\r\n")]
+    shell = Shell(policy, outgoing)
+    shell.feed(b"220 relay\r\n")
+    shell.feed(b"250-relay\r\n250 AUTH PLAIN\r\n")
+    assert base64.b64decode(shell.sent[-1].data.split()[-1]) == b"\0alice\0pw"
+    shell.feed(b"235 ok\r\n")
+    shell.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert shell.sent[-1].data == b"x\r\n..\r\nsmuggle\r\n.\r\n"
+    shell.feed(b"250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n")
+    assert [d.ref for d in shell.done] == ["q1", "q2"]
+    assert all(r.code == 250 for d in shell.done for _, r in d.results)
+    assert shell.closed and not shell.broken

@@ -1,0 +1,255 @@
+"""shared/queue.py: the queue file format (SPEC §3), durable stores, claims and recovery."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.queue import (
+    TMP_DIRNAME,
+    WORK_DIRNAME,
+    QueueFile,
+    QueueFormatError,
+    QueueReader,
+    QueueWriteError,
+    QueueWriter,
+)
+
+# ---------------------------------------------------------------------------- format
+
+
+def test_format_is_exactly_the_spec() -> None:
+    message = QueueFile("alice@example.com", ("bob@example.org", "carol@example.net"),
+                        b"Subject: hi\r\n\r\nbody\r\n")
+    assert message.to_bytes() == (
+        b"From: <alice@example.com>\nTo: <bob@example.org>\nTo: <carol@example.net>\n\n"
+        b"Subject: hi\r\n\r\nbody\r\n"
+    )
+    assert QueueFile.from_bytes(message.to_bytes()) == message
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        QueueFile("", ("bob@example.org",), b"bounce\r\n"),
+        QueueFile("a@b.example", ("postmaster",), b""),
+        QueueFile("a@b.example", tuple(f"u{n}@example.org" for n in range(100)), b"x\r\n"),
+        # Data that looks like an envelope stays data: the first blank line ends it.
+        QueueFile("a@b.example", ("c@d.example",), b"\n\nFrom: <evil@x>\nTo: <v@y>\n\n"),
+        QueueFile("a@b.example", ("c@d.example",), bytes(range(256)) * 4),
+        QueueFile('"john doe"@example.com', ("b\u00fcb@example.org",), b"8bit \xff\r\n"),
+    ],
+    ids=["null-sender", "postmaster-empty-data", "100-recipients", "envelope-lookalike",
+         "binary", "quoted-and-utf8"],
+)
+def test_round_trip(message: QueueFile) -> None:
+    raw = message.to_bytes()
+    assert raw.startswith(f"From: <{message.sender}>\n".encode())
+    assert QueueFile.from_bytes(raw) == message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"From: <a@b>\nTo: <c@d>\n",  # no blank line
+        b"From: a@b\nTo: <c@d>\n\nx",  # no brackets
+        b"From: <a@b>\r\nTo: <c@d>\r\n\r\nx",  # CRLF envelope
+        b"To: <c@d>\nFrom: <a@b>\n\nx",  # To before From
+        b"From: <a@b>\n\nx",  # no recipient
+        b"From: <a@b>\nTo: <>\n\nx",  # empty recipient
+        b"From: <a@b>\nFrom: <e@f>\nTo: <c@d>\n\nx",  # two senders
+        b"From: <a@b>\nCc: <c@d>\n\nx",  # unknown line
+        b"From: <a@b>\nTo: <c@d> \n\nx",  # trailing space
+        b"From: <a<b>\nTo: <c@d>\n\nx",  # bracket inside
+        b"\nFrom: <a@b>\nTo: <c@d>\n\nx",  # leading blank line
+    ],
+)
+def test_format_errors(raw: bytes) -> None:
+    with pytest.raises(QueueFormatError):
+        QueueFile.from_bytes(raw)
+
+
+@pytest.mark.parametrize("address", ["a\n@b", "a>@b", "<a@b", "a\r@b", "a\x00@b"])
+def test_unqueueable_address_is_refused_not_written(address: str) -> None:
+    with pytest.raises(QueueFormatError):
+        QueueFile(address, ("c@d",), b"").to_bytes()
+    with pytest.raises(QueueFormatError):
+        QueueFile("c@d", (address,), b"").to_bytes()
+
+
+# ---------------------------------------------------------------------------- writer
+
+
+def ready_files(folder: Path) -> list[str]:
+    """What the sender would see: the non-dot files directly in the queue folder."""
+    return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_file())
+
+
+def test_store_writes_the_spec_format_and_leaves_nothing_in_tmp(tmp_path: Path) -> None:
+    writer = QueueWriter(tmp_path / "queue")
+    data = b"Subject: x\r\n\r\n.leading dot kept\r\n"
+    queue_id = writer.store("alice@example.com", ["bob@example.org", "carol@example.net"], data)
+    assert ready_files(writer.dir) == [queue_id]
+    assert (writer.dir / queue_id).read_bytes() == (
+        b"From: <alice@example.com>\nTo: <bob@example.org>\nTo: <carol@example.net>\n\n" + data
+    )
+    assert os.listdir(writer.dir / TMP_DIRNAME) == []
+
+
+def test_queue_ids_are_unique_and_sortable_by_arrival(tmp_path: Path) -> None:
+    writer = QueueWriter(tmp_path / "queue")
+    ids = [writer.store("", ["b@c"], b"%d\r\n" % n) for n in range(20)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 20
+
+
+def test_concurrent_stores_never_collide(tmp_path: Path) -> None:
+    writer = QueueWriter(tmp_path / "queue")
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        for k in range(10):
+            queue_id = writer.store(f"t{n}@x", [f"r{k}@y"], b"%d %d\r\n" % (n, k))
+            with lock:
+                ids.append(queue_id)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(set(ids)) == 80
+    assert ready_files(writer.dir) == sorted(ids)
+    for queue_id in ids:
+        message = QueueFile.from_bytes((writer.dir / queue_id).read_bytes())
+        n, k = message.data.split()
+        assert message.sender == f"t{int(n)}@x" and message.recipients == (f"r{int(k)}@y",)
+
+
+def test_clean_leftovers_removes_only_temporary_files(tmp_path: Path) -> None:
+    writer = QueueWriter(tmp_path / "queue")
+    kept = writer.store("a@b", ["c@d"], b"x")
+    (writer.tmp_dir / "half-written").write_bytes(b"From: <a@b>\n")
+    assert writer.clean_leftovers() == ["half-written"]
+    assert os.listdir(writer.tmp_dir) == []
+    assert ready_files(writer.dir) == [kept]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a full disk that even root cannot write past."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tiny tmpfs here (needs root/CAP_SYS_ADMIN): "
+                    f"{result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_failed_write_leaves_nothing_behind(tiny_fs: Path) -> None:
+    writer = QueueWriter(tiny_fs / "queue")
+    with pytest.raises(QueueWriteError) as failure:
+        writer.store("a@b", ["c@d"], b"x" * 200_000)
+    assert failure.value.no_space
+    assert ready_files(writer.dir) == []
+    assert os.listdir(writer.tmp_dir) == []
+    # The queue still works for a message that fits.
+    queue_id = writer.store("a@b", ["c@d"], b"small\r\n")
+    assert ready_files(writer.dir) == [queue_id]
+
+
+# ---------------------------------------------------------------------------- reader
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[tuple[QueueWriter, QueueReader]]:
+    writer = QueueWriter(tmp_path / "queue")
+    reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    yield writer, reader
+    reader.close()
+
+
+def test_list_ready_is_oldest_first_and_ignores_dot_entries(queue) -> None:
+    writer, reader = queue
+    names = [writer.store("a@b", ["c@d"], b"%d" % n) for n in range(3)]
+    for age, name in zip((100, 300, 200), names, strict=True):
+        os.utime(writer.dir / name, ns=(0, 1_700_000_000_000_000_000 - age * 10**9))
+    (writer.dir / ".hidden").write_bytes(b"x")
+    (writer.tmp_dir / "partial").write_bytes(b"x")
+    assert [e.name for e in reader.list_ready()] == [names[1], names[2], names[0]]
+
+
+def test_claim_is_exclusive_and_release_keeps_the_place(queue) -> None:
+    writer, reader = queue
+    name = writer.store("a@b", ["c@d"], b"data\r\n")
+    mtime = os.stat(writer.dir / name).st_mtime_ns
+    path = reader.claim(name)
+    assert path is not None and path.parent == reader.work_dir
+    assert reader.list_ready() == []
+    assert reader.claim(name) is None  # already taken
+    assert reader.read(path) == QueueFile("a@b", ("c@d",), b"data\r\n")
+    reader.release(path)
+    assert [(e.name, e.mtime_ns) for e in reader.list_ready()] == [(name, mtime)]
+    path = reader.claim(name)
+    assert path is not None
+    reader.finish(path)
+    assert reader.list_ready() == [] and list(reader.claimed()) == []
+
+
+def test_close_gives_back_what_is_still_claimed(tmp_path: Path) -> None:
+    writer = QueueWriter(tmp_path / "queue")
+    reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    name = writer.store("a@b", ["c@d"], b"x")
+    assert reader.claim(name) is not None
+    reader.close()
+    assert ready_files(writer.dir) == [name]
+    assert not reader.work_dir.exists()
+
+
+def _fake_work_folder(queue_dir: Path, pid: str, names: list[str]) -> Path:
+    """Pretend sender `pid` claimed `names` (its work folder and lock file)."""
+    work = queue_dir / WORK_DIRNAME / pid
+    work.mkdir(parents=True)
+    for name in names:
+        os.rename(queue_dir / name, work / name)
+    (queue_dir / WORK_DIRNAME / f"{pid}.lock").write_bytes(b"")
+    return work
+
+
+def test_recover_abandoned_takes_back_only_from_dead_senders(queue) -> None:
+    writer, reader = queue
+    dead = writer.store("a@b", ["c@d"], b"dead")
+    alive = writer.store("a@b", ["c@d"], b"alive")
+    dead_work = _fake_work_folder(writer.dir, "999991", [dead])
+    alive_work = _fake_work_folder(writer.dir, "999992", [alive])
+    # A live sender holds the flock on its lock file (a separate open file description).
+    lock_fd = os.open(writer.dir / WORK_DIRNAME / "999992.lock", os.O_WRONLY)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert reader.recover_abandoned() == [dead]
+        assert ready_files(writer.dir) == [dead]
+        assert not dead_work.exists()
+        assert os.listdir(alive_work) == [alive]
+    finally:
+        os.close(lock_fd)  # the live sender dies
+    assert reader.recover_abandoned() == [alive]
+    assert ready_files(writer.dir) == sorted([dead, alive])
+    # Our own claims are never "recovered" from under us.
+    mine = reader.claim(dead)
+    assert reader.recover_abandoned() == []
+    assert mine is not None and mine.exists()

@@ -1,0 +1,220 @@
+"""The chain with real processes: receiver -> queue -> sender -> a real relay / Maildir.
+
+`python -m services.sender --config FILE` runs exactly as supervisord starts it; the
+relay is aiosmtpd (in this test process) or Postfix's smtp-sink.
+"""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from shared.config import Config, load_config
+from shared.queue import QueueWriter
+from tests.sender_support import Relay, SmtpSink
+from tests.support import MailbagProcess, write_config
+
+pytestmark = pytest.mark.e2e
+
+FAST = {"retry_initial": 0.3, "retry_max": 0.6, "poll_interval": 60,
+        "connect_timeout": 2, "greeting_timeout": 5, "command_timeout": 5}
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+def log_text(config: Config) -> str:
+    return config.log.file.read_text() if config.log.file.exists() else ""
+
+
+def queued(config: Config) -> list[str]:
+    return [p.name for p in config.queue.dir.iterdir() if not p.name.startswith(".")]
+
+
+@pytest.fixture
+def sender_factory():
+    started: list[MailbagProcess] = []
+
+    def start(config_path: Path) -> MailbagProcess:
+        config = load_config(config_path)
+        before = log_text(config).count("S-SMTP - start ok")
+        proc = MailbagProcess("sender", config_path).start()
+        started.append(proc)
+        wait_until(lambda: log_text(config).count("S-SMTP - start ok") > before
+                   or proc.proc.poll() is not None, what="the sender to start")
+        assert proc.proc.poll() is None, proc.stderr_text()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def relay():
+    servers: list[Relay] = []
+
+    def make() -> Relay:
+        servers.append(Relay())
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def swaks(port: int, to: str, data_file: Path) -> None:
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{port}", "--from", "alice@example.com",
+         "--to", to, "--data", f"@{data_file}", "--helo", "client.test"],
+        capture_output=True, timeout=20, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_swaks_to_relay_within_a_second_byte_identical(
+    receiver_factory, sender_factory, relay, tmp_path: Path
+) -> None:
+    server = relay().start()
+    config, _ = receiver_factory(sender={**FAST, "relay": server.address})
+    sender = sender_factory(config.path)
+    content = (b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: e2e\r\n\r\n"
+               b"first line\r\n.a dot line\r\n..two dots\r\nlast\r\n")
+    data_file = tmp_path / "message.eml"
+    data_file.write_bytes(content)
+    started = time.monotonic()
+    swaks(config.receiver.listen.port, "bob@example.org", data_file)
+    (got,) = server.handler.wait_for(1, timeout=5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0, f"took {elapsed:.2f}s: the watchdog should have woken the sender"
+    # swaks always ends the data with "\r\n.\r\n", so what the receiver queued is
+    # the file plus one empty line; the relay has exactly that.
+    assert got.content == content + b"\r\n"
+    assert got.mail_from == "alice@example.com" and got.rcpt_tos == ["bob@example.org"]
+    wait_until(lambda: queued(config) == [], what="the queue to empty")
+    server.handler.wait_quits(1)  # the pass ended with QUIT
+    assert sender.stop() == 0
+    text = log_text(config)
+    assert "S-SMTP 127.0.0.1:" in text and " sent ok id=" in text and "to=<bob@example.org>" in text
+
+
+def test_relay_down_then_back(receiver_factory, sender_factory, relay) -> None:
+    server = relay()  # not started: nothing listens on its port
+    config, _ = receiver_factory(sender={**FAST, "relay": server.address})
+    sender_factory(config.path)
+    with smtplib.SMTP("127.0.0.1", config.receiver.listen.port, timeout=10) as client:
+        client.sendmail("a@example.com", ["b@example.org"], b"Subject: wait\r\n\r\nhi\r\n")
+    wait_until(lambda: "connect fail" in log_text(config), what="a connect failure")
+    assert len(queued(config)) == 1  # it waits in the queue
+    server.start()
+    (got,) = server.handler.wait_for(1, timeout=10)
+    assert got.content == b"Subject: wait\r\n\r\nhi\r\n"
+    wait_until(lambda: queued(config) == [], what="the queue to empty")
+    assert log_text(config).count("connect fail") >= 1
+
+
+def test_relay_4xx_then_accepts(receiver_factory, sender_factory, relay) -> None:
+    server = relay()
+    server.handler.data_reply = "451 4.3.0 not now"
+    server.start()
+    config, _ = receiver_factory(sender={**FAST, "relay": server.address})
+    sender_factory(config.path)
+    with smtplib.SMTP("127.0.0.1", config.receiver.listen.port, timeout=10) as client:
+        client.sendmail("a@example.com", ["b@example.org"], b"Subject: 4xx\r\n\r\nhi\r\n")
+    wait_until(lambda: "deferred defer" in log_text(config), what="a deferral")
+    assert len(queued(config)) == 1
+    server.handler.data_reply = None
+    assert server.handler.wait_for(1, timeout=10)[0].content == b"Subject: 4xx\r\n\r\nhi\r\n"
+    wait_until(lambda: queued(config) == [], what="the queue to empty")
+
+
+def test_local_mail_lands_in_maildir(receiver_factory, sender_factory) -> None:
+    config, _ = receiver_factory(sender=FAST)  # no relay needed for local mail
+    sender_factory(config.path)
+    with smtplib.SMTP("127.0.0.1", config.receiver.listen.port, timeout=10) as client:
+        client.sendmail("a@example.com", ["you@localhost"], b"Subject: local\r\n\r\nhi\r\n")
+    new = config.local.maildir / "you" / "new"
+    wait_until(lambda: new.exists() and any(new.iterdir()), what="the Maildir file")
+    (file,) = list(new.iterdir())
+    header = b"Return-Path: <a@example.com>\nDelivered-To: you@localhost\n"
+    assert file.read_bytes().startswith(header)
+    wait_until(lambda: queued(config) == [], what="the queue to empty")
+    assert "S-SMTP local sent ok" in log_text(config)
+
+
+def test_two_senders_deliver_every_message_exactly_once(
+    tmp_path: Path, sender_factory, relay
+) -> None:
+    server = relay().start()
+    path = write_config(tmp_path, sender={**FAST, "relay": server.address})
+    config = load_config(path)
+    writer = QueueWriter(config.queue.dir)
+    count = 60
+    for number in range(count // 2):
+        writer.store("a@example.com", ["b@example.org"], b"Subject: %d\r\n\r\nx\r\n" % number)
+    sender_factory(path)
+    sender_factory(path)
+    for number in range(count // 2, count):
+        writer.store("a@example.com", ["b@example.org"], b"Subject: %d\r\n\r\nx\r\n" % number)
+    got = server.handler.wait_for(count, timeout=20)
+    wait_until(lambda: queued(config) == [], what="the queue to empty")
+    time.sleep(0.3)  # a duplicate, if any, would arrive now
+    subjects = sorted(m.content for m in server.handler.messages)
+    assert len(got) >= count and subjects == sorted(
+        b"Subject: %d\r\n\r\nx\r\n" % n for n in range(count))
+
+
+def test_term_exits_0_and_leaves_undelivered_mail_queued(tmp_path: Path, sender_factory) -> None:
+    path = write_config(tmp_path, sender=FAST)
+    config = load_config(path)
+    sender = sender_factory(path)
+    QueueWriter(config.queue.dir).store("a@example.com", ["b@example.org"], b"x\r\n")
+    wait_until(lambda: "no-relay defer" in log_text(config), what="the no-relay notice")
+    sender.signal(signal.SIGTERM)
+    assert sender.proc.wait(10) == 0
+    assert len(queued(config)) == 1
+    assert not any((config.queue.dir / ".work").iterdir())  # nothing left claimed
+    assert "S-SMTP - exit ok" in log_text(config)
+
+
+def test_bad_password_file_is_a_one_line_error(tmp_path: Path) -> None:
+    path = write_config(tmp_path, sender={"relay": "127.0.0.1:1", "username": "u",
+                                          "password_file": "missing.txt"})
+    proc = MailbagProcess("sender", path).start()
+    assert proc.proc.wait(10) == 2
+    err = proc.stderr_text().strip()
+    proc.stop()
+    assert err.startswith("sender: error:") and "missing.txt" in err and "\n" not in err
+
+
+@pytest.mark.skipif(not SmtpSink.available(), reason="postfix smtp-sink not installed")
+def test_chain_to_smtp_sink_with_smuggling_queue_file(tmp_path: Path, sender_factory) -> None:
+    sink = SmtpSink(tmp_path / "sink").start()
+    try:
+        path = write_config(tmp_path, sender={**FAST, "relay": sink.address})
+        config = load_config(path)
+        writer = QueueWriter(config.queue.dir)
+        # A queue file written behind the receiver's back with every trick in it.
+        body = (b"Subject: smuggle\r\n\r\na\n.\nMAIL FROM:<x@evil.example>\r\n"
+                b"b\r.\r\nc\n.\r\nd\r\n.\ne\r\n.\0\r\nRCPT TO:<victim@example.org>\r\nend\r\n")
+        writer.store("a@example.com", ["b@example.org"], body)
+        sender_factory(path)
+        wait_until(lambda: queued(config) == [], what="the queue to empty")
+        wait_until(lambda: len(sink.dumps()) >= 1, what="smtp-sink's dump")
+        time.sleep(0.2)
+        (dump,) = sink.dumps()
+        assert b"X-Rcpt-Args: <b@example.org>" in dump.read_bytes()
+    finally:
+        sink.stop()

@@ -1,0 +1,348 @@
+"""The queue runner with a real queue folder, real Maildirs and a real aiosmtpd relay.
+
+Time is passed in (`now`), so backoff, relay retry and max_queue_lifetime are tested
+without waiting for them.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import os
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from services.sender.local import LocalDelivery, is_local, mailbox_name
+from services.sender.relay import RelayConnection, RelaySettings
+from services.sender.runner import Backoff, QueueRunner, RetrySchedule, arrival_time
+from shared.config import load_config
+from shared.log import EventLog
+from shared.queue import REASON_SUFFIX, QueueReader, QueueWriter, new_queue_id
+from tests.sender_support import RecordingHandler, Relay
+from tests.support import free_port, write_config
+
+DATA = b"Subject: hello\r\n\r\nbody\r\n.dot line\r\n"
+
+
+@pytest.fixture
+def log_lines():
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")),
+                      format="{extra[program]} {extra[peer]} {message}")
+    yield lines
+    logger.remove(sink)
+
+
+@pytest.fixture
+def relay():
+    server = Relay().start()
+    yield server
+    server.stop()
+
+
+class Setup:
+    """A config, a queue writer (the receiver's side) and a runner on it."""
+
+    def __init__(self, folder: Path, relay_address: str | None, **sender) -> None:
+        values = {"retry_initial": 10, "retry_max": 40, "max_queue_lifetime": 1000,
+                  "poll_interval": 60, "relay": relay_address or "", **sender}
+        self.config = load_config(write_config(folder, sender=values))
+        self.writer = QueueWriter(self.config.queue.dir)
+        self.reader = QueueReader(self.config.queue.dir, self.config.queue.failed,
+                                  self.config.queue.quarantine)
+        connect = None
+        if relay_address:
+            relay_settings = RelaySettings.from_config(self.config.sender, "mailbag.test", "")
+            log = EventLog("S-SMTP", "-")
+            connect = lambda: RelayConnection(relay_settings, log)  # noqa: E731
+        self.runner = QueueRunner(self.config, self.reader, EventLog("S-SMTP", "-"),
+                                  connect=connect)
+
+    def queued(self) -> list[str]:
+        return [e.name for e in self.reader.list_ready()]
+
+    def queue_file(self, name: str) -> bytes:
+        return (self.config.queue.dir / name).read_bytes()
+
+    def failed(self) -> list[str]:
+        return sorted(p.name for p in self.config.queue.failed.iterdir())
+
+    def close(self) -> None:
+        self.runner.close_relay()
+        self.reader.close()
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    made: list[Setup] = []
+
+    def make(relay_address: str | None, **sender) -> Setup:
+        made.append(Setup(tmp_path, relay_address, **sender))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+def test_backoff_doubles_up_to_the_maximum() -> None:
+    backoff = Backoff(60, 3600)
+    assert [backoff.delay(n) for n in range(1, 9)] == [60, 120, 240, 480, 960, 1920, 3600, 3600]
+    assert backoff.delay(10_000) == 3600
+
+
+def test_retry_schedule_counts_attempts_not_holds() -> None:
+    schedule = RetrySchedule(Backoff(10, 40))
+    assert schedule.due("a", 0)
+    assert schedule.defer("a", 100, "451") == 110
+    assert not schedule.due("a", 109) and schedule.due("a", 110)
+    assert schedule.defer("a", 110, "451") == 130
+    schedule.hold("a", 500, "relay down")
+    assert schedule.get("a").attempts == 2
+    assert schedule.defer("a", 500, "451") == 540  # 10 * 2**2 = 40, the maximum
+    schedule.prune(set())
+    assert schedule.due("a", 0) and schedule.next_due() is None
+
+
+def test_arrival_time_comes_from_the_queue_id() -> None:
+    assert arrival_time(new_queue_id(1_700_000_000_123_000_000), 0) == pytest.approx(1.7e9 + 0.123)
+    assert arrival_time("not-a-queue-id-at-all", 42.0) == 42.0
+
+
+@pytest.mark.parametrize("rcpt", ["../etc@localhost", ".hidden@localhost", "a/b@localhost",
+                                  "@localhost", "a\0b@localhost", '"../x"@localhost'])
+def test_unsafe_local_parts_are_refused(rcpt: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        mailbox_name(rcpt)
+    reply = LocalDelivery(tmp_path / "mail").deliver("a@b.example", rcpt, b"x\r\n")
+    assert reply.code == 550
+    assert not (tmp_path / "mail").exists() or not any((tmp_path / "mail").iterdir())
+
+
+def test_local_routing() -> None:
+    domains = frozenset({"localhost"})
+    assert is_local("you@localhost", domains) and is_local("you@LocalHost", domains)
+    assert is_local("postmaster", domains)
+    assert not is_local("you@example.org", domains)
+
+
+# ---------------------------------------------------------------------------- delivery
+
+def test_relayed_message_leaves_the_queue_byte_identical(setup, relay) -> None:
+    env = setup(relay.address)
+    queue_id = env.writer.store("alice@example.com", ["bob@example.org"], DATA)
+    assert env.runner.run_pass(now=1e12) is True
+    env.runner.close_relay()
+    (got,) = relay.handler.wait_for(1)
+    assert got.content == DATA and got.rcpt_tos == ["bob@example.org"]
+    assert env.queued() == [] and env.failed() == []
+    assert queue_id not in os.listdir(env.reader.work_dir)
+    relay.handler.wait_quits(1)
+    assert env.runner.run_pass(now=1e12) is False
+
+
+def test_one_connection_carries_the_whole_pass(setup, relay) -> None:
+    env = setup(relay.address)
+    for number in range(5):
+        env.writer.store("a@example.com", ["b@example.org"], b"n %d\r\n" % number)
+    env.runner.run_pass(now=1e12)
+    env.runner.close_relay()
+    got = relay.handler.wait_for(5)
+    assert [m.content for m in got] == [b"n %d\r\n" % n for n in range(5)]  # oldest first
+    relay.handler.wait_quits(1)
+    assert relay.handler.quits == 1
+
+
+def test_local_delivery_to_maildir(setup) -> None:
+    env = setup(None)
+    env.writer.store("alice@example.com", ["you@localhost", "postmaster"], DATA)
+    assert env.runner.run_pass(now=1e12)
+    assert env.queued() == []
+    for name in ("you", "postmaster"):
+        folder = env.config.local.maildir / name
+        (file,) = list((folder / "new").iterdir())
+        content = file.read_bytes()
+        assert content.startswith(b"Return-Path: <alice@example.com>\nDelivered-To: ")
+        assert content.endswith(b"Subject: hello\n\nbody\n.dot line\n")
+        assert len(mailbox.Maildir(folder, create=False)) == 1
+
+
+def test_unparseable_file_is_quarantined(setup, log_lines) -> None:
+    env = setup(None)
+    bad = env.config.queue.dir / new_queue_id()
+    bad.write_bytes(b"this is not a queue file")
+    good = env.writer.store("a@example.com", ["you@localhost"], b"x\r\n")
+    assert env.runner.run_pass(now=1e12)
+    quarantine = env.config.queue.quarantine
+    assert (quarantine / bad.name).read_bytes() == b"this is not a queue file"
+    assert (quarantine / (bad.name + REASON_SUFFIX)).read_text().strip()
+    assert env.queued() == [] and good not in os.listdir(quarantine)
+    assert any("quarantine fail" in line and bad.name in line for line in log_lines)
+
+
+def test_5xx_goes_to_failed_with_the_reply(setup, log_lines) -> None:
+    handler = RecordingHandler(rcpt_replies={"gone@example.org": "550 5.1.1 no such user"})
+    server = Relay(handler=handler).start()
+    try:
+        env = setup(server.address)
+        queue_id = env.writer.store("a@example.com", ["gone@example.org"], DATA)
+        env.runner.run_pass(now=1e12)
+        env.runner.close_relay()
+    finally:
+        server.stop()
+    assert env.queued() == []
+    assert env.failed() == [queue_id, queue_id + REASON_SUFFIX]
+    reason = (env.config.queue.failed / (queue_id + REASON_SUFFIX)).read_text()
+    assert "550" in reason and "no such user" in reason and "gone@example.org" in reason
+    assert any("failed fail" in line and queue_id in line and "550" in line
+               for line in log_lines)
+
+
+def test_mixed_results_rewrite_the_file_and_retry_with_backoff(setup, log_lines) -> None:
+    handler = RecordingHandler(rcpt_replies={
+        "gone@example.org": "550 5.1.1 no such user",
+        "later@example.org": "451 4.3.0 try later",
+    })
+    server = Relay(handler=handler).start()
+    try:
+        env = setup(server.address)
+        recipients = ["ok@example.org", "gone@example.org", "later@example.org", "me@localhost"]
+        queue_id = env.writer.store("a@example.com", recipients, DATA)
+        env.runner.run_pass(now=1000.0)
+        # Delivered ones are gone from the file, the failed one is recorded apart.
+        assert env.queued() == [queue_id]
+        assert env.queue_file(queue_id).startswith(
+            b"From: <a@example.com>\nTo: <later@example.org>\n\n")
+        assert env.failed() == [f"{queue_id}.1", f"{queue_id}.1{REASON_SUFFIX}"]
+        assert any("deferred defer" in line and "later@example.org" in line and "451" in line
+                   for line in log_lines)
+        # Not due before retry_initial (10 s), due after; the relay accepts now.
+        assert env.runner.sleep_time(1000.0) == pytest.approx(10.0)
+        assert env.runner.run_pass(now=1005.0) is False
+        handler.rcpt_replies.clear()
+        assert env.runner.run_pass(now=1010.0) is True
+        env.runner.close_relay()
+        got = handler.wait_for(2)
+    finally:
+        server.stop()
+    assert [m.rcpt_tos for m in got] == [["ok@example.org"], ["later@example.org"]]
+    assert env.queued() == []
+    maildir = env.config.local.maildir / "me" / "new"
+    assert len(list(maildir.iterdir())) == 1  # local copy delivered once, not twice
+
+
+def test_backoff_doubles_for_a_message_that_keeps_failing(setup) -> None:
+    handler = RecordingHandler(data_reply="451 4.3.0 later")
+    server = Relay(handler=handler).start()
+    try:
+        env = setup(server.address)
+        queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+        now = 5000.0
+        waits = []
+        for _ in range(4):
+            assert env.runner.run_pass(now=now)
+            entry = env.runner.schedule.get(queue_id)
+            waits.append(entry.until - now)
+            now = entry.until
+        env.runner.close_relay()
+    finally:
+        server.stop()
+    assert waits == [10, 20, 40, 40]
+    assert env.queued() == [queue_id]
+
+
+def test_relay_down_holds_mail_and_delivers_when_it_returns(setup, log_lines) -> None:
+    relay = Relay()
+    env = setup(relay.address)  # nothing listens there yet
+    remote = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    local = env.writer.store("a@example.com", ["you@localhost", "c@example.org"], DATA)
+    assert env.runner.run_pass(now=2000.0)
+    assert any("connect fail" in line for line in log_lines)
+    # Local mail is not held hostage; remote mail stays queued.
+    assert (env.config.local.maildir / "you" / "new").exists()
+    assert sorted(env.queued()) == sorted([remote, local])
+    assert env.runner.relay.retry_at == 2010.0
+    assert env.runner.sleep_time(2000.0) == pytest.approx(10.0)
+    assert env.runner.run_pass(now=2001.0) is False  # backing off: nothing tried
+    assert any("relay-down defer" in line and "waiting=2" in line for line in log_lines)
+    relay.start()
+    try:
+        assert env.runner.run_pass(now=2010.0)
+        env.runner.close_relay()
+        got = relay.handler.wait_for(2)
+    finally:
+        relay.stop()
+    assert [m.rcpt_tos for m in got] == [["b@example.org"], ["c@example.org"]]
+    assert env.queued() == []
+    assert len(list((env.config.local.maildir / "you" / "new").iterdir())) == 1
+
+
+def test_relay_backoff_doubles_while_it_stays_down(setup) -> None:
+    env = setup(f"127.0.0.1:{free_port()}")
+    env.writer.store("a@example.com", ["b@example.org"], DATA)
+    now = 100.0
+    retries = []
+    for _ in range(4):
+        env.runner.run_pass(now=now)
+        retries.append(env.runner.relay.retry_at - now)
+        now = env.runner.relay.retry_at
+    assert retries == [10, 20, 40, 40]
+
+
+def test_no_relay_configured_keeps_mail_and_says_so_once_per_pass(setup, log_lines) -> None:
+    env = setup(None)  # poll_interval = 60
+    queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    now = arrival_time(queue_id, 0)
+    for offset in (0, 1, 2):  # quick passes in a row repeat nothing
+        env.runner.run_pass(now=now + offset)
+    assert env.queued() == [queue_id]
+    said = [line for line in log_lines if "no-relay" in line]
+    assert len(said) == 1 and "waiting=1" in said[0]
+    env.runner.run_pass(now=now + 61)  # the next poll: said again
+    env.writer.store("a@example.com", ["c@example.org"], DATA)
+    env.runner.run_pass(now=now + 62)  # the situation changed: said at once
+    said = [line for line in log_lines if "no-relay" in line]
+    assert len(said) == 3 and "waiting=2" in said[2]
+    assert len(env.queued()) == 2
+
+
+def test_max_queue_lifetime_fails_what_is_still_deferred(setup) -> None:
+    handler = RecordingHandler(data_reply="451 4.3.0 later")
+    server = Relay(handler=handler).start()
+    try:
+        env = setup(server.address, max_queue_lifetime=100)
+        queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+        arrived = arrival_time(queue_id, 0)
+        env.runner.run_pass(now=arrived + 50)
+        assert env.queued() == [queue_id]
+        env.runner.run_pass(now=arrived + 101)  # expired: due at once, fails for good
+        env.runner.close_relay()
+    finally:
+        server.stop()
+    assert env.queued() == []
+    reason = (env.config.queue.failed / (queue_id + REASON_SUFFIX)).read_text()
+    assert "expired" in reason and "451" in reason
+
+
+def test_expired_while_no_relay_configured(setup) -> None:
+    env = setup(None, max_queue_lifetime=100)
+    queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    arrived = arrival_time(queue_id, 0)
+    env.runner.run_pass(now=arrived + 1)
+    assert env.queued() == [queue_id]
+    env.runner.run_pass(now=arrived + 200)
+    assert env.queued() == [] and queue_id in env.failed()
+
+
+def test_messages_per_connection_opens_a_new_session(setup, relay) -> None:
+    env = setup(relay.address, messages_per_connection=2)
+    for number in range(5):
+        env.writer.store("a@example.com", ["b@example.org"], b"n %d\r\n" % number)
+    env.runner.run_pass(now=1e12)
+    env.runner.close_relay()
+    relay.handler.wait_for(5)
+    relay.handler.wait_quits(3)
+    assert relay.handler.quits == 3
