@@ -5,9 +5,10 @@ STAMP  := $(VENV)/.installed-stamp
 CTL    := $(VENV)/bin/supervisorctl -c supervisord.conf
 PIDFILE := var/supervisord.pid
 
-# The mailbag config both programs read; supervisord's children inherit it from here.
+# The mailbag config both programs read: `make run` exports it to supervisord, whose
+# children inherit it. Only `run` exports it (the tests choose their own configs).
 MAILBAG_CONFIG ?= $(CURDIR)/mailbag.toml
-export MAILBAG_CONFIG := $(abspath $(MAILBAG_CONFIG))
+run: export MAILBAG_CONFIG := $(abspath $(MAILBAG_CONFIG))
 
 .PHONY: venv run stop status test lint
 
@@ -22,7 +23,7 @@ test: venv
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check shared services tests bench
+	$(VENV)/bin/ruff check shared services tests bench tools
 
 # Start the appliance as a daemon (idempotent), wait for the receiver's 220, say where things are.
 run: venv

@@ -70,13 +70,17 @@ class Appliance:
 
     def __init__(self, **sections: dict[str, Any]) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="mbsv-"))
-        for name in LINKED:
-            (self.home / name).symlink_to(REPO / name)
-        self.conf = self.home / "supervisord.conf"
-        self.conf.symlink_to(REPO / "supervisord.conf")
-        (self.home / "var" / "log").mkdir(parents=True)
-        self.config_path = write_config(self.home, **sections)
-        self.config: Config = load_config(self.config_path)
+        try:
+            for name in LINKED:
+                (self.home / name).symlink_to(REPO / name)
+            self.conf = self.home / "supervisord.conf"
+            self.conf.symlink_to(REPO / "supervisord.conf")
+            (self.home / "var" / "log").mkdir(parents=True)
+            self.config_path = write_config(self.home, **sections)
+            self.config: Config = load_config(self.config_path)
+        except BaseException:
+            shutil.rmtree(self.home, ignore_errors=True)
+            raise
         self.var = self.home / "var"
         self.pidfile = self.var / "supervisord.pid"
         self.socket_path = self.var / "supervisor.sock"

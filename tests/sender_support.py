@@ -6,7 +6,9 @@ and counts QUITs; replies for RCPT/DATA can be scripted per test (4xx, 5xx).
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+import os
 import shutil
 import socket
 import ssl
@@ -41,6 +43,8 @@ class RecordingHandler:
 
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
+    data_delay: float = 0.0  # seconds handle_DATA waits before answering
+    in_data: threading.Event = field(default_factory=threading.Event)
     messages: list[Received] = field(default_factory=list)
     quits: int = 0
     sessions_with_mail: int = 0
@@ -54,6 +58,9 @@ class RecordingHandler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        self.in_data.set()
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if self.data_reply:
             return self.data_reply
         with self.lock:
@@ -161,8 +168,9 @@ class SmtpSink:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> SmtpSink:
-        # -u: the user to run as when started as root; -d: one file per message.
-        command = [SMTP_SINK, "-u", _run_user(), "-d", str(self.folder) + "/%M.",
+        # -u (required as root): the user to run as; -d: one dump file per message.
+        user = ["-u", getpass.getuser()] if os.geteuid() == 0 else []
+        command = [SMTP_SINK, *user, "-d", str(self.folder) + "/%M.",
                    *self.extra, f"127.0.0.1:{self.port}", "100"]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
@@ -184,7 +192,3 @@ class SmtpSink:
             self.proc.wait(5)
             if self.proc.stderr:
                 self.proc.stderr.close()
-
-
-def _run_user() -> str:
-    return getpass.getuser()

@@ -57,6 +57,17 @@ def test_make_run_starts_the_daemon_once_and_make_stop_ends_it(app):
     app.wait_running("receiver", "sender")
     status = make(app, "status")
     assert status.stdout.count("RUNNING") == 2, status.stdout
+
+    # `supervisorctl stop all`: both stop cleanly (exit 0); `make run` brings them back.
+    stopped_all = app.ctl("stop", "all")
+    assert stopped_all.returncode == 0, stopped_all.stdout + stopped_all.stderr
+    for program in ("receiver", "sender"):
+        info = app.info(program)
+        assert (info["statename"], info["exitstatus"]) == ("STOPPED", 0), info
+    assert not app.answers_220()
+    again = make(app, "run")
+    assert again.returncode == 0 and "mailbag is running" in again.stdout, again.stdout
+    app.wait_running("receiver", "sender")
     pids = [app.supervisord_pid, app.info("receiver")["pid"], app.info("sender")["pid"]]
 
     stopped = make(app, "stop")

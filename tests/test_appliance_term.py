@@ -18,7 +18,7 @@ import pytest
 from services.receiver import replies as R
 from shared.queue import QueueFile
 from shared.smtp import Reply, ReplyParser
-from tests.appliance_support import Appliance, Upstream, pid_alive, wait_until
+from tests.appliance_support import Appliance, Upstream, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -142,32 +142,6 @@ def test_term_to_receiver_finishes_data_in_progress_and_closes_the_rest(applianc
     wait_until(app.answers_220, TIMEOUT, "the restarted receiver's 220")
 
     app.shutdown()
-
-
-def test_supervisorctl_stop_all_and_start_all_and_restart(appliance_factory):
-    app = appliance_factory().start()
-    app.wait_running("receiver")
-    assert "receiver" in app.ctl("status").stdout
-
-    stopped = app.ctl("stop", "receiver")
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    info = app.info("receiver")
-    assert info["statename"] == "STOPPED" and info["exitstatus"] == 0, info
-    assert not app.answers_220()
-
-    started = app.ctl("start", "all")
-    assert started.returncode == 0, started.stdout + started.stderr
-    app.wait_running("receiver")
-    first_pid = app.info("receiver")["pid"]
-    restarted = app.ctl("restart", "receiver")
-    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
-    app.wait_running("receiver")
-    assert app.info("receiver")["pid"] != first_pid
-    wait_until(app.answers_220, TIMEOUT, "the restarted receiver's 220")
-
-    pids = [app.supervisord_pid, *app.seen_pids]
-    app.shutdown()
-    assert not [pid for pid in pids if pid and pid_alive(pid)]
 
 
 def test_a_bad_config_is_fatal_with_one_clear_line(appliance_factory):

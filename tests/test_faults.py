@@ -214,13 +214,15 @@ def test_tls_key_that_is_not_a_key(tmp_path):
     assert "TLS" in line
 
 
-@pytest.mark.parametrize("kind", ["missing", "directory", "malformed"])
+@pytest.mark.parametrize("kind", ["missing", "directory", "malformed", "bad-numbers"])
 def test_unreadable_users_file(tmp_path, kind):
     users = tmp_path / "users"
     if kind == "directory":
         users.mkdir()
     elif kind == "malformed":
         users.write_text("alice:plaintext-password\n")
+    elif kind == "bad-numbers":  # the right shape, but it would crash at the first AUTH
+        users.write_text("alice:scrypt$lots$8$1$c2FsdA==$aGFzaA==\n")
     ca = TestCA(tmp_path)
     line = _start_fails(tmp_path, receiver={"tls_cert": str(ca.cert_file),
                                             "tls_key": str(ca.key_file),

@@ -6,6 +6,7 @@ relay is aiosmtpd (in this test process) or Postfix's smtp-sink.
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from shared.config import Config, load_config
 from shared.queue import QueueWriter
-from tests.sender_support import Relay, SmtpSink
+from tests.sender_support import CertAuthority, Relay, SmtpSink, authenticator
 from tests.support import MailbagProcess, write_config
 
 pytestmark = pytest.mark.e2e
@@ -94,8 +95,8 @@ def test_swaks_to_relay_within_a_second_byte_identical(
                b"first line\r\n.a dot line\r\n..two dots\r\nlast\r\n")
     data_file = tmp_path / "message.eml"
     data_file.write_bytes(content)
-    started = time.monotonic()
     swaks(config.receiver.listen.port, "bob@example.org", data_file)
+    started = time.monotonic()  # queued now: the 250 came before swaks returned
     (got,) = server.handler.wait_for(1, timeout=5)
     elapsed = time.monotonic() - started
     assert elapsed < 1.0, f"took {elapsed:.2f}s: the watchdog should have woken the sender"
@@ -138,6 +139,29 @@ def test_relay_4xx_then_accepts(receiver_factory, sender_factory, relay) -> None
     server.handler.data_reply = None
     assert server.handler.wait_for(1, timeout=10)[0].content == b"Subject: 4xx\r\n\r\nhi\r\n"
     wait_until(lambda: queued(config) == [], what="the queue to empty")
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH")
+def test_starttls_and_auth_from_the_config_file(
+    tmp_path: Path, sender_factory, relay
+) -> None:
+    ca = CertAuthority(tmp_path)
+    server = relay()
+    server.smtp_kwargs.update(tls_context=ca.server_context(), require_starttls=True,
+                              authenticator=authenticator({"mailbag": "s3cret pw"}),
+                              auth_required=True)
+    server.start()
+    (tmp_path / "relay.password").write_text("s3cret pw\n")
+    path = write_config(tmp_path, sender={
+        **FAST, "relay": server.address, "tls": "starttls", "ca_file": str(ca.ca_file),
+        "username": "mailbag", "password_file": "relay.password"})
+    config = load_config(path)
+    sender_factory(path)
+    QueueWriter(config.queue.dir).store("a@example.com", ["b@example.org"], b"tls\r\n")
+    (got,) = server.handler.wait_for(1)
+    assert got.tls and got.content == b"tls\r\n"
+    wait_until(lambda: queued(config) == [], what="the queue to empty")
+    assert "s3cret" not in log_text(config)
 
 
 def test_local_mail_lands_in_maildir(receiver_factory, sender_factory) -> None:
@@ -187,6 +211,46 @@ def test_term_exits_0_and_leaves_undelivered_mail_queued(tmp_path: Path, sender_
     assert len(queued(config)) == 1
     assert not any((config.queue.dir / ".work").iterdir())  # nothing left claimed
     assert "S-SMTP - exit ok" in log_text(config)
+
+
+@pytest.mark.parametrize(("delay", "delivered"), [(1.0, True), (60.0, False)],
+                         ids=["finishes", "abandons"])
+def test_term_during_a_transaction(
+    tmp_path: Path, sender_factory, relay, delay: float, delivered: bool
+) -> None:
+    server = relay()
+    server.handler.data_delay = delay
+    server.start()
+    path = write_config(tmp_path, sender={**FAST, "relay": server.address})
+    config = load_config(path)
+    sender = sender_factory(path)
+    QueueWriter(config.queue.dir).store("a@example.com", ["b@example.org"], b"x\r\n")
+    assert server.handler.in_data.wait(10)
+    started = time.monotonic()
+    sender.signal(signal.SIGTERM)
+    assert sender.proc.wait(15) == 0
+    assert time.monotonic() - started < 8
+    if delivered:  # it got its 250: out of the queue, and the session ended with QUIT
+        assert len(server.handler.wait_for(1)) == 1
+        assert queued(config) == []
+        server.handler.wait_quits(1)
+    else:  # abandoned without a 250: still queued, nothing left claimed
+        assert len(queued(config)) == 1
+    assert not any((config.queue.dir / ".work").iterdir())
+
+
+def test_idle_sender_uses_no_cpu(tmp_path: Path, sender_factory, relay) -> None:
+    server = relay().start()
+    path = write_config(tmp_path, sender={**FAST, "relay": server.address})
+    sender = sender_factory(path)
+
+    def cpu_seconds() -> float:
+        fields = Path(f"/proc/{sender.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = cpu_seconds()
+    time.sleep(1.5)  # measuring, not synchronising: an idle sender must not spin
+    assert cpu_seconds() - before < 0.05
 
 
 def test_bad_password_file_is_a_one_line_error(tmp_path: Path) -> None:

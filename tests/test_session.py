@@ -282,7 +282,8 @@ COMMAND_CASES = [
      SessionState.GREETED),
     ("extra-spaces", ["HELO   a  ", "MAIL   FROM : <a@b.example>  ", "RCPT TO:   <c@d.example>"],
      [R.S250_HELO, R.S250_SENDER_OK, R.S250_RECIPIENT_OK], SessionState.RCPT),
-    ("source-route", ["HELO a", "MAIL FROM:<a@b.example>", "RCPT TO:<@x.example,@y.example:c@d.example>"],
+    ("source-route", ["HELO a", "MAIL FROM:<a@b.example>",
+                      "RCPT TO:<@x.example,@y.example:c@d.example>"],
      [R.S250_HELO, R.S250_SENDER_OK, R.S250_RECIPIENT_OK], SessionState.RCPT),
 ]
 
@@ -432,10 +433,10 @@ def data_case(body: bytes, **kwargs: object) -> list:
         pytest.param(b"QUIT\r\nRSET\r\n.\r\n", b"QUIT\r\nRSET\r\n", id="commands-are-data"),
         pytest.param(b"\r\n\r\n.\r\n", b"\r\n\r\n", id="blank-lines"),
         pytest.param(b"8bit \xff\xfe\r\n.\r\n", b"8bit \xff\xfe\r\n", id="8bit"),
-        pytest.param(b"x" * (MAX_TEXT_LINE - 2) + b"\r\n.\r\n", b"x" * (MAX_TEXT_LINE - 2) + b"\r\n",
-                     id="line-of-1000-octets"),
-        pytest.param(b"." * (MAX_TEXT_LINE - 1) + b"\r\n.\r\n", b"." * (MAX_TEXT_LINE - 2) + b"\r\n",
-                     id="stuffed-line-of-1000-octets-unstuffed"),
+        pytest.param(b"x" * (MAX_TEXT_LINE - 2) + b"\r\n.\r\n",
+                     b"x" * (MAX_TEXT_LINE - 2) + b"\r\n", id="line-of-1000-octets"),
+        pytest.param(b"." * (MAX_TEXT_LINE - 1) + b"\r\n.\r\n",
+                     b"." * (MAX_TEXT_LINE - 2) + b"\r\n", id="stuffed-line-of-1000-octets"),
     ],
 )
 def test_data_accepted(wire: bytes, data: bytes) -> None:
@@ -552,9 +553,9 @@ def test_too_many_bad_commands_gets_421_and_close() -> None:
 
 def test_transitions_table_is_the_spec_state_machine() -> None:
     """SPEC §3's arrows, read from the one table the session uses."""
-    I, G, M, RC, D = (SessionState.INITIAL, SessionState.GREETED, SessionState.MAIL,
-                      SessionState.RCPT, SessionState.DATA)
-    assert TRANSITIONS[I]["HELO"] is G and TRANSITIONS[I]["EHLO"] is G
+    INIT, G, M, RC, D = (SessionState.INITIAL, SessionState.GREETED, SessionState.MAIL,
+                         SessionState.RCPT, SessionState.DATA)
+    assert TRANSITIONS[INIT]["HELO"] is G and TRANSITIONS[INIT]["EHLO"] is G
     assert TRANSITIONS[G]["MAIL"] is M and TRANSITIONS[M]["RCPT"] is RC
     assert TRANSITIONS[RC]["RCPT"] is RC and TRANSITIONS[RC]["DATA"] is D
     assert all(TRANSITIONS[s]["RSET"] is G for s in (G, M, RC))

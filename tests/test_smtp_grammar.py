@@ -211,7 +211,8 @@ def _feed_bytewise(parser: ReplyParser, data: bytes) -> list[Reply]:
     [
         (b"220 mx ESMTP\r\n", [Reply(220, "mx ESMTP")]),
         (b"220\r\n", [Reply(220, "")]),
-        (b"250-mx Hello\r\n250-PIPELINING\r\n250 HELP\r\n", [Reply(250, "mx Hello\nPIPELINING\nHELP")]),
+        (b"250-mx Hello\r\n250-PIPELINING\r\n250 HELP\r\n",
+         [Reply(250, "mx Hello\nPIPELINING\nHELP")]),
         (b"250-2.0.0 a\r\n250 2.0.0 b\r\n", [Reply(250, "a\nb", "2.0.0")]),
         (b"550 5.7.1 denied\r\n", [Reply(550, "denied", "5.7.1")]),
         (b"250 5.7.1 class mismatch is text\r\n", [Reply(250, "5.7.1 class mismatch is text")]),

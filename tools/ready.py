@@ -102,4 +102,7 @@ Stop everything:        make stop""")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `make run | head`: the reader left, nothing to report
+        sys.exit(0)

@@ -54,11 +54,28 @@ def load_users(path: Path) -> dict[str, str]:
         if not line.strip() or line.startswith("#"):
             continue
         name, sep, stored = line.partition(":")
-        fields = stored.split("$")
-        if not sep or not name or len(fields) != 6 or fields[0] != "scrypt":
-            raise UserFileError(f"users file {path}, line {number}: expected name:scrypt$N$r$p$salt$hash")
+        if not sep or not name or not _well_formed(stored):
+            raise UserFileError(
+                f"users file {path}, line {number}: expected name:scrypt$N$r$p$salt$hash"
+            )
         users[name] = stored
     return users
+
+
+def _well_formed(stored: str) -> bool:
+    """Checked at start, so that a bad line is a start-up error, not a crash at AUTH."""
+    fields = stored.split("$")
+    if len(fields) != 6 or fields[0] != "scrypt":
+        return False
+    try:
+        n, r, p = (int(value) for value in fields[1:4])
+        base64.b64decode(fields[4], validate=True)
+        base64.b64decode(fields[5], validate=True)
+    except ValueError:  # binascii.Error is a ValueError
+        return False
+    # hashlib.scrypt refuses more than 32 MiB (OpenSSL's default maxmem).
+    fits = 128 * r * (n + 2 + p) <= 32 * 1024 * 1024
+    return n > 1 and n & (n - 1) == 0 and r > 0 and p > 0 and fits
 
 
 def add_user(path: Path, username: str, password: str) -> None:

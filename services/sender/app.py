@@ -16,7 +16,7 @@ from collections.abc import Callable
 from services.sender.local import LocalDelivery
 from services.sender.relay import RelayConnection, RelaySettings, build_tls_context
 from services.sender.runner import PROGRAM, QueueRunner, watch_queue
-from shared.cli import EXIT_OK, StartupError, StopFlag
+from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, StopFlag
 from shared.config import Config, SenderConfig
 from shared.log import EventLog, setup_logging, shutdown_logging
 from shared.queue import QueueReader
@@ -77,7 +77,11 @@ def main(config: Config) -> int:
     except StartupError:
         reader.close()
         raise
-    log = setup_logging(config.log, PROGRAM)
+    try:
+        log = setup_logging(config.log, PROGRAM)
+    except OSError as err:
+        reader.close()
+        raise StartupError(f"cannot open log file {config.log.file}: {err.strerror}") from None
     recovered = reader.recover_abandoned()
     if recovered:
         log.info("recover", messages=len(recovered))
@@ -97,13 +101,17 @@ def main(config: Config) -> int:
         queue=config.queue.dir,
         pid=os.getpid(),
     )
+    status = EXIT_OK
     try:
         runner.run(wake)
+    except Exception as err:  # a bug: say it in one line; claimed mail is given back
+        log.error("crash", exc=err)
+        status = EXIT_RUNTIME_ERROR
     finally:
         runner.close_relay()
         observer.stop()
         observer.join(timeout=5)
         reader.close()
-    log.ok("exit", signal=stop.signal_name or "-")
+    log.ok("exit", signal=stop.signal_name or "-", status=status)
     shutdown_logging()
-    return EXIT_OK
+    return status

@@ -437,6 +437,8 @@ class ClientSession:
 
     def _on_mail(self, reply: Reply) -> None:
         txn = self._need_txn()
+        if reply.code // 100 == 3:  # nonsense from the relay: never a verdict on the mail
+            raise ProtocolError(f"MAIL answered {reply}")
         txn.mail_reply = reply
         if not self._positive(reply):
             # Every recipient shares the sender's fate. Pipelined: the RCPT/DATA
@@ -451,6 +453,8 @@ class ClientSession:
 
     def _on_rcpt(self, reply: Reply) -> None:
         txn = self._need_txn()
+        if reply.code // 100 == 3:
+            raise ProtocolError(f"RCPT answered {reply}")
         index = txn.next_rcpt
         txn.next_rcpt += 1
         if txn.mail_ok:

@@ -198,7 +198,11 @@ class RelayConnection:
     def _run_until(self, wanted: type, stage: str, limit: float | None = None) -> object:
         """Carry out events until one of type `wanted`; RelayError on any failure."""
         while True:
-            event = self.client.next_event()
+            try:
+                event = self.client.next_event()
+            except ProtocolError as err:  # a reply that makes no sense now: defer
+                self._drop()
+                raise RelayError(stage, f"protocol error: {err}") from None
             if event is NEED_DATA:
                 self._read(stage, limit)
                 continue

@@ -81,6 +81,7 @@ class Deferral:
     attempts: int  # failed attempts so far (held-back passes do not count)
     until: float
     reason: str
+    held: bool = False  # waiting for the relay, not backing off after a failure
 
 
 class RetrySchedule:
@@ -105,7 +106,7 @@ class RetrySchedule:
     def hold(self, queue_id: str, until: float, reason: str) -> None:
         """Not attempted (the relay is away): wait until `until`, no failure counted."""
         entry = self._entries.get(queue_id)
-        self._entries[queue_id] = Deferral(entry.attempts if entry else 0, until, reason)
+        self._entries[queue_id] = Deferral(entry.attempts if entry else 0, until, reason, True)
 
     def get(self, queue_id: str) -> Deferral | None:
         return self._entries.get(queue_id)
@@ -409,7 +410,7 @@ class QueueRunner:
 
     def _held_for_relay(self, queue_id: str) -> bool:
         entry = self.schedule.get(queue_id)
-        return entry is not None and entry.attempts == 0
+        return entry is not None and entry.held
 
     def _report_waiting(self, now: float) -> None:
         """Say once per pass that mail waits for a relay (none configured, or down).

@@ -1,0 +1,774 @@
+"""mailbag's benchmark: the receiver and sender side by side with aiosmtpd and Postfix.
+
+    .venv/bin/python bench/run.py            # full run (a few minutes)
+    .venv/bin/python bench/run.py --short    # smoke run, under a minute
+    .venv/bin/python bench/run.py --strace   # durability check of the receiver
+
+Everything runs as real processes on 127.0.0.1 with private ports, in a temporary
+folder under /tmp (the same disk as the checkout on the reference machine). The load
+is Postfix's own `smtp-source`; the upstream of the sender is Postfix's `smtp-sink`.
+The peer is `bench/aiosmtpd_peer.py`: aiosmtpd storing one fsynced file per message
+and fsyncing the folder before its 250 - the same promise mailbag makes.
+
+Each line is one figure: mailbag's value, the peer's, and the ratio mailbag/peer.
+Throughput: higher is better; CPU, memory and latency: lower is better. Throughput
+and CPU are the median of `repeat` runs, mailbag and peer run back to back each time
+so that both see the same background load. CPU is utime+stime of the server process
+from /proc/<pid>/stat (all its threads); RSS is the highest VmRSS seen while loaded.
+
+This is a benchmark, not a test: nothing here fails on a number. It fails only if
+a run is wrong (a message missing from the queue, a program that does not start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from shared.queue import QueueWriter  # noqa: E402
+from shared.smtp import ReplyParser  # noqa: E402
+from tests.support import free_port, wait_for_banner, write_config  # noqa: E402
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+PEER_SCRIPT = Path(__file__).resolve().parent / "aiosmtpd_peer.py"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RUN_TIMEOUT = 180.0  # seconds any one load run may take before the benchmark gives up
+SENDER_ADDRESS = "bench@example.com"
+RECIPIENT = "rcpt@example.org"
+
+# From the issue (#6): Postfix on the reference machine, for the lines with no live peer.
+POSTFIX_DRAIN = 1480.0  # msgs/s, 2,000 queued 1 KiB messages into smtp-sink
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How much work each figure does."""
+
+    repeat: int
+    small: int  # 1 KiB messages per run
+    large: int  # 100 KiB messages per run
+    many_sessions: int  # 1 KiB messages over 50 sessions
+    per_connection: int  # 1 KiB messages, one per connection
+    latency: int  # transactions timed one by one
+    drain: int  # queued messages the sender drains
+    upstream: int  # messages timed from 250 to upstream arrival
+    idle_seconds: float
+    disk_ops: int
+
+
+FULL = Mode(3, 3000, 600, 3000, 1000, 500, 2000, 30, 3.0, 1000)
+SHORT = Mode(1, 1000, 200, 1000, 300, 100, 600, 10, 1.5, 300)
+
+
+# ---------------------------------------------------------------------- processes
+
+
+class Server:
+    """A server process: its port, CPU seconds and memory, read from /proc."""
+
+    def __init__(self, name: str, argv: Sequence[str], port: int, workdir: Path,
+                 store: Path | None) -> None:
+        self.name = name
+        self.port = port
+        self.store = store  # the folder its messages land in
+        self.log_path = workdir / f"{name}.stderr"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            list(argv), cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._log,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self) -> None:
+        try:
+            wait_for_banner("127.0.0.1", self.port, timeout=15.0)
+        except TimeoutError:
+            self.stop()
+            raise SystemExit(f"{self.name} did not start: {self.log_path.read_text()[-800:]}")
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a whole process (every thread), in seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """The highest VmRSS of a process while the `with` block runs (sampled every 20 ms)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, rss_kib(self.pid))
+
+    def __enter__(self) -> RssSampler:
+        self.peak = rss_kib(self.pid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_kib(self.pid))
+
+
+def start_receiver(workdir: Path, *, wrapper: Sequence[str] = (), level: str = "INFO",
+                   sender: dict | None = None) -> Server:
+    """mailbag's receiver as supervisord runs it, with room for 50 sessions."""
+    port = free_port()
+    folder = workdir / "mailbag"
+    folder.mkdir(exist_ok=True)
+    config = write_config(
+        folder,
+        receiver={"listen": f"127.0.0.1:{port}", "max_connections": 100},
+        log={"level": level},
+        sender=sender or {"poll_interval": 60},
+    )
+    argv = [*wrapper, sys.executable, "-m", "services.receiver", "--config", str(config)]
+    server = Server("mailbag", argv, port, workdir, folder / "var" / "queue")
+    server.config = config  # type: ignore[attr-defined]
+    server.wait_ready()
+    return server
+
+
+def start_peer(workdir: Path) -> Server:
+    port = free_port()
+    store = workdir / "aiosmtpd"
+    argv = [sys.executable, str(PEER_SCRIPT), "--listen", f"127.0.0.1:{port}", "--dir", str(store)]
+    server = Server("aiosmtpd", argv, port, workdir, store)
+    server.wait_ready()
+    return server
+
+
+def stored_files(folder: Path) -> list[Path]:
+    return [Path(e.path) for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
+
+
+def empty_store(server: Server) -> None:
+    assert server.store is not None
+    for path in stored_files(server.store):
+        path.unlink()
+
+
+# ---------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True)
+class Load:
+    label: str
+    size: int  # bytes of message payload (smtp-source -l)
+    sessions: int  # smtp-source -s
+    count: int  # smtp-source -m
+    reuse: bool  # smtp-source -d: many messages per connection
+
+
+@dataclass
+class LoadResult:
+    rate: float  # msgs/s
+    cpu_per_1000: float  # CPU seconds per 1,000 messages
+    rss_kib: int
+
+
+def drive(server: Server, load: Load) -> LoadResult:
+    """Run smtp-source against a server; check that every message was stored."""
+    assert server.store is not None
+    empty_store(server)
+    argv = [SMTP_SOURCE, "-s", str(load.sessions), "-m", str(load.count), "-l", str(load.size),
+            "-f", SENDER_ADDRESS, "-t", RECIPIENT, "-M", "bench.example"]
+    if load.reuse:
+        argv.append("-d")
+    argv.append(f"127.0.0.1:{server.port}")
+    cpu_before = server.cpu_seconds()
+    with RssSampler(server.pid) as rss:
+        started = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT)
+        elapsed = time.perf_counter() - started
+    cpu = server.cpu_seconds() - cpu_before
+    if done.returncode != 0:
+        raise SystemExit(f"smtp-source failed against {server.name}: {done.stderr.decode()[-500:]}")
+    stored = len(stored_files(server.store))
+    if stored != load.count:
+        raise SystemExit(f"{server.name}: {stored} of {load.count} messages stored ({load.label})")
+    return LoadResult(load.count / elapsed, cpu / load.count * 1000, rss.peak)
+
+
+def transaction_latencies(port: int, count: int, size: int = 1024) -> list[float]:
+    """Time MAIL .. 250-after-dot of `count` transactions on one connection (seconds)."""
+    body = (b"Subject: latency\r\n\r\n" + b"x" * 76 + b"\r\n") * max(1, size // 78)
+    parser = ReplyParser()
+    pending: list = []
+
+    def reply(sock: socket.socket) -> int:
+        while not pending:
+            data = sock.recv(65536)
+            if not data:
+                raise SystemExit("server closed the connection during the latency run")
+            pending.extend(parser.feed(data))
+        return pending.pop(0).code
+
+    def expect(sock: socket.socket, code: int) -> None:
+        got = reply(sock)
+        if got != code:
+            raise SystemExit(f"latency run: expected {code}, got {got}")
+
+    times = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        expect(sock, 220)
+        sock.sendall(b"EHLO bench.example\r\n")
+        expect(sock, 250)
+        for _ in range(count):
+            started = time.perf_counter()
+            sock.sendall(f"MAIL FROM:<{SENDER_ADDRESS}>\r\n".encode())
+            expect(sock, 250)
+            sock.sendall(f"RCPT TO:<{RECIPIENT}>\r\n".encode())
+            expect(sock, 250)
+            sock.sendall(b"DATA\r\n")
+            expect(sock, 354)
+            sock.sendall(body + b".\r\n")
+            expect(sock, 250)
+            times.append(time.perf_counter() - started)
+        sock.sendall(b"QUIT\r\n")
+        expect(sock, 221)
+    return times
+
+
+def idle_cpu(pid: int, seconds: float) -> float:
+    """Percent of one core a process uses while nothing happens."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / seconds * 100
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+# ---------------------------------------------------------------------- raw disk
+
+
+def raw_disk_rate(folder: Path, threads: int, ops: int) -> float:
+    """write 1 KiB + fsync + rename + fsync folder, per thread: the disk's wall (ops/s)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".tmp").mkdir(exist_ok=True)
+    per_thread = max(1, ops // threads)
+
+    def work(tag: int) -> None:
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i in range(per_thread):
+                tmp = folder / ".tmp" / f"{tag}-{i}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                os.write(fd, b"x" * 1024)
+                os.fsync(fd)
+                os.close(fd)
+                os.rename(tmp, folder / f"{tag}-{i}")
+                os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(folder)
+    return per_thread * threads / elapsed
+
+
+# ---------------------------------------------------------------------- output
+
+
+class Report:
+    """One line per figure: mailbag, peer, mailbag/peer, and the issue's target."""
+
+    HEADER = f"{'figure':<52} {'mailbag':>10} {'peer':>10} {'ratio':>7}  target"
+
+    def __init__(self) -> None:
+        print(self.HEADER, flush=True)
+
+    def line(self, figure: str, ours: float | None, peer: float | None, target: str = "",
+             digits: int = 0) -> None:
+        def show(value: float | None) -> str:
+            return "-" if value is None else f"{value:,.{digits}f}"
+
+        ratio = f"{ours / peer:.2f}x" if ours is not None and peer else "-"
+        print(f"{figure:<52} {show(ours):>10} {show(peer):>10} {ratio:>7}  {target}", flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"# {text}", flush=True)
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
+def receive_figures(report: Report, workdir: Path, mode: Mode) -> tuple[Server, Server]:
+    loads = [
+        (Load("1 KiB, 5 sessions, -d", 1024, 5, mode.small, True), "≥3x, ≥2,000/s"),
+        (Load("100 KiB, 5 sessions, -d", 100 * 1024, 5, mode.large, True), "≥2.5x"),
+        (Load("1 KiB, 50 sessions, -d", 1024, 50, mode.many_sessions, True), ""),
+        (Load("1 KiB, 5 sessions, 1 msg/connection", 1024, 5, mode.per_connection, False), ""),
+    ]
+    mailbag = start_receiver(workdir)
+    peer = start_peer(workdir)
+    results: dict[str, dict[str, list[LoadResult]]] = {}
+    for load, _ in loads:
+        runs = results[load.label] = {"mailbag": [], "aiosmtpd": []}
+        for _ in range(mode.repeat):
+            for server in (mailbag, peer):
+                runs[server.name].append(drive(server, load))
+    for load, target in loads:
+        runs = results[load.label]
+        rate = {name: statistics.median(r.rate for r in rs) for name, rs in runs.items()}
+        report.line(f"receive {load.label} (msgs/s)", rate["mailbag"], rate["aiosmtpd"], target)
+    for load, _ in loads:
+        runs = results[load.label]
+        cpu = {name: statistics.median(r.cpu_per_1000 for r in rs) for name, rs in runs.items()}
+        target = "< peer" if load.size == 1024 and load.sessions == 5 and load.reuse else ""
+        report.line(f"CPU s/1,000 msgs, {load.label}", cpu["mailbag"], cpu["aiosmtpd"],
+                    target, digits=2)
+    for load, _ in loads[1:3]:
+        runs = results[load.label]
+        rss = {name: max(r.rss_kib for r in rs) / 1024 for name, rs in runs.items()}
+        report.line(f"RSS under load, {load.label} (MiB)", rss["mailbag"], rss["aiosmtpd"],
+                    digits=1)
+    return mailbag, peer
+
+
+def latency_figures(report: Report, mailbag: Server, peer: Server, mode: Mode) -> None:
+    times = {s.name: transaction_latencies(s.port, mode.latency) for s in (mailbag, peer)}
+    for label, fraction in (("p50", 0.5), ("p99", 0.99)):
+        report.line(
+            f"one transaction MAIL..250, 1 KiB, {label} (ms)",
+            percentile(times["mailbag"], fraction) * 1000,
+            percentile(times["aiosmtpd"], fraction) * 1000,
+            digits=2,
+        )
+    empty_store(mailbag)
+    empty_store(peer)
+
+
+def idle_figures(report: Report, mailbag: Server, peer: Server, mode: Mode) -> None:
+    time.sleep(0.5)  # let the last session's close settle
+    usage = {s.name: idle_cpu(s.pid, mode.idle_seconds) for s in (mailbag, peer)}
+    report.line(f"receiver CPU while idle, {mode.idle_seconds:g} s (% of a core)",
+                usage["mailbag"], usage["aiosmtpd"], digits=2)
+
+
+def fill_queue(queue_dir: Path, count: int, size: int = 1024) -> None:
+    """Put `count` messages in the queue the way the receiver does (QueueWriter)."""
+    writer = QueueWriter(queue_dir)
+    data = (b"Subject: drain\r\n\r\n" + b"x" * 76 + b"\r\n") * max(1, size // 78)
+    per_thread = count // 5
+
+    def work(n: int) -> None:
+        for _ in range(n):
+            writer.store(SENDER_ADDRESS, [RECIPIENT], data)
+
+    workers = [threading.Thread(target=work, args=(per_thread + (count % 5 if t == 0 else 0),))
+               for t in range(5)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def messages_in_queue(queue_dir: Path) -> int:
+    """Ready plus claimed-but-unfinished messages (the sender's work folders)."""
+    count = len(stored_files(queue_dir))
+    work_root = queue_dir / ".work"
+    if work_root.is_dir():
+        for entry in os.scandir(work_root):
+            if entry.is_dir():
+                count += len(stored_files(Path(entry.path)))
+    return count
+
+
+@contextmanager
+def smtp_sink(workdir: Path) -> Iterator[int]:
+    port = free_port()
+    argv = [SMTP_SINK, "-u", "nobody", f"127.0.0.1:{port}", "256"]
+    if os.geteuid() != 0:
+        argv[1:3] = []
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_banner("127.0.0.1", port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def start_sender(config: Path, workdir: Path) -> subprocess.Popen:
+    log = open(workdir / "sender.stderr", "ab")  # noqa: SIM115 - the child keeps it
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.sender", "--config", str(config)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+    )
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def drain_figures(report: Report, workdir: Path, mode: Mode) -> None:
+    """The sender drains a pre-filled queue into smtp-sink; timed until the queue is empty."""
+    if not (REPO / "services" / "sender" / "__main__.py").exists():
+        report.note("sender: services/sender is not there yet - drain figures skipped")
+        return
+    folder = workdir / "drain"
+    folder.mkdir()
+    with smtp_sink(workdir) as sink_port:
+        config = write_config(folder, sender={"relay": f"127.0.0.1:{sink_port}",
+                                              "poll_interval": 60})
+        queue_dir = folder / "var" / "queue"
+        fill_queue(queue_dir, mode.drain)
+        sender = start_sender(config, workdir)
+        try:
+            first = last = None
+            count_at_first = mode.drain
+            deadline = time.monotonic() + RUN_TIMEOUT
+            with RssSampler(sender.pid) as rss:
+                cpu_before = None
+                while time.monotonic() < deadline and sender.poll() is None:
+                    left = messages_in_queue(queue_dir)
+                    now = time.perf_counter()
+                    if first is None and left < mode.drain:
+                        first, count_at_first = now, left
+                        cpu_before = cpu_seconds(sender.pid)
+                    if left == 0:
+                        last = now
+                        break
+                    time.sleep(0.005)
+                cpu = cpu_seconds(sender.pid) - (cpu_before or 0.0) if sender.poll() is None else 0
+        finally:
+            stop_process(sender)
+    if last is None or first is None:
+        report.note(f"sender did not drain the queue ({messages_in_queue(queue_dir)} left); "
+                    f"see {workdir / 'sender.stderr'}")
+        return
+    # From the first message seen leaving to the last: start-up time is not counted.
+    drained = count_at_first
+    rate = drained / max(last - first, 1e-6)
+    report.line(f"sender drain of {mode.drain} x 1 KiB into smtp-sink (msgs/s)",
+                rate, POSTFIX_DRAIN, "≥5,000/s; peer = Postfix (issue)")
+    report.line("sender CPU s/1,000 msgs (drain)", cpu / drained * 1000 if drained else None,
+                None, digits=2)
+    report.line("sender RSS during drain (MiB)", rss.peak / 1024, None, digits=1)
+
+
+def upstream_figures(report: Report, workdir: Path, mode: Mode) -> None:
+    """250 at the receiver -> arrival at the upstream, one message at a time, idle queue."""
+    if not (REPO / "services" / "sender" / "__main__.py").exists():
+        return
+    from aiosmtpd.controller import Controller
+
+    arrivals: dict[str, float] = {}
+    arrived = threading.Condition()
+
+    class Upstream:
+        async def handle_DATA(self, server, session, envelope) -> str:  # noqa: ANN001
+            match = re.search(rb"X-Bench-Id: (\d+)", envelope.original_content or b"")
+            with arrived:
+                if match:
+                    arrivals[match.group(1).decode()] = time.monotonic()
+                arrived.notify_all()
+            return "250 2.0.0 Ok"
+
+    upstream_port = free_port()
+    controller = Controller(Upstream(), hostname="127.0.0.1", port=upstream_port)
+    controller.start()
+    folder = workdir / "upstream"
+    folder.mkdir()
+    try:
+        receiver = start_receiver(folder, sender={"relay": f"127.0.0.1:{upstream_port}",
+                                                  "poll_interval": 60})
+        config = receiver.config  # type: ignore[attr-defined]
+        sender = start_sender(config, workdir)
+        try:
+            delays = send_and_time(receiver.port, arrivals, arrived, mode.upstream)
+            idle = idle_cpu(sender.pid, mode.idle_seconds) if sender.poll() is None else None
+        finally:
+            stop_process(sender)
+            receiver.stop()
+    finally:
+        controller.stop()
+    if not delays:
+        report.note("no message reached the upstream; see sender.stderr")
+        return
+    report.line(f"250 -> upstream arrival, idle queue, p50 (ms, n={len(delays)})",
+                percentile(delays, 0.5) * 1000, None, "< 50 ms", digits=1)
+    report.line("250 -> upstream arrival, idle queue, p99 (ms)",
+                percentile(delays, 0.99) * 1000, None, digits=1)
+    report.line(f"sender CPU while idle, {mode.idle_seconds:g} s (% of a core)", idle, None,
+                digits=2)
+
+
+def send_and_time(port: int, arrivals: dict[str, float], arrived: threading.Condition,
+                  count: int) -> list[float]:
+    import smtplib
+
+    delays = []
+    time.sleep(0.5)  # let the sender reach its idle wait
+    for number in range(count):
+        key = str(number)
+        message = f"Subject: upstream\r\nX-Bench-Id: {key}\r\n\r\nhello\r\n"
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail(SENDER_ADDRESS, [RECIPIENT], message)
+            acked = time.monotonic()  # sendmail returns on the 250 after the dot
+            with arrived:
+                arrived.wait_for(lambda: key in arrivals, timeout=10)
+        if key not in arrivals:
+            break
+        delays.append(arrivals[key] - acked)
+        time.sleep(0.05)
+    return delays
+
+
+# ---------------------------------------------------------------------- strace mode
+
+STRACE_CALLS = "trace=openat,fsync,fdatasync,rename,renameat,renameat2,sendto"
+_STRACE_LINE = re.compile(
+    r"^(?P<pid>\d+)\s+(?P<ts>\d+\.\d+)\s+(?:(?P<name>\w+)\((?P<args>.*?)(?: <unfinished \.\.\.>$|\)\s+=\s+"
+    r"(?P<ret>-?\d+).*<(?P<dur>[\d.]+)>$)|<\.\.\. (?P<rname>\w+) resumed>(?P<rargs>.*?)\)\s+=\s+"
+    r"(?P<rret>-?\d+).*<(?P<rdur>[\d.]+)>$)"
+)
+
+
+@dataclass
+class Call:
+    name: str
+    args: str
+    start: float
+    end: float
+    ret: int
+
+
+def parse_strace(path: Path) -> list[Call]:
+    """strace -f -ttt -T -y output -> completed calls, with their start and end times."""
+    calls: list[Call] = []
+    open_calls: dict[tuple[str, str], tuple[float, str]] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        match = _STRACE_LINE.match(line)
+        if not match:
+            continue
+        pid, ts = match["pid"], float(match["ts"])
+        if match["rname"]:
+            begun = open_calls.pop((pid, match["rname"]), None)
+            if begun is None:
+                continue
+            start, args = begun
+            calls.append(Call(match["rname"], args + match["rargs"], start,
+                              start + float(match["rdur"]), int(match["rret"])))
+        elif match["ret"] is None:
+            open_calls[(pid, match["name"])] = (ts, match["args"])
+        else:
+            calls.append(Call(match["name"], match["args"], ts, ts + float(match["dur"]),
+                              int(match["ret"])))
+    return calls
+
+
+def check_durability(calls: list[Call], queue_dir: Path) -> dict[str, int]:
+    """Per acknowledged message: file fsynced, then renamed, then a folder fsync that
+    began after the rename and ended before the 250 was sent."""
+    queue = str(queue_dir)
+    tmp = f"{queue}/.tmp/"
+    file_synced: dict[str, float] = {}
+    renamed: dict[str, tuple[float, float]] = {}
+    acked: dict[str, float] = {}
+    folder_syncs: list[tuple[float, float]] = []
+    for call in calls:
+        if call.ret < 0:
+            continue
+        if call.name in ("fsync", "fdatasync"):
+            target = re.match(r"\d+<(.*)>", call.args)
+            if not target:
+                continue
+            if target.group(1).startswith(tmp):
+                file_synced[target.group(1)[len(tmp):]] = call.end
+            elif target.group(1) == queue:
+                folder_syncs.append((call.start, call.end))
+        elif call.name.startswith("rename"):
+            names = re.findall(r'"([^"]*)"', call.args)
+            if len(names) == 2 and names[0].startswith(tmp):
+                renamed[names[0][len(tmp):]] = (call.start, call.end)
+        elif call.name == "sendto":
+            for queue_id in re.findall(r"queued as ([0-9a-f]+)", call.args):
+                acked[queue_id] = call.start
+    bad = 0
+    for queue_id, ack in acked.items():
+        ok = (
+            queue_id in file_synced and queue_id in renamed
+            and file_synced[queue_id] <= renamed[queue_id][0]
+            and renamed[queue_id][1] <= ack
+            and any(start >= renamed[queue_id][1] and end <= ack for start, end in folder_syncs)
+        )
+        bad += not ok
+    return {
+        "messages acknowledged (250 queued as)": len(acked),
+        "file fsyncs (.tmp files)": len(file_synced),
+        "renames .tmp -> queue": len(renamed),
+        "folder fsyncs (batches)": len(folder_syncs),
+        "250s NOT preceded by file fsync + rename + folder fsync": bad,
+    }
+
+
+def strace_mode(workdir: Path, count: int) -> int:
+    if not shutil.which("strace"):
+        print("strace is not installed (apt-get install strace)")
+        return 1
+    trace = workdir / "receiver.strace"
+    wrapper = ["strace", "-f", "-ttt", "-T", "-y", "-s", "160", "-o", str(trace), "-e",
+               STRACE_CALLS]
+    receiver = start_receiver(workdir, wrapper=wrapper)
+    assert receiver.store is not None
+    try:
+        argv = [SMTP_SOURCE, "-s", "5", "-m", str(count), "-l", "1024", "-d",
+                "-f", SENDER_ADDRESS, "-t", RECIPIENT, "-M", "bench.example",
+                f"127.0.0.1:{receiver.port}"]
+        subprocess.run(argv, check=True, capture_output=True, timeout=RUN_TIMEOUT)
+        stored = len(stored_files(receiver.store))
+    finally:
+        receiver.stop()
+    counts = check_durability(parse_strace(trace), receiver.store)
+    print(f"durability check: strace -f -e {STRACE_CALLS}, smtp-source -s 5 -m {count} -d")
+    print(f"{'messages stored in the queue':<58} {stored:>6}")
+    for label, value in counts.items():
+        print(f"{label:<58} {value:>6}")
+    acked = counts["messages acknowledged (250 queued as)"]
+    ok = acked == count == stored and counts["250s NOT preceded by file fsync + rename + folder fsync"] == 0
+    print("durable: every 250 came after its file's fsync, its rename and a folder fsync"
+          if ok else "NOT DURABLE or incomplete run: see the counts above")
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------- main
+
+
+def check_tools() -> None:
+    missing = [tool for tool in (SMTP_SOURCE, SMTP_SINK) if not os.access(tool, os.X_OK)]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: apt-get install postfix (see bench/README.md)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="mailbag benchmark (see bench/README.md)")
+    parser.add_argument("--short", action="store_true", help="smoke run, under a minute")
+    parser.add_argument("--strace", action="store_true", help="durability check of the receiver")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--only", default="", help="comma list: disk,receive,sender")
+    args = parser.parse_args(argv)
+    check_tools()
+    mode = SHORT if args.short else FULL
+    workdir = Path(tempfile.mkdtemp(prefix="mailbag-bench-", dir="/tmp"))
+    try:
+        if args.strace:
+            return strace_mode(workdir, 200)
+        return run_all(workdir, mode, set(filter(None, args.only.split(","))))
+    finally:
+        if args.keep:
+            print(f"# kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_all(workdir: Path, mode: Mode, only: set[str]) -> int:
+    def wanted(part: str) -> bool:
+        return not only or part in only
+
+    started = time.perf_counter()
+    print(f"# mailbag benchmark ({'short' if mode is SHORT else 'full'}): {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}, work folder {workdir} "
+          f"(on {filesystem_of(workdir)}); median of {mode.repeat} run(s)")
+    report = Report()
+    if wanted("disk"):
+        for threads in (1, 5):
+            report.line(f"raw disk: 1 KiB write+fsync+rename+fsync dir, {threads} thread(s) (ops/s)",
+                        raw_disk_rate(workdir / f"disk{threads}", threads, mode.disk_ops), None)
+    if wanted("receive"):
+        mailbag, peer = receive_figures(report, workdir, mode)
+        try:
+            latency_figures(report, mailbag, peer, mode)
+            idle_figures(report, mailbag, peer, mode)
+        finally:
+            mailbag.stop()
+            peer.stop()
+    if wanted("sender"):
+        drain_figures(report, workdir, mode)
+        upstream_figures(report, workdir, mode)
+    report.note(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def filesystem_of(path: Path) -> str:
+    best = ("?", "")
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            device, mount_point, fstype = line.split()[:3]
+            if str(path).startswith(mount_point) and len(mount_point) >= len(best[1]):
+                best = (f"{device} {fstype}", mount_point)
+    return best[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
