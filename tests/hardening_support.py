@@ -91,6 +91,21 @@ def connect(config: Config, **kwargs) -> RawClient:
     return client
 
 
+def connect_when_free(config: Config, **kwargs) -> RawClient:
+    """Connect, retrying while the server answers 421 (e.g. the start-up probe's
+    session has not given its slot back yet); bounded by wait_for."""
+
+    def attempt() -> RawClient | None:
+        listen = config.receiver.listen
+        client = RawClient(listen.host, listen.port, **kwargs)
+        if client.read_reply().code == 220:
+            return client
+        client.close()
+        return None
+
+    return wait_for(attempt, what="a free session slot")  # type: ignore[return-value]
+
+
 def queued(config: Config) -> list[QueueFile]:
     """Every ready message in queue.dir, parsed (a partial file fails the test)."""
     return [QueueFile.from_bytes(path.read_bytes()) for path in ready_files(config.queue.dir)]

@@ -103,6 +103,37 @@ def test_store_writes_the_spec_format_and_leaves_nothing_in_tmp(tmp_path: Path) 
     assert os.listdir(writer.dir / TMP_DIRNAME) == []
 
 
+def test_store_order_is_write_fsync_rename_then_folder_fsync(tmp_path: Path, monkeypatch) -> None:
+    """SPEC §3: written elsewhere, fsynced, renamed into queue.dir, the folder fsynced.
+
+    os.fsync and os.rename are observed (each call goes through to the real one):
+    at the file's fsync, nothing is visible in queue.dir yet.
+    """
+    writer = QueueWriter(tmp_path / "queue")
+    steps: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        assert ready_files(writer.dir) == [] or steps[-1][1] == str(writer.dir)
+        real_fsync(fd)
+
+    def rename(src: object, dst: object) -> None:
+        steps.append(("rename", f"{src} -> {dst}"))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    queue_id = writer.store("a@b", ["c@d"], b"x\r\n")
+    monkeypatch.undo()
+    tmp_file = str(writer.tmp_dir / queue_id)
+    assert steps == [
+        ("fsync", tmp_file),
+        ("rename", f"{tmp_file} -> {writer.dir / queue_id}"),
+        ("fsync", str(writer.dir)),
+    ]
+
+
 def test_queue_ids_are_unique_and_sortable_by_arrival(tmp_path: Path) -> None:
     writer = QueueWriter(tmp_path / "queue")
     ids = [writer.store("", ["b@c"], b"%d\r\n" % n) for n in range(20)]

@@ -15,6 +15,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tests.support import REPO, MailbagProcess, free_port, wait_for_banner, writ
 pytestmark = pytest.mark.e2e
 
 HOST = "mx.e2e.example"
+LEFTOVER = "18ec0000000000000abcdef"
 TIMEOUT = 10.0
 
 
@@ -141,6 +143,9 @@ def mailbag(tmp_path_factory) -> Iterator[Config]:
     folder = tmp_path_factory.mktemp("receiver")
     path = write_config(folder, top={"hostname": HOST})
     config = load_config(path)
+    # What a crashed receiver left half-written; start-up must clear it away.
+    (config.queue.dir / ".tmp").mkdir(parents=True)
+    (config.queue.dir / ".tmp" / LEFTOVER).write_bytes(b"From: <a@b.example>\nTo: <c")
     proc = MailbagProcess("receiver", path).start()
     try:
         wait_for_banner(config.receiver.listen.host, config.receiver.listen.port)
@@ -154,6 +159,11 @@ def address(config: Config) -> tuple[str, int]:
 
 
 # ---------------------------------------------------------------------------- clients
+
+
+def test_leftover_temporary_files_are_removed_at_start(mailbag: Config) -> None:
+    assert LEFTOVER not in tmp_files(mailbag)
+    assert LEFTOVER not in ready_files(mailbag)
 
 
 def test_smtplib(mailbag: Config) -> None:
@@ -349,6 +359,69 @@ def test_no_file_is_visible_before_the_data_is_complete(mailbag: Config) -> None
     assert tmp_files(mailbag) == []
 
 
+def test_client_vanishing_mid_data_leaves_nothing(mailbag: Config) -> None:
+    before = ready_files(mailbag)
+    with RawClient(*address(mailbag)) as client:
+        greet(client)
+        client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+        assert client.read(3)[2].code == 354
+        client.send(b"Subject: cut\r\n\r\nhalf a message\r\n")
+        local_host, local_port = client.sock.getsockname()[:2]
+        peer = f"{local_host}:{local_port}"
+    # The receiver logs the close once it has seen the end of the connection.
+    wait_for(lambda: f"R-SMTP {peer} close " in mailbag.log.file.read_text(),
+             f"the close of {peer} to be logged")
+    assert ready_files(mailbag) == before
+    assert tmp_files(mailbag) == []
+
+
+def test_oversize_message_over_the_wire_is_read_to_its_end_then_552(mailbag: Config) -> None:
+    limit = mailbag.receiver.max_message_bytes
+    line = b"o" * 1022 + b"\r\n"
+    before = ready_files(mailbag)
+    with RawClient(*address(mailbag)) as client:
+        greet(client)
+        client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+        assert client.read(3)[2].code == 354
+        client.send(line * (limit // len(line) + 64) + b".\r\n")
+        reply = client.read()[0]
+        assert matches(reply, R.S552_TOO_BIG), reply
+        assert fields(reply, R.S552_TOO_BIG) == {"limit": str(limit)}
+        assert matches(client.command("NOOP"), R.S250_OK)  # the session goes on
+    assert ready_files(mailbag) == before
+
+
+def test_concurrent_clients_each_get_their_own_exact_file(mailbag: Config) -> None:
+    results: dict[tuple[int, int], str] = {}
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            with smtplib.SMTP(*address(mailbag), local_hostname=f"c{n}.example",
+                              timeout=TIMEOUT) as smtp:
+                assert smtp.ehlo()[0] == 250
+                for k in range(5):
+                    assert smtp.mail(f"sender{n}@example.com")[0] == 250
+                    assert smtp.rcpt(f"rcpt{k}@example.org")[0] == 250
+                    code, text = smtp.data(b"Subject: %d/%d\r\n\r\nbody %d %d\r\n" % (n, k, n, k))
+                    reply = ReplyParser().feed(b"%d %s\r\n" % (code, text))[0]
+                    results[(n, k)] = queue_id_of(reply)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 3)
+    assert not errors, errors
+    assert len(set(results.values())) == 25
+    for (n, k), queue_id in results.items():
+        assert queued(mailbag, queue_id) == spec_file(
+            f"sender{n}@example.com", [f"rcpt{k}@example.org"],
+            b"Subject: %d/%d\r\n\r\nbody %d %d\r\n" % (n, k, n, k))
+
+
 # ---------------------------------------------------------------------------- own processes
 
 
@@ -415,15 +488,25 @@ def test_max_connections(receiver_factory) -> None:
 
 
 def test_idle_timeout(receiver_factory) -> None:
+    """An idle session, and one stalled in the middle of DATA, both get 421 and close."""
     config, _proc = receiver_factory(receiver={"idle_timeout": 1}, top={"hostname": HOST})
-    with RawClient(*address(config)) as client:
-        greet(client)
+    timeout_reply = R.S421_TIMEOUT.format(hostname=HOST)
+    with RawClient(*address(config)) as idle, RawClient(*address(config)) as stalled:
+        greet(idle)
         started = time.monotonic()
-        reply = client.read(timeout=TIMEOUT)[0]
+        greet(stalled)
+        stalled.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+                     b"Subject: stalled\r\n\r\nhalf\r\n")
+        assert stalled.read(3)[2].code == 354
+        reply = idle.read(timeout=TIMEOUT)[0]
         waited = time.monotonic() - started
-        assert matches(reply, R.S421_TIMEOUT.format(hostname=HOST)), reply
-        client.assert_closed()
+        assert matches(reply, timeout_reply), reply
+        idle.assert_closed()
+        assert matches(stalled.read(timeout=TIMEOUT)[0], timeout_reply)
+        stalled.assert_closed()
     assert 0.9 <= waited < 5, waited
+    assert ready_files(config) == set()
+    assert tmp_files(config) == []
 
 
 def test_term_lets_data_in_progress_finish(receiver_factory) -> None:

@@ -21,6 +21,7 @@ from tests.hardening_support import (
     RawClient,
     TestCA,
     connect,
+    connect_when_free,
     find_queued,
     peak_rss_kib,
     send_message,
@@ -59,7 +60,8 @@ def test_max_recipients_452_and_message_goes_to_the_accepted_ones(receiver_facto
 
 def test_max_connections_per_ip(receiver_factory):
     config, _ = receiver_factory(receiver={"max_connections": 5, "max_connections_per_ip": 2})
-    first, second = connect(config), connect(config)
+    first = connect_when_free(config)
+    second = connect_when_free(config)
     try:
         listen = config.receiver.listen
         with RawClient(listen.host, listen.port) as third:
@@ -185,7 +187,7 @@ def test_five_slow_clients_do_not_lock_out_a_legitimate_one(receiver_factory):
     )
     listen = config.receiver.listen
     stop = threading.Event()
-    slow = [connect(config) for _ in range(5)]
+    slow = [connect_when_free(config) for _ in range(5)]
     started = time.monotonic()
 
     def trickle(client: RawClient) -> None:
