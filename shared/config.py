@@ -114,6 +114,7 @@ class SenderConfig:
     ca_file: OptionalPath | None = None
     username: str = ""
     password_file: OptionalPath | None = None
+    auth_without_tls: bool = False  # send the password over plain text: explicit opt-in only
     # RFC 5321 §4.5.3.2 timeouts, in seconds.
     connect_timeout: float = 30.0
     greeting_timeout: float = 300.0

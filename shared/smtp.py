@@ -217,13 +217,24 @@ def check_mailbox(address: str) -> tuple[str, str]:
     The domain is taken after the LAST '@' that is outside a quoted local part, and
     everything must match the RFC 5321 §4.1.2 grammar: a second unquoted '@' (the
     `a@b@c` trick) is a syntax error, never silently re-split.
+
+    Two refusals go beyond the grammar, so that every accepted address can be stored:
+    bytes that are not UTF-8 (they arrive as surrogates), and '<' or '>' in a quoted
+    local part (the queue file writes addresses between angle brackets, SPEC §3).
     """
+    if not address.isascii():
+        try:
+            address.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PathSyntaxError("Address is not valid UTF-8") from None
     match = MAILBOX_RE.fullmatch(address)
     if not match:
         if "@" not in address:
             raise PathSyntaxError("Address must contain @ and a domain")
         raise PathSyntaxError("Malformed address")
     local, domain = match.group(1), match.group(2)
+    if "<" in local or ">" in local:
+        raise PathSyntaxError("Angle brackets in an address are not supported")
     if len(local.encode()) > MAX_LOCAL_PART:
         raise PathSyntaxError("Local part too long")
     if len(domain.encode()) > MAX_DOMAIN:

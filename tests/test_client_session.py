@@ -335,7 +335,8 @@ def test_starttls_refused_quits() -> None:
 
 
 def test_auth_plain() -> None:
-    client = ClientSession(ClientPolicy(hostname=HOST, username="u", password="p w"))
+    client = ClientSession(ClientPolicy(hostname=HOST, username="u", password="p w"),
+                           tls_active=True)
     feed(client, b"220 hi\r\n")
     token = base64.b64encode(b"\0u\0p w")
     assert sent(feed(client, EHLO_AUTH)) == b"AUTH PLAIN " + token + b"\r\n"
@@ -344,7 +345,8 @@ def test_auth_plain() -> None:
 
 
 def test_auth_login() -> None:
-    client = ClientSession(ClientPolicy(hostname=HOST, username="user", password="secret"))
+    client = ClientSession(ClientPolicy(hostname=HOST, username="user", password="secret"),
+                           tls_active=True)
     feed(client, b"220 hi\r\n")
     assert sent(feed(client, b"250-relay\r\n250 AUTH LOGIN\r\n")) == b"AUTH LOGIN\r\n"
     assert sent(feed(client, b"334 VXNlcm5hbWU6\r\n")) == base64.b64encode(b"user") + b"\r\n"
@@ -354,7 +356,8 @@ def test_auth_login() -> None:
 
 @pytest.mark.parametrize("ehlo", [EHLO_AUTH, b"250-relay\r\n250 AUTH CRAM-MD5\r\n"])
 def test_auth_failure_or_no_mechanism_quits(ehlo: bytes) -> None:
-    client = ClientSession(ClientPolicy(hostname=HOST, username="u", password="bad"))
+    client = ClientSession(ClientPolicy(hostname=HOST, username="u", password="bad"),
+                           tls_active=True)
     feed(client, b"220 hi\r\n")
     events = feed(client, ehlo)
     if ehlo == EHLO_AUTH:
@@ -363,6 +366,19 @@ def test_auth_failure_or_no_mechanism_quits(ehlo: bytes) -> None:
     assert isinstance(events[0], SessionError)
     assert sent(events) == b"QUIT\r\n"
     assert kinds(feed(client, b"221 bye\r\n")) == [Closed]
+
+
+def test_no_password_in_clear_text_unless_allowed() -> None:
+    client = ClientSession(ClientPolicy(hostname=HOST, username="u", password="pw"))
+    feed(client, b"220 hi\r\n")
+    events = feed(client, EHLO_AUTH)
+    assert kinds(events) == [SessionError, Send] and sent(events) == b"QUIT\r\n"
+    assert "without TLS" in events[0].detail
+    allowed = ClientSession(
+        ClientPolicy(hostname=HOST, username="u", password="pw", auth_without_tls=True)
+    )
+    feed(allowed, b"220 hi\r\n")
+    assert sent(feed(allowed, EHLO_AUTH)).startswith(b"AUTH PLAIN ")
 
 
 # ---------------------------------------------------------------------------- robustness

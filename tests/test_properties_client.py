@@ -79,6 +79,7 @@ policies = st.builds(
     username=st.sampled_from(["", "alice"]),
     password=st.just("pw"),
     use_pipelining=st.booleans(),
+    auth_without_tls=st.booleans(),
 )
 
 
@@ -276,7 +277,8 @@ def test_valid_replies_in_any_order(policy, outgoing, wire):
 
 def test_a_cooperative_relay_gets_every_message_once():
     """The checker itself: a relay that says yes to everything delivers all."""
-    policy = ClientPolicy(hostname="mailbag.test", username="alice", password="pw")
+    policy = ClientPolicy(hostname="mailbag.test", username="alice", password="pw",
+                          auth_without_tls=True)
     outgoing = [OutgoingMessage("q1", "a@example.com", ("b@example.org",), b"x\n.\nsmuggle"),
                 OutgoingMessage("q2", "", ("c@example.net", "d@x.test"), b".dot\r\n")]
     shell = Shell(policy, outgoing)

@@ -293,6 +293,19 @@ def test_whole_session_in_one_write(mailbag: Config) -> None:
     assert queued(mailbag, queue_id) == spec_file("a@example.com", ["b@example.org"], b"line\r\n")
 
 
+def test_unstorable_addresses_get_501_not_a_dropped_connection(mailbag: Config) -> None:
+    with RawClient(*address(mailbag)) as client:
+        greet(client)
+        client.send(b'MAIL FROM:<"x<y"@b.example>\r\nMAIL FROM:<\xff@b.example>\r\n'
+                    b'MAIL FROM:<a@example.com>\r\nRCPT TO:<"a>b"@example.org>\r\n'
+                    b"RCPT TO:<b@\xfe.example>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+                    b"ok\r\n.\r\n")
+        replies = client.read(8)
+        assert [r.code for r in replies] == [501, 501, 250, 501, 501, 250, 354, 250], replies
+        queue_id = queue_id_of(replies[7])
+    assert queued(mailbag, queue_id) == spec_file("a@example.com", ["b@example.org"], b"ok\r\n")
+
+
 def test_body_lines_starting_with_dots(mailbag: Config) -> None:
     wire = b"..first\r\n..\r\n...\r\n.x\r\n.. two\r\nnormal.\r\n"
     with RawClient(*address(mailbag)) as client:

@@ -41,7 +41,10 @@ def log_text(config: Config) -> str:
 
 
 def queued(config: Config) -> list[str]:
-    return [p.name for p in config.queue.dir.iterdir() if not p.name.startswith(".")]
+    """Messages still in the queue: ready in queue.dir or claimed in .work/<pid>/."""
+    ready = [p.name for p in config.queue.dir.iterdir() if p.is_file()]
+    claimed = [p.name for p in config.queue.dir.glob(".work/*/*")]
+    return sorted(ready + claimed)
 
 
 @pytest.fixture

@@ -231,11 +231,24 @@ def test_auth_success(relay, tmp_path: Path, exclude: list[str]) -> None:
 def test_auth_wrong_password_is_535_and_quit(relay) -> None:
     server = relay(authenticator=authenticator({"user": "right"}), auth_required=True,
                    auth_require_tls=False)
-    conn = RelayConnection(settings(server.address, username="user", password="wrong"), LOG)
+    conn = RelayConnection(settings(server.address, username="user", password="wrong",
+                                    auth_without_tls=True), LOG)
     with pytest.raises(RelayError) as err:
         conn.open()
     assert err.value.reply is not None and err.value.reply.code == 535
     server.handler.wait_quits(1)
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_password_is_never_sent_in_clear_text_by_default(relay) -> None:
+    server = relay(authenticator=authenticator({"user": "right"}), auth_required=True,
+                   auth_require_tls=False)
+    conn = RelayConnection(settings(server.address, username="user", password="right"), LOG)
+    with pytest.raises(RelayError) as err:
+        conn.open()
+    assert "without TLS" in str(err.value)
+    server.handler.wait_quits(1)  # it still ends the session with QUIT
+    assert server.handler.messages == []
 
 
 # ---------------------------------------------------------------------------- smtp-sink

@@ -122,6 +122,19 @@ def test_unsafe_local_parts_are_refused(rcpt: str, tmp_path: Path) -> None:
     assert not (tmp_path / "mail").exists() or not any((tmp_path / "mail").iterdir())
 
 
+def test_failed_local_delivery_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A failed Maildir write (here: new/ is not a folder) leaves nothing in tmp/,
+    including a file an earlier failed flush/fsync of this process left there."""
+    folder = tmp_path / "mail" / "you"
+    for sub in ("tmp", "cur"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "new").write_bytes(b"")
+    (folder / "tmp" / f"1.M1P{os.getpid()}Q9.host").write_bytes(b"partial")
+    reply = LocalDelivery(tmp_path / "mail").deliver("a@b.example", "you@localhost", b"x\r\n")
+    assert reply.code == 451
+    assert list((folder / "tmp").iterdir()) == []
+
+
 def test_local_routing() -> None:
     domains = frozenset({"localhost"})
     assert is_local("you@localhost", domains) and is_local("you@LocalHost", domains)

@@ -192,6 +192,10 @@ COMMAND_CASES = [
      [R.S250_HELO, R.S501_BAD_ADDRESS, R.S501_BAD_ADDRESS], SessionState.GREETED),
     ("mail-empty-domain", ["HELO a", "MAIL FROM:<a@>", "MAIL FROM:<@b.example>"],
      [R.S250_HELO, R.S501_BAD_ADDRESS, R.S501_BAD_ADDRESS], SessionState.GREETED),
+    ("mail-bracket-in-quotes", ["HELO a", 'MAIL FROM:<"x<y"@b.example>', "NOOP"],
+     [R.S250_HELO, R.S501_BAD_ADDRESS, R.S250_OK], SessionState.GREETED),
+    ("rcpt-bracket-in-quotes", [*OPEN, 'RCPT TO:<"a>b"@example.org>', "NOOP"],
+     [R.S250_HELO, R.S250_SENDER_OK, R.S501_BAD_ADDRESS, R.S250_OK], SessionState.MAIL),
     ("null-sender", ["HELO a", "MAIL FROM:<>"], [R.S250_HELO, R.S250_SENDER_OK],
      SessionState.MAIL),
     ("rcpt-no-at", [*OPEN, "RCPT TO:<bob>"], [R.S250_HELO, R.S250_SENDER_OK, R.S501_BAD_ADDRESS],
@@ -306,6 +310,15 @@ def test_bare_lf_after_commands_whole_transaction() -> None:
     check(events[1:], [R.S250_SENDER_OK, R.S250_RECIPIENT_OK, R.S354_START_DATA,
                        Msg(*ALICE_BOB, b"Subject: x\r\n\r\nbody\r\n"), R.S250_QUEUED,
                        R.S221_CLOSING, CLOSE])
+
+
+def test_address_bytes_that_are_not_utf8_get_501_and_the_session_goes_on() -> None:
+    script = (b"EHLO \xff\r\nMAIL FROM:<\xff@b.example>\r\nMAIL FROM:<a@b.example>\r\n"
+              b"RCPT TO:<c@\xfe.example>\r\nRCPT TO:<b\xc3\xbcb@example.org>\r\nDATA\r\nx\r\n.\r\n")
+    events, _ = run(script)
+    check(events, [EHLO, R.S501_BAD_ADDRESS, R.S250_SENDER_OK, R.S501_BAD_ADDRESS,
+                   R.S250_RECIPIENT_OK, R.S354_START_DATA,
+                   Msg("a@b.example", ("b\u00fcb@example.org",), b"x\r\n"), R.S250_QUEUED])
 
 
 def test_addresses_keep_their_case_and_liberal_forms() -> None:

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.receiver import replies as R
+from shared.queue import QueueFile
 from shared.smtp import (
+    MAILBOX_RE,
     MAX_PATH,
     PathArgument,
     PathSyntaxError,
@@ -107,11 +109,31 @@ def test_check_mailbox_accepts(address: str, parts: tuple[str, str]) -> None:
         "a.@example.com", "a..b@example.com", "a b@example.com", "a@exa mple.com",
         "a@-example.com", "a@example..com", "a\r\n@example.com", "a@example.com\r\nRCPT",
         "<a@example.com>", "x" * 65 + "@example.com", "a@" + "b" * 256,
+        # Beyond the grammar: what the queue file could not hold (SPEC §3).
+        '"a>b"@example.com', '"x<y"@example.com', '"\\>"@example.com',
+        # Bytes that are not UTF-8 arrive as surrogates (surrogateescape).
+        "\udcff@example.com", "a@\udcfe.example",
     ],
 )
 def test_check_mailbox_refuses(address: str) -> None:
     with pytest.raises(PathSyntaxError):
         check_mailbox(address)
+
+
+def test_utf8_mailbox_is_accepted() -> None:
+    assert check_mailbox("b\u00fccher@b\u00fccher.example") == ("b\u00fccher", "b\u00fccher.example")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(MAILBOX_RE, fullmatch=True))
+def test_every_accepted_mailbox_can_be_queued(address: str) -> None:
+    """check_mailbox is the gate to the queue file: what passes must be storable."""
+    try:
+        check_mailbox(address)
+    except PathSyntaxError:
+        return
+    message = QueueFile(address, (address,), b"")
+    assert QueueFile.from_bytes(message.to_bytes()) == message
 
 
 def test_domain_and_local_part() -> None:

@@ -154,6 +154,8 @@ class ClientPolicy:
     require_starttls: bool = False  # RFC 3207; never falls back to plain text
     username: str = ""  # AUTH (RFC 4954) when set
     password: str = ""
+    # RFC 4954 §4 / RFC 8314: never send a password in clear text unless told to.
+    auth_without_tls: bool = False
     use_pipelining: bool = True  # when the relay offers it (RFC 2920)
 
 
@@ -379,7 +381,11 @@ class ClientSession:
             else:
                 self._command(b"STARTTLS\r\n", Step.STARTTLS)
         elif self.policy.username and not self.authenticated:
-            self._start_auth()
+            if self.tls_active or self.policy.auth_without_tls:
+                self._start_auth()
+            else:
+                self._fail(self.step, None, "refusing to send the password without TLS "
+                           "(set sender.tls, or sender.auth_without_tls = true)")
         else:
             self.step = Step.READY
             self._pending.append(Ready())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import mailbox
+import os
 import re
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class LocalDelivery:
             key = box.add(self._content(sender, recipient, data))
             fsync_dir(folder / "new")
         except OSError as err:
+            _remove_own_leftovers(folder)
             full = err.errno in (errno.ENOSPC, errno.EDQUOT)
             reply = DISK_FULL if full else IO_ERROR
             return reply.format(folder=folder, error=err.strerror or str(err))
@@ -91,3 +93,18 @@ class LocalDelivery:
         body = data.replace(b"\r\n", b"\n")
         return header.encode("utf-8", "surrogateescape") + body
 
+
+
+def _remove_own_leftovers(folder: Path) -> None:
+    """Delete the temporary files this process left in `folder/tmp`.
+
+    `mailbox.Maildir.add` removes its tmp file when writing fails, but not when the
+    final flush/fsync fails (e.g. ENOSPC): without this, every retry on a full disk
+    would leave one more partial file. Maildir tmp names carry `P<pid>Q`, and the
+    sender delivers from one thread, so every such file of ours is a leftover.
+    """
+    try:
+        for leftover in (folder / "tmp").glob(f"*P{os.getpid()}Q*"):
+            leftover.unlink(missing_ok=True)
+    except OSError:
+        pass

@@ -68,6 +68,7 @@ class RelaySettings:
     ca_file: Path | None = None
     username: str = ""
     password: str = ""
+    auth_without_tls: bool = False
     connect_timeout: float = 30.0
     timeouts: dict[str, float] | None = None  # greeting/command/data_init/data_block/data_end
 
@@ -82,6 +83,7 @@ class RelaySettings:
             ca_file=sender.ca_file,
             username=sender.username,
             password=password,
+            auth_without_tls=sender.auth_without_tls,
             connect_timeout=sender.connect_timeout,
             timeouts={
                 "greeting": sender.greeting_timeout,
@@ -131,7 +133,9 @@ class RelayConnection:
                 require_starttls=settings.tls == "starttls",
                 username=settings.username,
                 password=settings.password,
-            )
+                auth_without_tls=settings.auth_without_tls,
+            ),
+            tls_active=settings.tls == "tls",  # implicit TLS: encrypted before the greeting
         )
         self.sock: socket.socket | None = None
         self.usable = False  # Ready for another message
