@@ -105,7 +105,8 @@ class Server:
             wait_for_banner("127.0.0.1", self.port, timeout=15.0)
         except TimeoutError:
             self.stop()
-            raise SystemExit(f"{self.name} did not start: {self.log_path.read_text()[-800:]}")
+            detail = self.log_path.read_text()[-800:]
+            raise SystemExit(f"{self.name} did not start: {detail}") from None
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
@@ -577,7 +578,7 @@ def send_and_time(port: int, arrivals: dict[str, float], arrived: threading.Cond
             client.sendmail(SENDER_ADDRESS, [RECIPIENT], message)
             acked = time.monotonic()  # sendmail returns on the 250 after the dot
             with arrived:
-                arrived.wait_for(lambda: key in arrivals, timeout=10)
+                arrived.wait_for(lambda key=key: key in arrivals, timeout=10)
         if key not in arrivals:
             break
         delays.append(arrivals[key] - acked)
@@ -589,8 +590,10 @@ def send_and_time(port: int, arrivals: dict[str, float], arrived: threading.Cond
 
 STRACE_CALLS = "trace=openat,fsync,fdatasync,rename,renameat,renameat2,sendto"
 _STRACE_LINE = re.compile(
-    r"^(?P<pid>\d+)\s+(?P<ts>\d+\.\d+)\s+(?:(?P<name>\w+)\((?P<args>.*?)(?: <unfinished \.\.\.>$|\)\s+=\s+"
-    r"(?P<ret>-?\d+).*<(?P<dur>[\d.]+)>$)|<\.\.\. (?P<rname>\w+) resumed>(?P<rargs>.*?)\)\s+=\s+"
+    r"^(?P<pid>\d+)\s+(?P<ts>\d+\.\d+)\s+"
+    r"(?:(?P<name>\w+)\((?P<args>.*?)"
+    r"(?: <unfinished \.\.\.>$|\)\s+=\s+(?P<ret>-?\d+).*<(?P<dur>[\d.]+)>$)"
+    r"|<\.\.\. (?P<rname>\w+) resumed>(?P<rargs>.*?)\)\s+=\s+"
     r"(?P<rret>-?\d+).*<(?P<rdur>[\d.]+)>$)"
 )
 
@@ -696,7 +699,8 @@ def strace_mode(workdir: Path, count: int) -> int:
     for label, value in counts.items():
         print(f"{label:<58} {value:>6}")
     acked = counts["messages acknowledged (250 queued as)"]
-    ok = acked == count == stored and counts["250s NOT preceded by file fsync + rename + folder fsync"] == 0
+    bad = counts["250s NOT preceded by file fsync + rename + folder fsync"]
+    ok = acked == count == stored and bad == 0
     print("durable: every 250 came after its file's fsync, its rename and a folder fsync"
           if ok else "NOT DURABLE or incomplete run: see the counts above")
     return 0 if ok else 1
@@ -708,7 +712,9 @@ def strace_mode(workdir: Path, count: int) -> int:
 def check_tools() -> None:
     missing = [tool for tool in (SMTP_SOURCE, SMTP_SINK) if not os.access(tool, os.X_OK)]
     if missing:
-        raise SystemExit(f"missing {', '.join(missing)}: apt-get install postfix (see bench/README.md)")
+        raise SystemExit(
+            f"missing {', '.join(missing)}: apt-get install postfix (see bench/README.md)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -743,8 +749,9 @@ def run_all(workdir: Path, mode: Mode, only: set[str]) -> int:
     report = Report()
     if wanted("disk"):
         for threads in (1, 5):
-            report.line(f"raw disk: 1 KiB write+fsync+rename+fsync dir, {threads} thread(s) (ops/s)",
-                        raw_disk_rate(workdir / f"disk{threads}", threads, mode.disk_ops), None)
+            rate = raw_disk_rate(workdir / f"disk{threads}", threads, mode.disk_ops)
+            report.line(f"raw disk: 1 KiB write+fsync+rename+fsync dir, {threads} thr (ops/s)",
+                        rate, None)
     if wanted("receive"):
         mailbag, peer = receive_figures(report, workdir, mode)
         try:

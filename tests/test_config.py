@@ -219,3 +219,14 @@ def test_read_only_queue_dir_is_one_line(tmp_path: Path) -> None:
         assert_one_line_error(run_receiver(["--config", str(path)]), "queue", "ead-only")
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_unusable_log_file_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    path = write_config(tmp_path, log={"file": str(blocker / "mailbag.log")})
+    assert_one_line_error(run_receiver(["--config", str(path)]), "log file")
+
+
+def test_config_path_that_is_a_folder_is_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(run_receiver(["--config", str(tmp_path)]), str(tmp_path))

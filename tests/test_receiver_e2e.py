@@ -141,7 +141,9 @@ def greet(client: RawClient, verb: str = "EHLO") -> None:
 def mailbag(tmp_path_factory) -> Iterator[Config]:
     """One receiver for the plain client tests (each finds its message by queue id)."""
     folder = tmp_path_factory.mktemp("receiver")
-    path = write_config(folder, top={"hostname": HOST})
+    # Room for the concurrent-clients test even while earlier sessions are still
+    # closing; the limit itself is tested on its own receiver.
+    path = write_config(folder, receiver={"max_connections": 20}, top={"hostname": HOST})
     config = load_config(path)
     # What a crashed receiver left half-written; start-up must clear it away.
     (config.queue.dir / ".tmp").mkdir(parents=True)
@@ -467,33 +469,44 @@ def _refused_at_once(host: str, port: int) -> bytes:
     raise AssertionError("the server kept talking")
 
 
+def _greeted_client(host: str, port: int) -> RawClient:
+    """A session that got 220, waiting (bounded) while the server frees a slot.
+
+    A slot is given back when the session's thread ends, a moment after its 221 (e.g.
+    the start-up probe's QUIT), so a 421 in that moment is retried, never accepted.
+    """
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        client = RawClient(host, port)
+        reply = client.read()[0]
+        if reply.code == 220:
+            return client
+        client.sock.close()
+        assert reply.code == 421, reply
+        assert time.monotonic() < deadline, "no slot came free"
+        time.sleep(0.02)
+
+
 def test_max_connections(receiver_factory) -> None:
     config, _proc = receiver_factory(receiver={"max_connections": 5}, top={"hostname": HOST})
     host, port = address(config)
     unavailable = R.S421_UNAVAILABLE.format(hostname=HOST).to_bytes()
-    clients = [RawClient(host, port) for _ in range(5)]
+    clients: list[RawClient] = []
     try:
+        for _ in range(5):
+            clients.append(_greeted_client(host, port))
         for client in clients:
-            greet(client)
+            assert client.command("EHLO client.example").code == 250
+        # The sixth: accepted, told 421 at once, closed.
         assert _refused_at_once(host, port) == unavailable
         for client in clients:  # the refusal touched none of the five sessions
             assert client.command("NOOP").code == 250
         assert matches(clients[0].command("QUIT"), R.S221_CLOSING)
         clients[0].assert_closed()
         clients[0].sock.close()
-
-        # The slot comes back when the session's thread ends: wait for it, bounded.
-        def seventh_greeted() -> bool:
-            client = RawClient(host, port)
-            reply = client.read()[0]
-            if reply.code == 220:
-                clients[0] = client
-                return True
-            assert reply.code == 421
-            client.sock.close()
-            return False
-
-        wait_for(seventh_greeted, "a free slot after one QUIT")
+        # The seventh gets 220 once the quitting session's slot is back.
+        clients[0] = _greeted_client(host, port)
+        assert clients[0].command("EHLO client.example").code == 250
         assert _refused_at_once(host, port) == unavailable  # five sessions again
     finally:
         for client in clients:
@@ -522,6 +535,15 @@ def test_idle_timeout(receiver_factory) -> None:
     assert tmp_files(config) == []
 
 
+def _never_greeted(host: str, port: int) -> bool:
+    """After TERM a new connection is refused, or told 421, or closed; never 220."""
+    try:
+        said = _refused_at_once(host, port)
+    except ConnectionError:
+        return True
+    return not said.startswith(b"220")
+
+
 def test_term_lets_data_in_progress_finish(receiver_factory) -> None:
     config, proc = receiver_factory(top={"hostname": HOST})
     host, port = address(config)
@@ -537,6 +559,7 @@ def test_term_lets_data_in_progress_finish(receiver_factory) -> None:
         # The idle session is told at once; that proves the stop has begun.
         assert matches(idle.read()[0], R.S421_SHUTDOWN.format(hostname=HOST))
         idle.assert_closed()
+        assert _never_greeted(host, port), "a new session was greeted after TERM"
         busy.send(rest + b".\r\n")
         stored, goodbye = busy.read(2)
         assert matches(goodbye, R.S421_SHUTDOWN.format(hostname=HOST))

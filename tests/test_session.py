@@ -342,6 +342,15 @@ def test_greeting_names_the_host() -> None:
     assert greeting.data.startswith(f"220 {HOST} ".encode())
 
 
+def test_help_lists_the_commands() -> None:
+    events, _ = run(lines("HELP"))
+    assert events[0].reply == R.S214_HELP
+    words = events[0].reply.text.split()
+    for verb in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "HELP", "QUIT"):
+        assert verb in words
+    assert events[0].data.startswith(b"214-")  # multi-line, RFC 5321 §4.2.1
+
+
 def test_quit_reply_names_the_host() -> None:
     events, _ = run(lines("QUIT"))
     assert events[0].reply == R.S221_CLOSING.format(hostname=HOST)

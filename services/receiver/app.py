@@ -111,7 +111,12 @@ def build_servers(config: Config, queue: QueueWriter) -> list[ReceiverServer]:
 def main(config: Config) -> int:
     queue = build_queue(config)
     servers = build_servers(config, queue)
-    log: EventLog = setup_logging(config.log, PROGRAM)
+    try:
+        log: EventLog = setup_logging(config.log, PROGRAM)
+    except OSError as err:
+        for server in servers:
+            server.server_close()
+        raise StartupError(f"cannot open log file {config.log.file}: {err.strerror}") from None
     removed = queue.clean_leftovers()
     if removed:
         log.info("cleanup", removed_tmp_files=len(removed))

@@ -46,7 +46,7 @@ from shared.queue import QueueWriteError, QueueWriter
 
 PROGRAM = "R-SMTP"
 READ_SLICE = 0.5  # seconds a recv may block before timers and the stop flag are checked
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024  # per-session buffer (zeroed, so resident): one loopback segment
 AUTH_FAILURE_DELAY = 1.0  # seconds a failed login waits before its 535 (slows guessing)
 
 
@@ -245,7 +245,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         )
         self.outgoing: list[bytes] = []
         # recv_into one buffer per session: a fresh 256 KiB bytes object per recv()
-        # costs an mmap, page faults, an mremap and an munmap (a TLB shootdown across
+        # cost an mmap, page faults, an mremap and an munmap (a TLB shootdown across
         # the threads), all with the GIL held - a third of the receiver's syscalls.
         self._recv_view = memoryview(bytearray(RECV_SIZE))
         self.started = self.last_input = time.monotonic()
