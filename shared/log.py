@@ -25,7 +25,6 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -197,7 +196,8 @@ def setup_logging(config: LogConfig, program: str, *, enqueue: bool = True) -> E
     """Send every loguru record of this process to the shared logfile.
 
     Returns the program's EventLog for events with no peer yet (start-up, shutdown).
-    Also mirrors WARNING and above to stderr, which supervisord captures.
+    Nothing is mirrored to stderr: the logfile is the one place to look (SPEC §5), and
+    a stderr pipe nobody drains must never be able to block a session thread.
     """
     logger.remove()
     logger.configure(extra={"program": program, "peer": "-"})
@@ -211,7 +211,6 @@ def setup_logging(config: LogConfig, program: str, *, enqueue: bool = True) -> E
         diagnose=False,
         catch=True,
     )
-    logger.add(sys.stderr, format=LOG_FORMAT, level="WARNING", backtrace=False, diagnose=False)
     return EventLog(program, "-")
 
 

@@ -87,6 +87,7 @@ class MailbagProcess:
         self.config = config
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr: str | None = None
 
     def start(self) -> MailbagProcess:
         self.proc = subprocess.Popen(
@@ -112,11 +113,15 @@ class MailbagProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.stderr_text()  # keep what it said before the pipes are closed
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream:
                 stream.close()
         return self.proc.returncode
 
     def stderr_text(self) -> str:
+        """Everything the process wrote to stderr (read once, after it has exited)."""
         assert self.proc is not None and self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace")
+        if self._stderr is None:
+            self._stderr = self.proc.stderr.read().decode(errors="replace")
+        return self._stderr

@@ -654,3 +654,15 @@ def test_whatever_the_sender_wires_is_exactly_one_message(data: bytes) -> None:
     if normal and not normal.endswith(b"\r\n"):
         normal += b"\r\n"
     assert message.data == normal
+
+
+@pytest.mark.parametrize("line", [b"STARTTLS\r\n", b"AUTH PLAIN\r\n"])
+@pytest.mark.parametrize("greet", [b"", b"EHLO client.example\r\n"])
+def test_unconfigured_extensions_are_not_implemented_in_every_state(line, greet) -> None:
+    """STARTTLS/AUTH without TLS/users configured: 502 before and after EHLO alike."""
+    session = ServerSession(SessionPolicy("mailbag.test"), "127.0.0.1", may_relay=True)
+    session.receive_data(greet + line)
+    replies = []
+    while (event := session.next_event()) is not NEED_DATA:
+        replies.append(event.reply)
+    assert replies[-1] == R.S502_NOT_IMPLEMENTED

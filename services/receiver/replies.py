@@ -34,6 +34,9 @@ S421_TOO_MANY_ERRORS = Reply(
     421, "{hostname} Service not available, closing transmission channel (too many errors)",
     "4.7.0",
 )
+S421_LOCAL_ERROR = Reply(
+    421, "{hostname} Service not available, closing transmission channel (local error)", "4.3.0"
+)
 S451_LOCAL_ERROR = Reply(451, "Requested action aborted: local error in processing", "4.3.0")
 S452_NO_SPACE = Reply(452, "Insufficient system storage", "4.3.1")
 S452_TOO_MANY_RECIPIENTS = Reply(452, "Too many recipients", "4.5.3")

@@ -261,8 +261,21 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self._loop()
         except (ConnectionError, ssl.SSLError, TimeoutError, BlockingIOError) as err:
             self.close_reason = f"error: {describe_exception(err)}"
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: say 421, never a silent drop
+            self.close_reason = "error: internal"
+            self.log.error("session", exc=exc)
+            self._say_goodbye_after_error()
         finally:
-            self.log.ok("close", reason=self.close_reason)
+            outcome = self.log.fail if self.close_reason.startswith("error") else self.log.ok
+            outcome("close", reason=self.close_reason)
+
+    def _say_goodbye_after_error(self) -> None:
+        """Send the replies already produced, then 421: the client knows where it stands."""
+        self.outgoing.append(self.session.local_error().data)
+        try:
+            self._flush()
+        except OSError:
+            pass
 
     def finish(self) -> None:
         try:

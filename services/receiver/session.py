@@ -197,6 +197,13 @@ class ServerSession:
         self._data_discarded = 0  # DATA: bytes dropped because the message is too big
         self._auth: _AuthExchange | None = None
         self._closed = False
+        # Extensions that are not configured are "not implemented" in every state.
+        self._unavailable = frozenset(
+            verb
+            for verb, configured in (("STARTTLS", policy.tls_available),
+                                     ("AUTH", policy.auth_available))
+            if not configured
+        )
         self._handlers: dict[str, Callable[[str], Reply | None]] = {
             "HELO": self._helo,
             "EHLO": self._ehlo,
@@ -256,6 +263,11 @@ class ServerSession:
         """The shell's idle timer fired: the 421 to send before closing."""
         self._closed = True
         return self._reply(R.S421_TIMEOUT.format(hostname=self.policy.hostname), "")
+
+    def local_error(self) -> SendReply:
+        """The shell failed unexpectedly: the 421 to send before closing."""
+        self._closed = True
+        return self._reply(R.S421_LOCAL_ERROR.format(hostname=self.policy.hostname), "")
 
     def shutting_down(self) -> SendReply:
         self._closed = True
@@ -323,8 +335,9 @@ class ServerSession:
         verb = verb.upper()
         argument = argument.strip(" ")
         handler = self._handlers.get(verb)
-        if handler is None:
-            reply = R.S502_NOT_IMPLEMENTED if verb in NOT_IMPLEMENTED else R.S500_UNRECOGNISED
+        if handler is None or verb in self._unavailable:
+            known = verb in NOT_IMPLEMENTED or verb in self._unavailable
+            reply = R.S502_NOT_IMPLEMENTED if known else R.S500_UNRECOGNISED
             return self._reply(reply, verb if verb.isalpha() else "", bad=True)
         if verb in STATEFUL_COMMANDS and verb not in TRANSITIONS[self.state]:
             hint = R.SEQUENCE_HINTS.get(verb, "not allowed now")
@@ -449,8 +462,6 @@ class ServerSession:
     def _starttls(self, argument: str) -> Reply:
         if argument:
             return R.S501_NO_ARGUMENTS.format(verb="STARTTLS")
-        if not self.policy.tls_available:
-            return R.S502_NOT_IMPLEMENTED
         if self.tls_active:
             return R.S503_BAD_SEQUENCE.format(hint="TLS already active")
         # RFC 3207 §4.2: forget everything, including whatever was pipelined after
@@ -466,8 +477,6 @@ class ServerSession:
     # -- AUTH (RFC 4954; PLAIN RFC 4616, LOGIN) --------------------------------------
 
     def _auth_command(self, argument: str) -> Reply | None:
-        if not self.policy.auth_available:
-            return R.S502_NOT_IMPLEMENTED
         if not self.tls_active:
             return R.S538_ENCRYPTION_REQUIRED
         if self.authenticated_user is not None:

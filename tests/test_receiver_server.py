@@ -1,0 +1,65 @@
+"""The socket shell in-process: what it does when the code behind it fails unexpectedly.
+
+The queue here is a hand-written fake that raises a non-OSError (a bug, not a disk
+problem): the real server must still answer what it owes and close with 421, never
+drop the client silently. Everything else (session, sockets, slots) is real.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from services.receiver import replies as R
+from services.receiver.server import ReceiverServer, ServerLimits
+from services.receiver.session import SessionPolicy
+from shared.config import ReceiverConfig
+
+
+class ExplodingQueue:
+    """Stands in for QueueWriter: every store is a bug."""
+
+    def store(self, sender: str, recipients: list[str], data: bytes) -> str:
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def server() -> Iterator[ReceiverServer]:
+    srv = ReceiverServer(
+        ("127.0.0.1", 0),
+        policy=SessionPolicy(hostname="mailbag.test"),
+        limits=ServerLimits(max_connections=2),
+        queue=ExplodingQueue(),  # type: ignore[arg-type]
+        relay_networks=ReceiverConfig().relay_networks,
+    )
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    yield srv
+    srv.begin_shutdown()
+    srv.wait_for_sessions(5)
+    thread.join(5)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_an_unexpected_error_is_answered_421_not_a_silent_drop(server: ReceiverServer) -> None:
+    with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+        sock.recv(512)  # greeting
+        sock.sendall(b"HELO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+        sock.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        replies = read_all(sock).decode()  # the server closes: recv returns b""
+    codes = [line[:3] for line in replies.splitlines()]
+    assert codes == ["250", "250", "250", "354", "421"]
+    expected = R.S421_LOCAL_ERROR.format(hostname="mailbag.test").to_bytes(False).decode()
+    assert replies.endswith(expected)
+    # The slot came back: a new client is served.
+    with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+        assert sock.recv(512).startswith(b"220 ")
