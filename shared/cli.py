@@ -18,6 +18,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from shared.config import ENV_VAR, Config, ConfigError, load_config, resolve_config_path
+from shared.log import EventLog, setup_logging
 
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
@@ -49,6 +50,14 @@ class StopFlag:
 
     def wait(self, timeout: float | None) -> bool:
         return self.event.wait(timeout)
+
+
+def open_log(config: Config, program: str) -> EventLog:
+    """Start logging into the shared logfile; StartupError (one line) if it cannot."""
+    try:
+        return setup_logging(config.log, program)
+    except OSError as err:
+        raise StartupError(f"cannot open log file {config.log.file}: {err.strerror}") from None
 
 
 def parse_args(prog: str, description: str, argv: list[str] | None = None) -> Config:

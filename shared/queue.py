@@ -316,7 +316,8 @@ class QueueReader:
             if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                 continue
             try:
-                entries.append(QueueEntry(entry.name, entry.stat(follow_symlinks=False).st_mtime_ns))
+                mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns
+                entries.append(QueueEntry(entry.name, mtime_ns))
             except FileNotFoundError:
                 continue  # claimed by another sender meanwhile
         entries.sort(key=lambda e: (e.mtime_ns, e.name))

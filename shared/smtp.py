@@ -131,7 +131,8 @@ class ReplySyntaxError(ValueError):
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
 _DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
-_LABEL = r"[A-Za-z0-9_\u0080-\U0010ffff](?:[A-Za-z0-9_\-\u0080-\U0010ffff]*[A-Za-z0-9_\u0080-\U0010ffff])?"
+_LET_DIG = r"[A-Za-z0-9_\u0080-\U0010ffff]"  # RFC 5321 Let-dig, plus "_" and UTF-8 (liberal)
+_LABEL = rf"{_LET_DIG}(?:[A-Za-z0-9_\-\u0080-\U0010ffff]*{_LET_DIG})?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _ADDRESS_LITERAL = r"\[[A-Za-z0-9:.\-]+\]"
 MAILBOX_RE = re.compile(rf"({_DOT_STRING}|{_QUOTED_STRING})@({_DOMAIN}|{_ADDRESS_LITERAL})")
@@ -160,7 +161,8 @@ def parse_path_argument(argument: str, keyword: str) -> PathArgument:
     """
     match = re.match(rf"\s*{keyword}\s*:\s*", argument, re.IGNORECASE)
     if not match:
-        raise PathSyntaxError(f"Syntax: {'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}:<address>")
+        command = "MAIL FROM" if keyword == "FROM" else "RCPT TO"
+        raise PathSyntaxError(f"Syntax: {command}:<address>")
     rest = argument[match.end():]
     if rest.startswith("<"):
         end = _closing_bracket(rest)

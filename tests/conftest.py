@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from shared.config import load_config
+from tests.support import MailbagProcess, wait_for_banner, write_config
+
 # CI runs the property tests with a fixed seed, so a red run is reproducible and a
 # green one means the same examples as last time; developers explore new ones.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-from shared.config import load_config
-from tests.support import MailbagProcess, wait_for_banner, write_config
 
 
 @pytest.fixture

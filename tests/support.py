@@ -7,12 +7,14 @@ test's tmp_path. Nothing here fakes the programs under test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +127,23 @@ class MailbagProcess:
         if self._stderr is None:
             self._stderr = self.proc.stderr.read().decode(errors="replace")
         return self._stderr
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of `size` (e.g. "64k") on a new folder: a full disk that even root
+    cannot write past. Skips the test where mounting is not permitted."""
+    import pytest  # only tests call this
+
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): "
+                    f"{result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, check=False)

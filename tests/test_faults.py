@@ -26,7 +26,7 @@ from services.receiver import replies as R
 from shared.config import load_config
 from shared.queue import TMP_DIRNAME, QueueFile
 from tests.hardening_support import TestCA, connect, ready_files, send_message, wait_for
-from tests.support import REPO, MailbagProcess, free_port, wait_for_banner, write_config
+from tests.support import REPO, MailbagProcess, free_port, tiny_tmpfs, wait_for_banner, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -115,17 +115,8 @@ def test_kill_9_during_concurrent_sends_loses_nothing_acknowledged(receiver_fact
 @pytest.fixture
 def small_disk(tmp_path):
     """A 256 KiB tmpfs; skipped where mounting is not permitted."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): "
-                    f"{result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+    with tiny_tmpfs(tmp_path / "small", "256k") as mount_point:
+        yield mount_point
 
 
 def test_full_disk_452_no_partial_file_and_recovery(tmp_path, small_disk):

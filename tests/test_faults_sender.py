@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from shared.config import load_config
 from shared.queue import WORK_DIRNAME, QueueWriter
 from tests.hardening_support import ready_files, wait_for
 from tests.sender_support import RecordingHandler, Relay
-from tests.support import MailbagProcess, write_config
+from tests.support import MailbagProcess, tiny_tmpfs, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -77,17 +76,8 @@ def test_kill_9_of_the_sender_mid_relay_loses_nothing(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): "
-                    f"{result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+    with tiny_tmpfs(tmp_path / "small", "256k") as mount_point:
+        yield mount_point
 
 
 def test_full_maildir_disk_defers_leaves_nothing_partial_and_recovers(tmp_path, small_disk):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from shared.queue import (
     QueueWriteError,
     QueueWriter,
 )
+from tests.support import tiny_tmpfs
 
 # ---------------------------------------------------------------------------- format
 
@@ -177,19 +177,8 @@ def test_clean_leftovers_removes_only_temporary_files(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs: a full disk that even root cannot write past."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-        capture_output=True, text=True, check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tiny tmpfs here (needs root/CAP_SYS_ADMIN): "
-                    f"{result.stderr.strip()}")
-    try:
+    with tiny_tmpfs(tmp_path / "tiny", "64k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_failed_write_leaves_nothing_behind(tiny_fs: Path) -> None:

@@ -27,7 +27,7 @@ from services.receiver import replies as R
 from shared.config import Config, load_config
 from shared.smtp import Reply, ReplyParser
 from tests.reply_match import fields, matches
-from tests.support import REPO, MailbagProcess, free_port, wait_for_banner, write_config
+from tests.support import REPO, MailbagProcess, free_port, tiny_tmpfs, wait_for_banner, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -572,17 +572,8 @@ def test_term_lets_data_in_progress_finish(receiver_factory) -> None:
 @pytest.fixture
 def tiny_queue_dir(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs for queue.dir: a full disk that even root cannot write past."""
-    mount_point = tmp_path / "tiny-queue"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tiny tmpfs here (needs root/CAP_SYS_ADMIN): "
-                    f"{result.stderr.strip()}")
-    try:
+    with tiny_tmpfs(tmp_path / "tiny-queue", "64k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def _send_too_much_then_a_small_one(config: Config, failure: Reply, size: int) -> None:

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits, SlotPool
 from services.receiver.session import SessionPolicy
 from services.receiver.users import UserFileError, load_users, verify_password
-from shared.cli import EXIT_OK, StartupError, StopFlag
+from shared.cli import EXIT_OK, StartupError, StopFlag, open_log
 from shared.config import Config, HostPort
-from shared.log import EventLog, setup_logging, shutdown_logging
+from shared.log import shutdown_logging
 from shared.queue import QueueWriter
 
 GRACE_SECONDS = 8.0  # how long a stop waits for DATA in progress (supervisor waits 15)
@@ -31,7 +31,9 @@ def build_queue(config: Config) -> QueueWriter:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise StartupError(f"queue folder {config.queue.dir} is not usable: {err.strerror}") from None
+        raise StartupError(
+            f"queue folder {config.queue.dir} is not usable: {err.strerror}"
+        ) from None
     return writer
 
 
@@ -112,11 +114,11 @@ def main(config: Config) -> int:
     queue = build_queue(config)
     servers = build_servers(config, queue)
     try:
-        log: EventLog = setup_logging(config.log, PROGRAM)
-    except OSError as err:
+        log = open_log(config, PROGRAM)
+    except StartupError:
         for server in servers:
             server.server_close()
-        raise StartupError(f"cannot open log file {config.log.file}: {err.strerror}") from None
+        raise
     removed = queue.clean_leftovers()
     if removed:
         log.info("cleanup", removed_tmp_files=len(removed))

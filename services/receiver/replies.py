@@ -80,4 +80,6 @@ S503_ALREADY_AUTHENTICATED = Reply(503, "Already authenticated", "5.5.1")
 S504_AUTH_MECHANISM = Reply(504, "Unrecognized authentication mechanism", "5.5.4")
 S530_AUTH_REQUIRED = Reply(530, "Authentication required", "5.7.0")
 S535_AUTH_FAILED = Reply(535, "Authentication credentials invalid", "5.7.8")
-S538_ENCRYPTION_REQUIRED = Reply(538, "Encryption required for requested authentication mechanism", "5.7.11")
+S538_ENCRYPTION_REQUIRED = Reply(
+    538, "Encryption required for requested authentication mechanism", "5.7.11"
+)

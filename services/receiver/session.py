@@ -60,17 +60,17 @@ class SessionState(enum.Enum):
 
 
 END_OF_DATA = "<CRLF>.<CRLF>"  # the pseudo-command that ends the DATA state
-I, G, M, RC, D = (SessionState.INITIAL, SessionState.GREETED, SessionState.MAIL,
-                  SessionState.RCPT, SessionState.DATA)
+_S = SessionState
 
 # THE state machine: {state: {command: next state}}, taken only on a positive reply.
 # A stateful command missing from the current state's row gets 503.
 TRANSITIONS: dict[SessionState, dict[str, SessionState]] = {
-    I: {"HELO": G, "EHLO": G, "RSET": I},
-    G: {"MAIL": M, "RSET": G, "STARTTLS": I, "AUTH": G},
-    M: {"RCPT": RC, "RSET": G},
-    RC: {"RCPT": RC, "DATA": D, "RSET": G},
-    D: {END_OF_DATA: G},
+    _S.INITIAL: {"HELO": _S.GREETED, "EHLO": _S.GREETED, "RSET": _S.INITIAL},
+    _S.GREETED: {"MAIL": _S.MAIL, "RSET": _S.GREETED, "STARTTLS": _S.INITIAL,
+                 "AUTH": _S.GREETED},
+    _S.MAIL: {"RCPT": _S.RCPT, "RSET": _S.GREETED},
+    _S.RCPT: {"RCPT": _S.RCPT, "DATA": _S.DATA, "RSET": _S.GREETED},
+    _S.DATA: {END_OF_DATA: _S.GREETED},
 }
 STATEFUL_COMMANDS = frozenset(cmd for row in TRANSITIONS.values() for cmd in row) - {END_OF_DATA}
 # Recognised but not implemented (SPEC §3): 502.

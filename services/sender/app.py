@@ -16,9 +16,9 @@ from collections.abc import Callable
 from services.sender.local import LocalDelivery
 from services.sender.relay import RelayConnection, RelaySettings, build_tls_context
 from services.sender.runner import PROGRAM, QueueRunner, watch_queue
-from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, StopFlag
+from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, StopFlag, open_log
 from shared.config import Config, SenderConfig
-from shared.log import EventLog, setup_logging, shutdown_logging
+from shared.log import EventLog, shutdown_logging
 from shared.queue import QueueReader
 
 
@@ -78,10 +78,10 @@ def main(config: Config) -> int:
         reader.close()
         raise
     try:
-        log = setup_logging(config.log, PROGRAM)
-    except OSError as err:
+        log = open_log(config, PROGRAM)
+    except StartupError:
         reader.close()
-        raise StartupError(f"cannot open log file {config.log.file}: {err.strerror}") from None
+        raise
     recovered = reader.recover_abandoned()
     if recovered:
         log.info("recover", messages=len(recovered))
