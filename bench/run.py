@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shared.queue import QueueWriter  # noqa: E402
+from shared.queue import GroupSync, QueueWriter  # noqa: E402
 from shared.smtp import ReplyParser  # noqa: E402
 from tests.support import free_port, wait_for_banner, write_config  # noqa: E402
 
@@ -196,10 +196,12 @@ def stored_files(folder: Path) -> list[Path]:
     return [Path(e.path) for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
 
 
-def empty_store(server: Server) -> None:
+def stored_count(server: Server) -> int:
+    """Messages in the server's folder. Nothing is deleted between runs: on ext4 a
+    file created soon after many deletions pays for skipping the recently freed
+    inodes (`recently_deleted` in perf), which would tax whichever server runs next."""
     assert server.store is not None
-    for path in stored_files(server.store):
-        path.unlink()
+    return len(stored_files(server.store))
 
 
 # ---------------------------------------------------------------------- load
@@ -223,8 +225,7 @@ class LoadResult:
 
 def drive(server: Server, load: Load) -> LoadResult:
     """Run smtp-source against a server; check that every message was stored."""
-    assert server.store is not None
-    empty_store(server)
+    before = stored_count(server)
     argv = [SMTP_SOURCE, "-s", str(load.sessions), "-m", str(load.count), "-l", str(load.size),
             "-f", SENDER_ADDRESS, "-t", RECIPIENT, "-M", "bench.example"]
     if load.reuse:
@@ -238,7 +239,7 @@ def drive(server: Server, load: Load) -> LoadResult:
     cpu = server.cpu_seconds() - cpu_before
     if done.returncode != 0:
         raise SystemExit(f"smtp-source failed against {server.name}: {done.stderr.decode()[-500:]}")
-    stored = len(stored_files(server.store))
+    stored = stored_count(server) - before
     if stored != load.count:
         raise SystemExit(f"{server.name}: {stored} of {load.count} messages stored ({load.label})")
     return LoadResult(load.count / elapsed, cpu / load.count * 1000, rss.peak)
@@ -300,11 +301,16 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 # ---------------------------------------------------------------------- raw disk
 
 
-def raw_disk_rate(folder: Path, threads: int, ops: int) -> float:
-    """write 1 KiB + fsync + rename + fsync folder, per thread: the disk's wall (ops/s)."""
+def raw_disk_rate(folder: Path, threads: int, ops: int, shared_sync: bool = False) -> float:
+    """write 1 KiB + fsync + rename + fsync folder, per thread: the disk's wall (ops/s).
+
+    `shared_sync`: the folder fsyncs go through mailbag's GroupSync (concurrent
+    threads share one), i.e. the ceiling of the receiver's own storage path.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ".tmp").mkdir(exist_ok=True)
     per_thread = max(1, ops // threads)
+    group = GroupSync(folder) if shared_sync else None
 
     def work(tag: int) -> None:
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -316,7 +322,10 @@ def raw_disk_rate(folder: Path, threads: int, ops: int) -> float:
                 os.fsync(fd)
                 os.close(fd)
                 os.rename(tmp, folder / f"{tag}-{i}")
-                os.fsync(dir_fd)
+                if group is not None:
+                    group.sync()
+                else:
+                    os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
 
@@ -327,6 +336,8 @@ def raw_disk_rate(folder: Path, threads: int, ops: int) -> float:
     for worker in workers:
         worker.join()
     elapsed = time.perf_counter() - started
+    if group is not None:
+        group.close()
     shutil.rmtree(folder)
     return per_thread * threads / elapsed
 
@@ -337,7 +348,7 @@ def raw_disk_rate(folder: Path, threads: int, ops: int) -> float:
 class Report:
     """One line per figure: mailbag, peer, mailbag/peer, and the issue's target."""
 
-    HEADER = f"{'figure':<52} {'mailbag':>10} {'peer':>10} {'ratio':>7}  target"
+    HEADER = f"{'figure':<60} {'mailbag':>10} {'peer':>10} {'ratio':>7}  target"
 
     def __init__(self) -> None:
         print(self.HEADER, flush=True)
@@ -348,7 +359,7 @@ class Report:
             return "-" if value is None else f"{value:,.{digits}f}"
 
         ratio = f"{ours / peer:.2f}x" if ours is not None and peer else "-"
-        print(f"{figure:<52} {show(ours):>10} {show(peer):>10} {ratio:>7}  {target}", flush=True)
+        print(f"{figure:<60} {show(ours):>10} {show(peer):>10} {ratio:>7}  {target}", flush=True)
 
     def note(self, text: str) -> None:
         print(f"# {text}", flush=True)
@@ -399,8 +410,6 @@ def latency_figures(report: Report, mailbag: Server, peer: Server, mode: Mode) -
             percentile(times["aiosmtpd"], fraction) * 1000,
             digits=2,
         )
-    empty_store(mailbag)
-    empty_store(peer)
 
 
 def idle_figures(report: Report, mailbag: Server, peer: Server, mode: Mode) -> None:
@@ -723,10 +732,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strace", action="store_true", help="durability check of the receiver")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--only", default="", help="comma list: disk,receive,sender")
+    parser.add_argument("--dir", default="/tmp", type=Path,
+                        help="parent of the temporary folder (default /tmp)")
     args = parser.parse_args(argv)
     check_tools()
     mode = SHORT if args.short else FULL
-    workdir = Path(tempfile.mkdtemp(prefix="mailbag-bench-", dir="/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix="mailbag-bench-", dir=args.dir))
     try:
         if args.strace:
             return strace_mode(workdir, 200)
@@ -743,14 +754,17 @@ def run_all(workdir: Path, mode: Mode, only: set[str]) -> int:
         return not only or part in only
 
     started = time.perf_counter()
-    print(f"# mailbag benchmark ({'short' if mode is SHORT else 'full'}): {os.cpu_count()} CPUs, "
+    print(f"# mailbag {git_version()} benchmark ({'short' if mode is SHORT else 'full'}): "
+          f"{os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}, work folder {workdir} "
           f"(on {filesystem_of(workdir)}); median of {mode.repeat} run(s)")
     report = Report()
     if wanted("disk"):
-        for threads in (1, 5):
-            rate = raw_disk_rate(workdir / f"disk{threads}", threads, mode.disk_ops)
-            report.line(f"raw disk: 1 KiB write+fsync+rename+fsync dir, {threads} thr (ops/s)",
+        for threads, shared in ((1, False), (5, False), (5, True)):
+            rate = raw_disk_rate(workdir / f"disk{threads}{shared}", threads, mode.disk_ops,
+                                 shared)
+            how = "GroupSync dir fsync" if shared else "dir fsync"
+            report.line(f"raw disk 1 KiB: fsync+rename+{how}, {threads} thr (ops/s)",
                         rate, None)
     if wanted("receive"):
         mailbag, peer = receive_figures(report, workdir, mode)
@@ -765,6 +779,15 @@ def run_all(workdir: Path, mode: Mode, only: set[str]) -> int:
         upstream_figures(report, workdir, mode)
     report.note(f"done in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def git_version() -> str:
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return done.stdout.strip() or "?"
 
 
 def filesystem_of(path: Path) -> str:

@@ -16,8 +16,11 @@ Invariants:
 - rotation is coordinated between the independent processes with an `flock` on a
   lock file next to the log: exactly one process renames, the others notice the new
   inode and reopen. loguru's own `rotation=` is only safe within one process tree.
-- `enqueue=True`: session threads hand records to loguru's queue and never block on
-  the disk.
+- `enqueue=False`: a record is written by the thread that logs it (one O_APPEND
+  write to the page cache). loguru's queue (`enqueue=True`) pickled every record
+  through a pipe to a writer thread: under load that was up to a third of the receiver's
+  Python time and a GIL hand-off per line (py-spy/perf, bench/README.md), and a
+  `kill -9` lost the records still in the pipe.
 """
 
 from __future__ import annotations
@@ -192,7 +195,7 @@ class SharedFileSink:
                 self._fd = -1
 
 
-def setup_logging(config: LogConfig, program: str, *, enqueue: bool = True) -> EventLog:
+def setup_logging(config: LogConfig, program: str, *, enqueue: bool = False) -> EventLog:
     """Send every loguru record of this process to the shared logfile.
 
     Returns the program's EventLog for events with no peer yet (start-up, shutdown).

@@ -2,7 +2,7 @@
 
 The rotation test runs what the appliance runs: two independent Python processes
 (not forks of the test), each with several threads, logging through
-`shared.log.setup_logging` (loguru, `enqueue=True`, `SharedFileSink`) into one file
+`shared.log.setup_logging` (loguru, `SharedFileSink`) into one file
 with a tiny rotation size. Afterwards every line must be present exactly once across
 `mailbag.log*`, and every line must be whole: a torn or interleaved line fails the
 strict full-line pattern.
