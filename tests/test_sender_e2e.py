@@ -88,7 +88,7 @@ def swaks(port: int, to: str, data_file: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_swaks_to_relay_within_a_second_byte_identical(
+def test_swaks_to_relay_woken_by_watchdog_byte_identical(
     receiver_factory, sender_factory, relay, tmp_path: Path
 ) -> None:
     server = relay().start()
@@ -99,10 +99,9 @@ def test_swaks_to_relay_within_a_second_byte_identical(
     data_file = tmp_path / "message.eml"
     data_file.write_bytes(content)
     swaks(config.receiver.listen.port, "bob@example.org", data_file)
-    started = time.monotonic()  # queued now: the 250 came before swaks returned
-    (got,) = server.handler.wait_for(1, timeout=5)
-    elapsed = time.monotonic() - started
-    assert elapsed < 1.0, f"took {elapsed:.2f}s: the watchdog should have woken the sender"
+    # poll_interval is 60 s: arriving well before that means the watchdog woke the
+    # sender (how fast it is, is the benchmark's business: bench/run.py "250 -> upstream").
+    (got,) = server.handler.wait_for(1, timeout=10)
     # swaks always ends the data with "\r\n.\r\n", so what the receiver queued is
     # the file plus one empty line; the relay has exactly that.
     assert got.content == content + b"\r\n"
