@@ -18,7 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, settings
+
 REPO = Path(__file__).resolve().parent.parent
+
+# The property tests' budget: bounded so the suite stays fast, no per-example deadline
+# (a loaded CI machine must not turn a slow example into a failure).
+PROPERTY_SETTINGS = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

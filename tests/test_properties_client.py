@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from services.sender.client import (
@@ -33,10 +33,9 @@ from services.sender.client import (
     StartTLS,
 )
 from shared.smtp import ReplyParser
+from tests.support import PROPERTY_SETTINGS
 
-SETTINGS = settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = PROPERTY_SETTINGS
 MAX_EVENTS = 10_000
 
 REPLIES = [

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from services.receiver import replies as R
@@ -36,10 +36,9 @@ from services.receiver.session import (
     StartTLS,
 )
 from shared.smtp import ReplyParser
+from tests.support import PROPERTY_SETTINGS
 
-SETTINGS = settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = PROPERTY_SETTINGS
 MAX_EVENTS = 10_000  # per pump: far above anything a few hundred bytes can cause
 
 POLICY = SessionPolicy(
