@@ -141,30 +141,6 @@ def peak_rss_kib(pid: int, reset: bool = False) -> int:
     raise AssertionError(f"no VmHWM for pid {pid}")
 
 
-class TestCA:
-    """A throwaway CA (trustme) and a server certificate for 127.0.0.1/localhost."""
-
-    __test__ = False  # not a pytest class
-
-    def __init__(self, folder: Path) -> None:
-        import trustme
-
-        self.ca = trustme.CA()
-        server = self.ca.issue_cert("127.0.0.1", "localhost", "::1")
-        self.ca_file = folder / "ca.pem"
-        self.cert_file = folder / "server-cert.pem"
-        self.key_file = folder / "server-key.pem"
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-        server.private_key_pem.write_to_path(str(self.key_file))
-        with open(self.cert_file, "wb") as handle:
-            for blob in server.cert_chain_pems:
-                handle.write(blob.bytes())
-
-    def client_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        return context
-
-
 def add_user(users_file: Path, name: str, password: str) -> None:
     """Add a user with the product's own command, as an operator would."""
     result = subprocess.run(

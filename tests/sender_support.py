@@ -11,7 +11,6 @@ import getpass
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -19,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
@@ -128,25 +126,6 @@ class Relay:
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
-
-
-@dataclass
-class CertAuthority:
-    """A trustme CA and a server certificate for the given names."""
-
-    folder: Path
-    names: tuple[str, ...] = ("127.0.0.1",)
-
-    def __post_init__(self) -> None:
-        self.ca = trustme.CA()
-        self.cert = self.ca.issue_cert(*self.names)
-        self.ca_file = self.folder / "ca.pem"
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-
-    def server_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.cert.configure_cert(context)
-        return context
 
 
 class SmtpSink:

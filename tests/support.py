@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -155,3 +156,48 @@ def tiny_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, check=False)
+
+
+class TestCA:
+    """A throwaway CA (trustme) and one server certificate, written as PEM files.
+
+    `cert_file`/`key_file` configure mailbag's receiver; `server_context()` a Python
+    server (aiosmtpd as a relay); `ca_file`/`client_context()` the clients.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self, folder: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+    ) -> None:
+        import trustme
+
+        self.ca = trustme.CA()
+        self.cert = self.ca.issue_cert(*names)
+        self.ca_file = folder / "ca.pem"
+        self.cert_file = folder / "server-cert.pem"
+        self.key_file = folder / "server-key.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        self.cert.private_key_pem.write_to_path(str(self.key_file))
+        with open(self.cert_file, "wb") as handle:
+            for blob in self.cert.cert_chain_pems:
+                handle.write(blob.bytes())
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.cert.configure_cert(context)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    """`data` cut at the given offsets (modulo its length): the same bytes, other reads."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for point in points:
+        pieces.append(data[last:point])
+        last = point
+    pieces.append(data[last:])
+    return pieces

@@ -25,8 +25,16 @@ import pytest
 from services.receiver import replies as R
 from shared.config import load_config
 from shared.queue import TMP_DIRNAME, QueueFile
-from tests.hardening_support import TestCA, connect, ready_files, send_message, wait_for
-from tests.support import REPO, MailbagProcess, free_port, tiny_tmpfs, wait_for_banner, write_config
+from tests.hardening_support import connect, ready_files, send_message, wait_for
+from tests.support import (
+    REPO,
+    MailbagProcess,
+    TestCA,
+    free_port,
+    tiny_tmpfs,
+    wait_for_banner,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 

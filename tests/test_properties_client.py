@@ -33,7 +33,7 @@ from services.sender.client import (
     StartTLS,
 )
 from shared.smtp import ReplyParser
-from tests.support import PROPERTY_SETTINGS
+from tests.support import PROPERTY_SETTINGS, chunked
 
 SETTINGS = PROPERTY_SETTINGS
 MAX_EVENTS = 10_000
@@ -80,16 +80,6 @@ policies = st.builds(
     use_pipelining=st.booleans(),
     auth_without_tls=st.booleans(),
 )
-
-
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, last = [], 0
-    for point in points:
-        pieces.append(data[last:point])
-        last = point
-    pieces.append(data[last:])
-    return pieces
 
 
 class Shell:

@@ -36,7 +36,7 @@ from services.receiver.session import (
     StartTLS,
 )
 from shared.smtp import ReplyParser
-from tests.support import PROPERTY_SETTINGS
+from tests.support import PROPERTY_SETTINGS, chunked
 
 SETTINGS = PROPERTY_SETTINGS
 MAX_EVENTS = 10_000  # per pump: far above anything a few hundred bytes can cause
@@ -108,16 +108,6 @@ fragments = st.one_of(
                                                          b".\r\n", b"\x00", b"\r", b"\n"]),
 )
 streams = st.lists(fragments, max_size=40).map(b"".join)
-
-
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, last = [], 0
-    for point in points:
-        pieces.append(data[last:point])
-        last = point
-    pieces.append(data[last:])
-    return pieces
 
 
 # ------------------------------------------------------------------ arbitrary bytes

@@ -19,7 +19,6 @@ from services.receiver import replies as R
 from shared.smtp import MAX_LOCAL_PART, MAX_PATH
 from tests.hardening_support import (
     RawClient,
-    TestCA,
     connect,
     connect_when_free,
     find_queued,
@@ -28,7 +27,7 @@ from tests.hardening_support import (
     start_receiver,
     wait_for,
 )
-from tests.support import free_port
+from tests.support import TestCA, free_port
 
 pytestmark = pytest.mark.e2e
 

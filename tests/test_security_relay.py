@@ -17,7 +17,6 @@ from services.receiver import replies as R
 from services.sender.local import is_local
 from shared.smtp import domain_of
 from tests.hardening_support import (
-    TestCA,
     add_user,
     connect,
     find_queued,
@@ -25,6 +24,7 @@ from tests.hardening_support import (
     send_message,
     start_receiver,
 )
+from tests.support import TestCA
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,6 @@ import pytest
 
 from services.receiver import replies as R
 from tests.hardening_support import (
-    TestCA,
     add_user,
     connect,
     log_text,
@@ -23,6 +22,7 @@ from tests.hardening_support import (
     start_receiver,
     wait_for,
 )
+from tests.support import TestCA
 
 pytestmark = pytest.mark.e2e
 

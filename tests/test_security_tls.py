@@ -19,7 +19,6 @@ import pytest
 from services.receiver import replies as R
 from services.receiver.server import AUTH_FAILURE_DELAY
 from tests.hardening_support import (
-    TestCA,
     add_user,
     connect,
     find_queued,
@@ -27,7 +26,7 @@ from tests.hardening_support import (
     start_receiver,
     wait_for,
 )
-from tests.support import free_port
+from tests.support import TestCA, free_port
 
 pytestmark = pytest.mark.e2e
 

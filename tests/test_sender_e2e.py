@@ -18,8 +18,8 @@ import pytest
 
 from shared.config import Config, load_config
 from shared.queue import QueueWriter
-from tests.sender_support import CertAuthority, Relay, SmtpSink, authenticator
-from tests.support import MailbagProcess, write_config
+from tests.sender_support import Relay, SmtpSink, authenticator
+from tests.support import MailbagProcess, TestCA, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -147,7 +147,7 @@ def test_relay_4xx_then_accepts(receiver_factory, sender_factory, relay) -> None
 def test_starttls_and_auth_from_the_config_file(
     tmp_path: Path, sender_factory, relay
 ) -> None:
-    ca = CertAuthority(tmp_path)
+    ca = TestCA(tmp_path)
     server = relay()
     server.smtp_kwargs.update(tls_context=ca.server_context(), require_starttls=True,
                               authenticator=authenticator({"mailbag": "s3cret pw"}),

@@ -17,8 +17,8 @@ from services.sender.client import OutgoingMessage
 from services.sender.relay import RelayConnection, RelayError, RelaySettings
 from shared.config import HostPort
 from shared.log import EventLog
-from tests.sender_support import CertAuthority, RecordingHandler, Relay, SmtpSink, authenticator
-from tests.support import free_port
+from tests.sender_support import RecordingHandler, Relay, SmtpSink, authenticator
+from tests.support import TestCA, free_port
 
 LOG = EventLog("S-SMTP", "-")
 DATA = b"From: a@example.com\r\nSubject: t\r\n\r\nline one\r\n.leading dot\r\n..two\r\nend\r\n"
@@ -143,7 +143,7 @@ def test_silent_relay_times_out() -> None:
 # ---------------------------------------------------------------------------- TLS
 
 def test_starttls_verified(relay, tmp_path: Path) -> None:
-    ca = CertAuthority(tmp_path)
+    ca = TestCA(tmp_path)
     server = relay(tls_context=ca.server_context(), require_starttls=True)
     conn = RelayConnection(settings(server.address, tls="starttls", ca_file=ca.ca_file), LOG)
     conn.open()
@@ -156,7 +156,7 @@ def test_starttls_verified(relay, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["starttls", "tls"])
 def test_wrong_host_name_is_refused(relay, tmp_path: Path, mode: str) -> None:
-    ca = CertAuthority(tmp_path, names=("relay.invalid",))
+    ca = TestCA(tmp_path, names=("relay.invalid",))
     if mode == "tls":
         server = relay(ssl_context=ca.server_context())
     else:
@@ -178,7 +178,7 @@ def test_wrong_host_name_is_refused(relay, tmp_path: Path, mode: str) -> None:
 
 
 def test_unknown_ca_is_refused(relay, tmp_path: Path) -> None:
-    ca = CertAuthority(tmp_path)
+    ca = TestCA(tmp_path)
     server = relay(ssl_context=ca.server_context())
     conn = RelayConnection(settings(server.address, tls="tls"), LOG)  # system CAs only
     with pytest.raises(RelayError) as err:
@@ -187,7 +187,7 @@ def test_unknown_ca_is_refused(relay, tmp_path: Path) -> None:
 
 
 def test_implicit_tls(relay, tmp_path: Path) -> None:
-    ca = CertAuthority(tmp_path)
+    ca = TestCA(tmp_path)
     server = relay(ssl_context=ca.server_context())
     conn = RelayConnection(settings(server.address, tls="tls", ca_file=ca.ca_file), LOG)
     conn.open()
@@ -212,7 +212,7 @@ def test_required_starttls_missing_never_falls_back(relay) -> None:
 
 @pytest.mark.parametrize("exclude", [[], ["PLAIN"]], ids=["PLAIN", "LOGIN"])
 def test_auth_success(relay, tmp_path: Path, exclude: list[str]) -> None:
-    ca = CertAuthority(tmp_path)
+    ca = TestCA(tmp_path)
     server = relay(tls_context=ca.server_context(), require_starttls=True,
                    authenticator=authenticator({"user": "pa ss"}), auth_required=True,
                    auth_exclude_mechanism=exclude)
