@@ -92,6 +92,10 @@ class QueueConfig:
     dir: Path = Path("var/queue")
     failed_dir: OptionalPath | None = None  # default: "failed" next to dir
     quarantine_dir: OptionalPath | None = None  # default: "quarantine" next to dir
+    # Commit concurrent sessions' messages together with one syncfs (shared/queue.py
+    # GroupCommit); false = each session fsyncs its own file (queue on a busy, shared
+    # filesystem).
+    group_commit: bool = True
 
     @property
     def failed(self) -> Path:

@@ -19,7 +19,7 @@ from services.receiver.users import UserFileError, load_users, verify_password
 from shared.cli import EXIT_OK, StartupError, StopFlag, open_log
 from shared.config import Config, HostPort
 from shared.log import shutdown_logging
-from shared.queue import QueueWriter
+from shared.queue import GroupCommit, MessageStore, QueueWriter
 
 GRACE_SECONDS = 8.0  # how long a stop waits for DATA in progress (supervisor waits 15)
 
@@ -35,6 +35,11 @@ def build_queue(config: Config) -> QueueWriter:
             f"queue folder {config.queue.dir} is not usable: {err.strerror}"
         ) from None
     return writer
+
+
+def message_store(config: Config, writer: QueueWriter) -> MessageStore:
+    """How the sessions store messages: together (group commit) or each on its own."""
+    return GroupCommit(writer) if config.queue.group_commit else writer
 
 
 def build_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -63,7 +68,7 @@ def build_password_check(config: Config) -> Callable[[str, str], bool] | None:
     return lambda username, password: verify_password(users, username, password)
 
 
-def build_servers(config: Config, queue: QueueWriter) -> list[ReceiverServer]:
+def build_servers(config: Config, queue: MessageStore) -> list[ReceiverServer]:
     rcv = config.receiver
     tls_context = build_tls_context(config)
     check_password = build_password_check(config)
@@ -111,15 +116,15 @@ def build_servers(config: Config, queue: QueueWriter) -> list[ReceiverServer]:
 
 
 def main(config: Config) -> int:
-    queue = build_queue(config)
-    servers = build_servers(config, queue)
+    writer = build_queue(config)
+    servers = build_servers(config, message_store(config, writer))
     try:
         log = open_log(config, PROGRAM)
     except StartupError:
         for server in servers:
             server.server_close()
         raise
-    removed = queue.clean_leftovers()
+    removed = writer.clean_leftovers()
     if removed:
         log.info("cleanup", removed_tmp_files=len(removed))
     stop = StopFlag()
