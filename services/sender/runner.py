@@ -34,9 +34,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
 from services.sender.client import OutgoingMessage
 from services.sender.local import LocalDelivery, is_local
 from services.sender.relay import RelayConnection, RelayError
@@ -192,7 +189,7 @@ class QueueRunner:
         self._waiting_for_relay = 0  # messages held back in this pass
         self._last_notice: tuple[tuple[object, ...], float] | None = None
         # Names this runner gave back to queue.dir: their "file created" event is
-        # ours, not an arrival, and must not wake the runner (see _QueueWatch).
+        # ours, not an arrival, and must not wake the runner (see watch.py).
         self.own_moves: set[str] = set()
         self._own_moves_lock = threading.Lock()
 
@@ -434,59 +431,3 @@ class QueueRunner:
         else:
             log.defer("relay-down", waiting=self._waiting_for_relay,
                       retry=format_time(self.relay.retry_at))
-
-
-# ---------------------------------------------------------------------------- watchdog
-
-class _QueueWatch(FileSystemEventHandler):
-    """Sets `wake` when a file appears directly in queue.dir (created or renamed in)."""
-
-    def __init__(
-        self, folder: Path, wake: threading.Event, ignore: Callable[[str], bool] | None = None
-    ) -> None:
-        self.folder = str(folder)
-        self.wake = wake
-        self.ignore = ignore or (lambda _name: False)
-
-    def on_created(self, event: FileSystemEvent) -> None:
-        self._maybe_wake(event.src_path)
-
-    def on_moved(self, event: FileSystemEvent) -> None:
-        self._maybe_wake(event.dest_path)
-
-    def _maybe_wake(self, path: str | bytes) -> None:
-        text = path.decode(errors="replace") if isinstance(path, bytes) else path
-        folder, _, name = text.rpartition("/")
-        if folder == self.folder and name and not name.startswith(".") and not self.ignore(name):
-            self.wake.set()
-
-
-def watch_queue(
-    folder: Path, wake: threading.Event, ignore: Callable[[str], bool] | None = None
-) -> Observer:
-    """Start a watchdog observer on `folder` (not recursive) that sets `wake`.
-
-    `ignore(name)` filters out files the runner itself put back (a deferral).
-    """
-    _no_move_pairing_delay()
-    observer = Observer()
-    observer.schedule(_QueueWatch(Path(folder), wake, ignore), str(folder), recursive=False)
-    observer.daemon = True
-    observer.start()
-    return observer
-
-
-def _no_move_pairing_delay() -> None:
-    """Deliver inotify events at once (250 -> upstream p50 ~450 ms -> ~2 ms, bench/).
-
-    watchdog holds each IN_MOVED_FROM for 0.5 s to pair it with an IN_MOVED_TO, in a
-    FIFO: the runner's own claims (renames out of queue.dir) then hold back the next
-    arrival's event by up to 0.5 s. Only arrivals matter here; nothing needs pairing.
-    """
-    try:
-        from watchdog.observers.inotify_move_event_grouper import (
-            InotifyMoveEventGrouper as Grouper,
-        )
-    except ImportError:  # older watchdog: the same delay lives on InotifyBuffer
-        from watchdog.observers.inotify_buffer import InotifyBuffer as Grouper
-    Grouper.delay = 0.0
