@@ -233,17 +233,19 @@ def write_durably(path: str | Path, chunks: Sequence[bytes]) -> None:
         os.close(fd)
 
 
-def read_file(path: str | Path) -> bytes:
-    """The whole file in as few syscalls as it takes (open, fstat, read, close).
+def read_file(path: str | Path, size: int | None = None) -> bytes:
+    """The whole file in as few syscalls as it takes (open, [fstat,] read, close).
 
     `Path.read_bytes` goes through a buffered file object: five more syscalls per
     message (ioctl, lseeks, a second fstat, a read to confirm the end) in the
-    sender's hot loop (strace, bench/README.md).
+    sender's hot loop (strace, bench/README.md). `size`, when the caller knows it
+    (the queue listing's stat), saves the fstat; a wrong one only costs reads.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)  # one byte more shows a file that grew since fstat
+        if size is None:
+            size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)  # one byte more shows a file that grew since
         if len(data) <= size:  # a regular file's read is short only at its end
             return data
         chunks = [data]
@@ -267,6 +269,7 @@ class QueueEntry:
 
     name: str
     mtime_ns: int
+    size: int | None = None  # as listed: a hint for read(), saves an fstat
 
 
 class QueueReader:
@@ -337,8 +340,8 @@ class QueueReader:
             if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                 continue
             try:
-                mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns
-                entries.append(QueueEntry(entry.name, mtime_ns))
+                stat = entry.stat(follow_symlinks=False)
+                entries.append(QueueEntry(entry.name, stat.st_mtime_ns, stat.st_size))
             except FileNotFoundError:
                 continue  # claimed by another sender meanwhile
         entries.sort(key=lambda e: (e.mtime_ns, e.name))
@@ -358,9 +361,11 @@ class QueueReader:
             yield Path(entry.path)
 
     @staticmethod
-    def read(path: Path) -> QueueFile:
-        """Parse a claimed file; QueueFormatError if it does not follow the format."""
-        return QueueFile.from_bytes(read_file(path))
+    def read(path: Path, size: int | None = None) -> QueueFile:
+        """Parse a claimed file; QueueFormatError if it does not follow the format.
+
+        `size`: the size listed (QueueEntry.size), if known."""
+        return QueueFile.from_bytes(read_file(path, size))
 
     def finish(self, path: Path) -> None:
         """Every recipient is done: the message leaves the queue."""
