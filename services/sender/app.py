@@ -112,7 +112,7 @@ def main(config: Config) -> int:
         runner.close_relay()
         observer.stop()
         observer.join(timeout=5)
-        reader.close()
+        runner.report_unfinished(reader.close())
     log.ok("exit", signal=stop.signal_name or "-", status=status)
     shutdown_logging()
     return status

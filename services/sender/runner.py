@@ -245,8 +245,14 @@ class QueueRunner:
             elif self._held_for_relay(entry.name):
                 self._waiting_for_relay += 1
         worked = self._drain(due, now)
+        self.report_unfinished(self.reader.flush())
         self._report_waiting(now)
         return worked
+
+    def report_unfinished(self, failed: Sequence[tuple[str, OSError]]) -> None:
+        """Log the delivered messages whose unlink failed: they will be sent again."""
+        for path, err in failed:
+            self.log.error("finish", id=Path(path).name, error=err.strerror or str(err))
 
     def is_own_move(self, name: str) -> bool:
         """True (once) if `name` appeared in queue.dir because this runner put it back."""
