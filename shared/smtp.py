@@ -85,19 +85,24 @@ class ReplyParser:
         self._code: int | None = None
 
     def feed(self, data: bytes) -> list[Reply]:
+        """Buffer `data`; return the replies it completes (the client's hot path: one
+        split of all complete lines, not a search and a copy per line)."""
         self._buffer += data
+        end = self._buffer.rfind(b"\n")
+        if end < 0:
+            if len(self._buffer) > self.MAX_LINE:
+                raise ReplySyntaxError("reply line too long")
+            return []
+        complete = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        if len(self._buffer) > self.MAX_LINE:
+            raise ReplySyntaxError("reply line too long")
         replies = []
-        while True:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > self.MAX_LINE:
-                    raise ReplySyntaxError("reply line too long")
-                return replies
-            line = bytes(self._buffer[:end]).rstrip(b"\r")
-            del self._buffer[: end + 1]
-            reply = self._take_line(line)
+        for line in complete.split(b"\n"):
+            reply = self._take_line(line.rstrip(b"\r"))
             if reply is not None:
                 replies.append(reply)
+        return replies
 
     def _take_line(self, line: bytes) -> Reply | None:
         match = self._LINE.fullmatch(line) or (
@@ -117,8 +122,9 @@ class ReplyParser:
         first = self._ENHANCED.fullmatch(texts[0])
         if first and first.group(1)[0] == str(code)[0]:
             enhanced = first.group(1)
-            texts = [self._ENHANCED.sub(r"\2", t) if self._ENHANCED.fullmatch(t) else t
-                     for t in texts]
+            if len(texts) == 1:
+                return Reply(code, first.group(2), enhanced)
+            texts = [m.group(2) if (m := self._ENHANCED.fullmatch(t)) else t for t in texts]
         return Reply(code, "\n".join(texts), enhanced)
 
 

@@ -451,5 +451,161 @@ def test_usage_errors() -> None:
     client.send_message(MESSAGE)
     with pytest.raises(SessionUsageError):
         client.quit()
+    client.send_message(TWO)  # queued behind the first, not an error
+    assert client.unsent == 1
     with pytest.raises(SessionUsageError):
-        client.send_message(MESSAGE)
+        client.quit()
+    with pytest.raises(SessionUsageError):
+        client.send_message(OutgoingMessage("q3", "a@x.example", (), b"no recipient\r\n"))
+    feed(client, b"421 bye\r\n")
+    with pytest.raises(SessionUsageError):
+        client.send_message(MESSAGE)  # closed
+
+
+# ------------------------------------------------------------- pipelining across messages
+# RFC 2920 §3.1: the next message's MAIL/RCPT/DATA follow the final dot in the same
+# write; the replies come in command order (§3.2) and belong to the message whose
+# command they answer.
+
+THIRD = OutgoingMessage("q3", "z@example.com", ("y@example.org",), b"third\r\n")
+
+
+def group(message: OutgoingMessage) -> bytes:
+    """The pipelined command group of one message, as the relay must receive it."""
+    size = len(to_wire_data(message.data)) - 3
+    rcpts = b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in message.recipients)
+    return (f"MAIL FROM:<{message.sender}> SIZE={size} BODY=8BITMIME\r\n".encode()
+            + rcpts + b"DATA\r\n")
+
+
+def results(events: list) -> dict[str, dict[str, tuple[int, str]]]:
+    """Each MessageDone: ref -> recipient -> (code, text), to check attribution."""
+    return {e.ref: {r: (reply.code, reply.text) for r, reply in e.results}
+            for e in events if isinstance(e, MessageDone)}
+
+
+def pipelined_pair() -> ClientSession:
+    """MESSAGE in flight with its body sent, TWO's commands right behind its dot."""
+    client = greeted(EHLO_PIPE)
+    client.send_message(MESSAGE)
+    client.send_message(TWO)
+    assert drain(client) == [Send(group(MESSAGE))]
+    assert client.unsent == 1
+    events = feed(client, b"250 sender ok\r\n250 rcpt ok\r\n354 go\r\n")
+    assert events == [Send(to_wire_data(MESSAGE.data), body=True), Send(group(TWO))]
+    assert client.unsent == 0 and client.waiting_for == "data_end"
+    return client
+
+
+def test_next_message_follows_the_final_dot_one_round_trip_each() -> None:
+    client = pipelined_pair()
+    client.send_message(THIRD)
+    events = feed(client, b"250 q1 queued\r\n250 ok\r\n250 ok\r\n550 no c\r\n354 go\r\n")
+    assert events == [
+        MessageDone("q1", (("bob@example.org", Reply(250, "q1 queued")),)),
+        Send(to_wire_data(TWO.data), body=True),
+        Send(group(THIRD)),
+    ]
+    events = feed(client, b"250 q2 queued\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert results(events) == {"q2": {"b@example.org": (250, "q2 queued"),
+                                      "c@example.net": (550, "no c")}}
+    assert sent(events) == to_wire_data(THIRD.data)
+    events = feed(client, b"250 q3 queued\r\n")
+    assert results(events) == {"q3": {"y@example.org": (250, "q3 queued")}}
+    assert kinds(events) == [MessageDone, Ready]
+    assert client.messages_sent == 3
+
+
+@pytest.mark.parametrize("dot", [b"451 4.3.0 try later", b"554 5.6.0 rejected"])
+def test_dot_of_n_fails_while_n_plus_1_is_in_flight(dot: bytes) -> None:
+    client = pipelined_pair()
+    events = feed(client, dot + b"\r\n250 ok\r\n250 b ok\r\n250 c ok\r\n354 go\r\n")
+    code = int(dot[:3])
+    assert results(events) == {"q1": {"bob@example.org": (code, dot[10:].decode())}}
+    assert sent(events) == to_wire_data(TWO.data)  # N+1 goes on, no RSET in between
+    events = feed(client, b"250 2.0.0 q2 queued\r\n")
+    assert results(events) == {"q2": {"b@example.org": (250, "q2 queued"),
+                                      "c@example.net": (250, "q2 queued")}}
+    assert kinds(events) == [MessageDone, Ready]
+    assert client.messages_sent == 1
+
+
+def test_mail_of_n_plus_1_refused_after_n_delivered() -> None:
+    client = pipelined_pair()
+    events = feed(client, b"250 q1 queued\r\n550 bad sender\r\n503 a\r\n503 b\r\n503 c\r\n")
+    assert results(events) == {
+        "q1": {"bob@example.org": (250, "q1 queued")},
+        "q2": {"b@example.org": (550, "bad sender"), "c@example.net": (550, "bad sender")},
+    }
+    assert sent(events) == b"" and kinds(events)[-1] is Ready
+
+
+def test_data_of_n_plus_1_refused_resets_then_the_queue_goes_on() -> None:
+    client = pipelined_pair()
+    client.send_message(THIRD)
+    events = feed(client, b"250 q1 queued\r\n250 ok\r\n250 ok\r\n250 ok\r\n554 no data\r\n")
+    assert results(events)["q2"] == {"b@example.org": (554, "no data"),
+                                     "c@example.net": (554, "no data")}
+    assert sent(events) == b"RSET\r\n"  # RFC 5321 §4.1.1.5, before THIRD starts
+    assert feed(client, b"250 reset\r\n") == [Send(group(THIRD))]
+
+
+@pytest.mark.parametrize(
+    ("replies", "q1"),
+    [
+        (b"421 4.3.2 going down\r\n", (421, "going down")),  # instead of the dot's reply
+        (b"250 q1 queued\r\n421 4.3.2 going down\r\n", (250, "q1 queued")),  # after it
+    ],
+)
+def test_421_mid_pipeline_ends_both_and_hands_back_the_queue(replies, q1) -> None:
+    client = pipelined_pair()
+    client.send_message(THIRD)
+    events = feed(client, replies)
+    assert results(events) == {
+        "q1": {"bob@example.org": q1},
+        "q2": {"b@example.org": (421, "going down"), "c@example.net": (421, "going down")},
+    }
+    assert kinds(events)[-2:] == [SessionError, Closed]
+    assert sent(events) == b""  # RFC 5321 §3.8: no QUIT after 421
+    assert client.take_unsent() == [THIRD]
+    assert client.unsent == 0
+
+
+def test_421_before_354_leaves_the_queued_message_unsent() -> None:
+    client = greeted(EHLO_PIPE)
+    client.send_message(MESSAGE)
+    client.send_message(TWO)
+    drain(client)
+    events = feed(client, b"250 ok\r\n421 bye\r\n")
+    assert results(events) == {"q1": {"bob@example.org": (421, "bye")}}
+    assert client.take_unsent() == [TWO]
+
+
+def test_without_pipelining_a_queued_message_waits_for_the_outcome() -> None:
+    client = greeted()  # the relay does not offer PIPELINING
+    client.send_message(MESSAGE)
+    client.send_message(THIRD)
+    assert sent(drain(client)) == b"MAIL FROM:<alice@example.com>\r\n"
+    assert sent(feed(client, b"250 ok\r\n")) == b"RCPT TO:<bob@example.org>\r\n"
+    assert sent(feed(client, b"250 ok\r\n")) == b"DATA\r\n"
+    events = feed(client, b"354 go\r\n")
+    assert events == [Send(to_wire_data(MESSAGE.data), body=True)]  # the dot alone
+    events = feed(client, b"451 q1 later\r\n")
+    assert results(events) == {"q1": {"bob@example.org": (451, "q1 later")}}
+    assert kinds(events) == [MessageDone, Send]  # no Ready in between: THIRD starts
+    assert sent(events) == b"MAIL FROM:<z@example.com>\r\n"
+    feed(client, b"250 ok\r\n")
+    feed(client, b"250 ok\r\n")
+    feed(client, b"354 go\r\n")
+    events = feed(client, b"250 q3 queued\r\n")
+    assert results(events) == {"q3": {"y@example.org": (250, "q3 queued")}}
+    assert kinds(events) == [MessageDone, Ready]
+
+
+def test_pipelined_replies_one_byte_at_a_time_give_the_same_events() -> None:
+    script = b"250 q1 queued\r\n250 ok\r\n250 ok\r\n550 no c\r\n354 go\r\n250 q2\r\n"
+    whole, split = pipelined_pair(), pipelined_pair()
+    out_split: list = []
+    for byte in script:
+        out_split += feed(split, bytes([byte]))
+    assert feed(whole, script) == out_split

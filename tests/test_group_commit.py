@@ -13,6 +13,7 @@ import errno
 import os
 import smtplib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,37 +74,52 @@ def group(writer: QueueWriter) -> Iterator[GroupCommit]:
     committer.close()
 
 
-def hold_first_syncfs(recorder: Recorder, group: GroupCommit, waiting: int) -> None:
-    """Make the writer's first syncfs wait until `waiting` more messages are queued."""
-    first = threading.Event()
+class HeldWriter:
+    """Holds the writer inside its first syncfs, so that a known batch forms meanwhile.
 
-    def before() -> None:
-        if not first.is_set():
-            first.set()
-            deadline = threading.Event()
-            while group._waiting.qsize() < waiting and not deadline.wait(0.005):
-                pass
+    `first()` stores one message from a thread and returns once the writer is inside
+    that message's syncfs; `rest()` stores the others from threads, waits until all of
+    them are queued, lets the writer go, and returns every result.
+    """
 
-    recorder.before_syncfs = before
+    def __init__(self, recorder: Recorder, group: GroupCommit) -> None:
+        self.group = group
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.results: dict[int, object] = {}
+        self.threads: list[threading.Thread] = []
+        recorder.before_syncfs = self._before
 
+    def _before(self) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(WAIT), "the test never let the writer go"
 
-def store_in_threads(group: GroupCommit, messages: list[tuple[str, bytes]]) -> dict[int, object]:
-    """Store each (sender, data) from its own thread; the result or the exception by index."""
-    results: dict[int, object] = {}
-
-    def work(index: int, sender: str, data: bytes) -> None:
+    def _store(self, index: int, sender: str, data: bytes) -> None:
         try:
-            results[index] = group.store(sender, ["rcpt@example.org"], data)
+            self.results[index] = self.group.store(sender, ["rcpt@example.org"], data)
         except QueueWriteError as err:
-            results[index] = err
+            self.results[index] = err
 
-    threads = [threading.Thread(target=work, args=(i, s, d)) for i, (s, d) in enumerate(messages)]
-    for thread in threads:
+    def _start(self, index: int, sender: str, data: bytes) -> None:
+        thread = threading.Thread(target=self._store, args=(index, sender, data))
+        self.threads.append(thread)
         thread.start()
-    for thread in threads:
-        thread.join(WAIT)
-    assert len(results) == len(messages), "a session was never released"
-    return results
+
+    def first(self, sender: str, data: bytes) -> None:
+        self._start(0, sender, data)
+        assert self.entered.wait(WAIT), "the writer never reached its syncfs"
+
+    def rest(self, messages: list[tuple[str, bytes]]) -> dict[int, object]:
+        for index, (sender, data) in enumerate(messages, 1):
+            self._start(index, sender, data)
+        deadline = time.monotonic() + WAIT
+        while self.group._waiting.qsize() < len(messages) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.release.set()
+        for thread in self.threads:
+            thread.join(WAIT)
+        assert len(self.results) == len(messages) + 1, "a session was never released"
+        return self.results
 
 
 def test_one_message_is_written_synced_renamed_then_the_folder_synced(
@@ -127,8 +143,9 @@ def test_waiting_sessions_share_one_syncfs_and_one_folder_fsync(
     writer: QueueWriter, group: GroupCommit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = Recorder(monkeypatch, writer)
-    hold_first_syncfs(recorder, group, waiting=4)
-    results = store_in_threads(group, [(f"s{n}@x", b"%d\r\n" % n) for n in range(5)])
+    held = HeldWriter(recorder, group)
+    held.first("s0@x", b"0\r\n")
+    results = held.rest([(f"s{n}@x", b"%d\r\n" % n) for n in range(1, 5)])
     monkeypatch.undo()
 
     ids = [results[n] for n in range(5)]
@@ -153,10 +170,10 @@ def test_a_full_disk_fails_only_the_message_that_does_not_fit(
         group = GroupCommit(writer)
         try:
             recorder = Recorder(monkeypatch, writer)
-            hold_first_syncfs(recorder, group, waiting=3)
-            messages = [("first@x", b"a\r\n"), ("big@x", b"x" * 200_000),
-                        ("small@x", b"b\r\n"), ("other@x", b"c\r\n")]
-            results = store_in_threads(group, messages)
+            held = HeldWriter(recorder, group)
+            held.first("first@x", b"a\r\n")
+            results = held.rest([("big@x", b"x" * 200_000), ("small@x", b"b\r\n"),
+                                 ("other@x", b"c\r\n")])
             monkeypatch.undo()
         finally:
             group.close()

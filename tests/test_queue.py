@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.queue import (
+    FINISH_BACKLOG,
     TMP_DIRNAME,
     WORK_DIRNAME,
     QueueFile,
@@ -273,3 +274,40 @@ def test_recover_abandoned_takes_back_only_from_dead_senders(queue) -> None:
     mine = reader.claim(dead)
     assert reader.recover_abandoned() == []
     assert mine is not None and mine.exists()
+
+
+# ---------------------------------------------------------------------------- finishing behind
+
+def test_finished_files_are_gone_after_flush_and_never_given_back_by_close(tmp_path) -> None:
+    writer = QueueWriter(tmp_path / "queue")
+    reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    names = [writer.store("a@b", ["c@d"], b"%d\r\n" % n) for n in range(3 * FINISH_BACKLOG)]
+    for name in names:
+        path = reader.claim(name)
+        assert path is not None
+        reader.finish(path)
+        # Never more than the backlog waits for its unlink (the crash window).
+        assert len(os.listdir(reader.work_dir)) <= FINISH_BACKLOG
+    assert reader.flush() == []
+    assert os.listdir(reader.work_dir) == []
+    kept = writer.store("a@b", ["c@d"], b"kept\r\n")
+    for name in [writer.store("a@b", ["c@d"], b"late\r\n") for _ in range(3)]:
+        reader.finish(reader.claim(name))  # type: ignore[arg-type]
+    assert reader.claim(kept) is not None
+    # A clean exit right after: the finished ones are not given back, the claimed one is.
+    assert reader.close() == []
+    assert ready_files(writer.dir) == [kept]
+
+
+def test_a_finish_that_cannot_unlink_is_reported_and_given_back(tmp_path) -> None:
+    writer = QueueWriter(tmp_path / "queue")
+    reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    stuck = reader.work_dir / "18ec0000000000000000ab"
+    stuck.mkdir()  # unlink(2) of a folder fails, even for root
+    (stuck / "inside").write_bytes(b"x")
+    reader.finish(stuck)
+    ((path, err),) = reader.flush()
+    assert path == str(stuck) and isinstance(err, OSError)
+    assert reader.flush() == []  # reported once
+    reader.close()
+    assert (writer.dir / stuck.name).is_dir()  # given back with the rest of the claims

@@ -19,7 +19,7 @@ from services.sender.runner import Backoff, QueueRunner, RetrySchedule, arrival_
 from shared.config import load_config
 from shared.log import EventLog
 from shared.queue import REASON_SUFFIX, QueueReader, QueueWriter, new_queue_id
-from tests.sender_support import RecordingHandler, Relay
+from tests.sender_support import PipeliningRelay, RecordingHandler, Relay
 from tests.support import free_port, write_config
 
 DATA = b"Subject: hello\r\n\r\nbody\r\n.dot line\r\n"
@@ -359,3 +359,63 @@ def test_messages_per_connection_opens_a_new_session(setup, relay) -> None:
     relay.handler.wait_for(5)
     relay.handler.wait_quits(3)
     assert relay.handler.quits == 3
+
+
+# ---------------------------------------------------------------------------- pipelined pass
+
+@pytest.fixture
+def pipe_relay():
+    server = PipeliningRelay()
+    yield server
+    server.close()
+
+
+def store_all(env: Setup, bodies: list[bytes]) -> list[str]:
+    return [env.writer.store("a@example.com", ["b@example.org"], b"Subject: p\r\n" + body)
+            for body in bodies]
+
+
+def logged(lines: list[str], queue_id: str) -> list[str]:
+    return [" ".join(line.split()[2:4]) for line in lines if f"id={queue_id}" in line]
+
+
+def test_a_pipelined_pass_attributes_every_outcome_to_its_message(
+    setup, pipe_relay, log_lines
+) -> None:
+    env = setup(pipe_relay.address)
+    ids = store_all(env, [b"\r\nok\r\n", b"X-Reply: 451 4.3.0 later\r\n\r\n1\r\n",
+                          b"X-Reply: 554 5.6.0 no\r\n\r\n2\r\n", b"\r\nok\r\n", b"\r\nok\r\n"])
+    assert env.runner.run_pass(now=1000.0)
+    env.runner.close_relay()
+    (session,) = pipe_relay.sessions  # one session carried the pass
+    assert session.count(b"MAIL") == 5 and session[-1] == b"QUIT"
+    assert [m[3] for m in pipe_relay.messages] == [b"250", b"451", b"554", b"250", b"250"]
+    assert env.queued() == [ids[1]]  # deferred: stays, backing off
+    assert env.failed() == [ids[2], ids[2] + REASON_SUFFIX]
+    assert os.listdir(env.reader.work_dir) == []  # the delivered ones are gone
+    assert logged(log_lines, ids[0]) == ["sent ok"]
+    assert logged(log_lines, ids[1]) == ["deferred defer"]
+    assert logged(log_lines, ids[2]) == ["failed fail"]
+    assert logged(log_lines, ids[3]) == logged(log_lines, ids[4]) == ["sent ok"]
+
+
+def test_421_mid_pipeline_defers_what_was_sent_and_the_rest_takes_a_new_session(
+    setup, pipe_relay, log_lines
+) -> None:
+    env = setup(pipe_relay.address)
+    ids = store_all(env, [b"\r\nok\r\n", b"X-Reply: 421 4.3.2 closing\r\n\r\n1\r\n"]
+                    + [b"\r\nok %d\r\n" % n for n in range(2, 6)])
+    assert env.runner.run_pass(now=1000.0)
+    env.runner.close_relay()
+    # Message 1's dot got 421; message 2's commands were already in flight behind it:
+    # both deferred with the 421. Message 3, handed over but never started, and the
+    # rest go out on a second session.
+    assert env.queued() == ids[1:3]
+    assert len(pipe_relay.sessions) == 2
+    delivered = [m[2] for m in pipe_relay.messages if m[3] == b"250"]
+    assert delivered == [b"Subject: p\r\n\r\nok\r\n"] + [
+        b"Subject: p\r\n\r\nok %d\r\n" % n for n in range(3, 6)]
+    for queue_id in ids[1:3]:
+        (line,) = [x for x in log_lines if f"id={queue_id}" in x and "deferred" in x]
+        assert "421" in line
+    assert env.failed() == [] and os.listdir(env.reader.work_dir) == []

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from services.sender.local import LocalDelivery
 from services.sender.relay import RelayConnection, RelaySettings, build_tls_context
-from services.sender.runner import PROGRAM, QueueRunner, watch_queue
+from services.sender.runner import PROGRAM, QueueRunner
+from services.sender.watch import watch_queue
 from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, StopFlag, open_log
 from shared.config import Config, SenderConfig
 from shared.log import EventLog, shutdown_logging
@@ -111,7 +112,7 @@ def main(config: Config) -> int:
         runner.close_relay()
         observer.stop()
         observer.join(timeout=5)
-        reader.close()
+        runner.report_unfinished(reader.close())
     log.ok("exit", signal=stop.signal_name or "-", status=status)
     shutdown_logging()
     return status

@@ -11,8 +11,11 @@ Use::
     while (event := client.next_event()) is not NEED_DATA:
         ...   # Send / StartTLS / Ready / MessageDone / SessionError / Closed
 
-After `Ready` the shell calls `send_message(...)` or `quit()`; after `StartTLS` it
-runs the handshake and calls `tls_started()`.
+After the first `Ready` the shell may call `send_message(...)` at any time: the
+message waits in the session's queue until the protocol lets it go (below). When
+the session is `Ready` (idle, nothing queued) the shell may also `quit()`. After
+`StartTLS` it runs the handshake and calls `tls_started()`. The shell writes all
+the `Send`s it got before it needs data in one write.
 
 Rules this module guarantees (SPEC §4):
 - it advances only on a positive reply (2xx; 334 inside AUTH, 354 after DATA); a
@@ -25,7 +28,16 @@ Rules this module guarantees (SPEC §4):
   DATA goes out only if at least one RCPT was accepted (otherwise RSET);
 - the data is re-encoded by `to_wire_data` (CRLF only, dot-stuffed, no NUL), so no
   queued body can smuggle an end-of-data past the relay;
-- with PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write.
+- with PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write, and the
+  next queued message's MAIL/RCPT/DATA follow the previous message's final dot
+  without waiting for its reply (§3.1: the message content may be the first
+  "command" of a group, DATA is its last): one round trip per message;
+- replies are attributed by position (RFC 2920 §3.2: in the order of the commands):
+  each expected reply is queued with its step AND its transaction, so when message
+  N's dot fails while N+1's commands are in flight, N's outcome gets that reply and
+  N+1's replies still go to N+1, never to N;
+- a 421 ends every transaction in flight (its undecided recipients get the 421);
+  queued messages that never started are handed back by `take_unsent()`.
 """
 
 from __future__ import annotations
@@ -200,10 +212,15 @@ class ClientSession:
         self.authenticated = False
         self.messages_sent = 0
         self._parser = ReplyParser()
-        self._expected: deque[Step] = deque([Step.GREETING])
+        # The replies still to come, in order, each with the transaction it belongs to.
+        self._expected: deque[tuple[Step, _Transaction | None]] = deque(
+            [(Step.GREETING, None)]
+        )
         self._pending: deque[Event] = deque()
         self._replies: deque[Reply] = deque()
-        self._txn: _Transaction | None = None
+        self._txns: deque[_Transaction] = deque()  # started, undecided; oldest first
+        self._queued: deque[OutgoingMessage] = deque()  # given, not started
+        self._greeted = False  # the handshake is done: messages may be given
         self._auth_lines: deque[bytes] = deque()  # LOGIN: what to answer the next 334s
         self._handlers: dict[Step, Callable[[Reply], None]] = {
             Step.GREETING: self._on_greeting,
@@ -211,12 +228,14 @@ class ClientSession:
             Step.HELO: self._on_helo,
             Step.STARTTLS: self._on_starttls,
             Step.AUTH: self._on_auth,
+            Step.RSET: self._on_rset,
+            Step.QUIT: self._on_quit,
+        }
+        self._txn_handlers: dict[Step, Callable[[Reply, _Transaction], None]] = {
             Step.MAIL: self._on_mail,
             Step.RCPT: self._on_rcpt,
             Step.DATA: self._on_data,
             Step.BODY: self._on_body,
-            Step.RSET: self._on_rset,
-            Step.QUIT: self._on_quit,
         }
 
     # -- the shell's API ----------------------------------------------------------
@@ -240,35 +259,40 @@ class ClientSession:
         """The timeout that applies now: greeting, command, data_init, data_end, or None."""
         if not self._expected:
             return None
-        return TIMEOUT_KIND.get(self._expected[0], "command")
+        return TIMEOUT_KIND.get(self._expected[0][0], "command")
 
     @property
     def in_transaction(self) -> bool:
-        return self._txn is not None
+        return bool(self._txns)
+
+    @property
+    def unsent(self) -> int:
+        """Messages given to send_message() whose commands have not gone out yet."""
+        return len(self._queued)
 
     def send_message(self, message: OutgoingMessage) -> None:
-        """Start a transaction; only when Ready (RFC 5321 §3.3)."""
-        if self.step is not Step.READY or self._expected:
+        """Give a message to send. It starts at once when the session is idle; else it
+        waits for the protocol: after the previous final dot with PIPELINING (RFC 2920
+        §3.1), after the previous message's outcome without (RFC 5321 §3.3)."""
+        if not self._greeted or self.step in (Step.QUIT, Step.CLOSED):
             raise SessionUsageError(f"send_message() while {self.step.value}")
         if not message.recipients:
             raise SessionUsageError("a message needs at least one recipient")
-        wire = to_wire_data(message.data)
-        pipelined = self.policy.use_pipelining and "PIPELINING" in self.extensions
-        self._txn = _Transaction(message, wire, pipelined)
-        mail = self._mail_command(message.sender, len(wire) - 3)
-        if pipelined:
-            commands = [mail] + [self._rcpt_command(r) for r in message.recipients]
-            commands.append(b"DATA\r\n")
-            self._expected.extend([Step.MAIL, *[Step.RCPT] * len(message.recipients), Step.DATA])
-            self._send(b"".join(commands), Step.MAIL)
-        else:
-            self._command(mail, Step.MAIL)
+        self._queued.append(message)
+        if not self._txns and not self._expected:
+            self._start(self._queued.popleft())
+
+    def take_unsent(self) -> list[OutgoingMessage]:
+        """Withdraw the queued messages that have not started (nothing of them was sent)."""
+        unsent = list(self._queued)
+        self._queued.clear()
+        return unsent
 
     def quit(self) -> None:
         """End the session politely: QUIT, then Closed once the 221 is read."""
         if self.step in (Step.QUIT, Step.CLOSED):
             return
-        if self._txn is not None or self._expected or self.step is Step.TLS:
+        if self._txns or self._queued or self._expected or self.step is Step.TLS:
             raise SessionUsageError(f"quit() while {self.step.value}")
         self._command(b"QUIT\r\n", Step.QUIT)
 
@@ -293,8 +317,8 @@ class ClientSession:
         self.step = step
         self._pending.append(Send(data, body))
 
-    def _command(self, line: bytes, step: Step) -> None:
-        self._expected.append(step)
+    def _command(self, line: bytes, step: Step, txn: _Transaction | None = None) -> None:
+        self._expected.append((step, txn))
         self._send(line, step)
 
     def _take_reply(self, reply: Reply) -> None:
@@ -303,19 +327,25 @@ class ClientSession:
                 self._relay_closing(Step.READY, reply)
                 return
             raise ProtocolError(f"unexpected reply while {self.step.value}: {reply}")
-        step = self._expected.popleft()
+        step, txn = self._expected.popleft()
         if reply.code == 421:
             self._relay_closing(step, reply)
-            return
-        self._handlers[step](reply)
+        elif txn is None:
+            self._handlers[step](reply)
+        else:
+            self._txn_handlers[step](reply, txn)
 
     def _relay_closing(self, step: Step, reply: Reply) -> None:
-        """421 (RFC 5321 §3.8): the relay is going away; do not QUIT, just close."""
+        """421 (RFC 5321 §3.8): the relay is going away; do not QUIT, just close.
+
+        Every transaction in flight ends with it (pipelined: the one whose dot is
+        awaited and the next one); queued messages stay for take_unsent().
+        """
         if step is Step.QUIT:
             self._closed("quit")
             return
-        if self._txn is not None:
-            self._finish_transaction(reply, unresolved_only=True)
+        while self._txns:
+            self._finish_transaction(self._txns[0], reply, unresolved_only=True)
         self._pending.append(SessionError(step, reply, "the relay is closing the connection"))
         self._closed("421")
 
@@ -387,8 +417,8 @@ class ClientSession:
                 self._fail(self.step, None, "refusing to send the password without TLS "
                            "(set sender.tls, or sender.auth_without_tls = true)")
         else:
-            self.step = Step.READY
-            self._pending.append(Ready())
+            self._greeted = True
+            self._idle()
 
     def _on_starttls(self, reply: Reply) -> None:
         if self._positive(reply):
@@ -441,8 +471,36 @@ class ClientSession:
     def _rcpt_command(recipient: str) -> bytes:
         return f"RCPT TO:<{recipient}>\r\n".encode("utf-8", "surrogateescape")
 
-    def _on_mail(self, reply: Reply) -> None:
-        txn = self._need_txn()
+    def _start(self, message: OutgoingMessage) -> None:
+        """Send a message's commands: all at once with PIPELINING (RFC 2920), else MAIL."""
+        wire = to_wire_data(message.data)
+        txn = _Transaction(message, wire, self.policy.use_pipelining and self._pipelining)
+        self._txns.append(txn)
+        mail = self._mail_command(message.sender, len(wire) - 3)
+        if not txn.pipelined:
+            self._command(mail, Step.MAIL, txn)
+            return
+        commands = [mail]
+        commands.extend(self._rcpt_command(r) for r in message.recipients)
+        commands.append(b"DATA\r\n")
+        self._expected.append((Step.MAIL, txn))
+        self._expected.extend((Step.RCPT, txn) for _ in message.recipients)
+        self._expected.append((Step.DATA, txn))
+        self._send(b"".join(commands), Step.MAIL)
+
+    @property
+    def _pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    def _idle(self) -> None:
+        """Nothing in flight: start the next queued message, or say Ready."""
+        if self._queued:
+            self._start(self._queued.popleft())
+        else:
+            self.step = Step.READY
+            self._pending.append(Ready())
+
+    def _on_mail(self, reply: Reply, txn: _Transaction) -> None:
         if reply.code // 100 == 3:  # nonsense from the relay: never a verdict on the mail
             raise ProtocolError(f"MAIL answered {reply}")
         txn.mail_reply = reply
@@ -452,13 +510,12 @@ class ClientSession:
             for index in range(len(txn.message.recipients)):
                 txn.results[index] = reply
             if not txn.pipelined:
-                self._end_transaction(rset=False)
+                self._end_transaction(txn, rset=False)
             return
         if not txn.pipelined:
-            self._command(self._rcpt_command(txn.message.recipients[0]), Step.RCPT)
+            self._command(self._rcpt_command(txn.message.recipients[0]), Step.RCPT, txn)
 
-    def _on_rcpt(self, reply: Reply) -> None:
-        txn = self._need_txn()
+    def _on_rcpt(self, reply: Reply, txn: _Transaction) -> None:
         if reply.code // 100 == 3:
             raise ProtocolError(f"RCPT answered {reply}")
         index = txn.next_rcpt
@@ -471,33 +528,35 @@ class ClientSession:
         if txn.pipelined:
             return
         if txn.next_rcpt < len(txn.message.recipients):
-            self._command(self._rcpt_command(txn.message.recipients[txn.next_rcpt]), Step.RCPT)
+            self._command(
+                self._rcpt_command(txn.message.recipients[txn.next_rcpt]), Step.RCPT, txn
+            )
         elif txn.accepted:
-            self._command(b"DATA\r\n", Step.DATA)
+            self._command(b"DATA\r\n", Step.DATA, txn)
         else:
-            self._end_transaction(rset=True)  # nobody accepted: no DATA
+            self._end_transaction(txn, rset=True)  # nobody accepted: no DATA
 
-    def _on_data(self, reply: Reply) -> None:
-        txn = self._need_txn()
+    def _on_data(self, reply: Reply, txn: _Transaction) -> None:
         if reply.code == 354:
             if txn.mail_ok and txn.accepted:
-                self._expected.append(Step.BODY)
-                self._send(txn.wire, Step.BODY, body=True)
+                body = txn.wire
             else:
                 # RFC 2920 §3.1: DATA accepted with no valid recipient — send an empty
                 # message end and let its reply go; nobody is delivered by it.
                 txn.discard = True
-                self._expected.append(Step.BODY)
-                self._send(b".\r\n", Step.BODY, body=True)
+                body = b".\r\n"
+            self._expected.append((Step.BODY, txn))
+            self._send(body, Step.BODY, body=True)
+            if txn.pipelined and self._queued:  # §3.1: the next group follows the dot
+                self._start(self._queued.popleft())
             return
         if reply.code // 100 in (2, 3):
             raise ProtocolError(f"DATA answered {reply}")
         for index in txn.accepted:
             txn.results[index] = reply
-        self._end_transaction(rset=txn.mail_ok)
+        self._end_transaction(txn, rset=txn.mail_ok)
 
-    def _on_body(self, reply: Reply) -> None:
-        txn = self._need_txn()
+    def _on_body(self, reply: Reply, txn: _Transaction) -> None:
         if reply.code // 100 == 3:
             raise ProtocolError(f"the final dot answered {reply}")
         if not txn.discard:
@@ -505,19 +564,23 @@ class ClientSession:
                 txn.results[index] = reply
             if self._positive(reply):
                 self.messages_sent += 1
-        self._end_transaction(rset=False)
+        # Whatever the dot's reply, the relay's transaction is over (RFC 5321 §4.1.1.4):
+        # no RSET, and the next message's commands (if in flight) stand.
+        self._end_transaction(txn, rset=False)
 
-    def _end_transaction(self, *, rset: bool) -> None:
-        self._finish_transaction(None)
+    def _end_transaction(self, txn: _Transaction, *, rset: bool) -> None:
+        self._finish_transaction(txn, None)
         if rset:  # §4.1.1.5: abort the half-open transaction before the next one
             self._command(b"RSET\r\n", Step.RSET)
-        else:
-            self.step = Step.READY
-            self._pending.append(Ready())
+        elif not self._txns:
+            self._idle()
 
-    def _finish_transaction(self, reply: Reply | None, *, unresolved_only: bool = False) -> None:
-        txn = self._need_txn()
-        self._txn = None
+    def _finish_transaction(
+        self, txn: _Transaction, reply: Reply | None, *, unresolved_only: bool = False
+    ) -> None:
+        if not self._txns or self._txns[0] is not txn:  # replies come in command order
+            raise AssertionError("a transaction ended out of order")
+        self._txns.popleft()
         results = []
         for index, recipient in enumerate(txn.message.recipients):
             decided = txn.results.get(index)
@@ -530,18 +593,12 @@ class ClientSession:
 
     def _on_rset(self, reply: Reply) -> None:
         if self._positive(reply):
-            self.step = Step.READY
-            self._pending.append(Ready())
+            self._idle()
         else:
             self._fail(Step.RSET, reply, "RSET refused")
 
     def _on_quit(self, reply: Reply) -> None:
         self._closed("quit")
-
-    def _need_txn(self) -> _Transaction:
-        if self._txn is None:
-            raise ProtocolError(f"a transaction reply while {self.step.value}")
-        return self._txn
 
 
 def parse_extensions(reply: Reply) -> dict[str, str]:

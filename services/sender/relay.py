@@ -12,14 +12,29 @@ runs TLS, keeps the RFC 5321 §4.5.3.2 timeouts and moves bytes.
   timeout, or a refused greeting/EHLO/STARTTLS/AUTH): the messages stay queued.
 - A stop (TERM) lets the transaction in progress finish for `STOP_GRACE` seconds,
   then abandons it: without its 250 the message simply stays queued.
+
+Many messages on one session (RFC 2920): `submit()` hands messages to the session,
+`pump()` carries out what it says without blocking (everything it asks to send
+goes out in ONE write: a body and the next message's commands), `wait()` blocks
+for the relay's next bytes. Outcomes queue up in `results` as they come, so a
+failure never loses one that arrived before it. `deliver()` is the one-message
+form of the same loop.
+
+Syscalls per message matter (issue 6): after the handshake the socket is
+non-blocking; a read or write is tried first and poll(2) runs only when it would
+block. No settimeout() per call (each was an ioctl, and every recv/send under a
+timeout was a poll + the call). Timeouts (RFC 5321 §4.5.3.2) are kept as
+deadlines; the stop flag is looked at every `READ_SLICE` while waiting.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +126,7 @@ def build_tls_context(settings: RelaySettings) -> ssl.SSLContext:
 
 
 class RelayConnection:
-    """One SMTP session with the relay: `open()`, `deliver()` many times, `close()`."""
+    """One SMTP session with the relay: `open()`, messages, `close()`."""
 
     def __init__(
         self,
@@ -138,8 +153,11 @@ class RelayConnection:
             tls_active=settings.tls == "tls",  # implicit TLS: encrypted before the greeting
         )
         self.sock: socket.socket | None = None
-        self.usable = False  # Ready for another message
-        self.messages = 0
+        self._poll = select.poll()
+        self.usable = False  # greeted and not closing: may take messages
+        self.idle = False  # Ready: nothing in flight (QUIT may follow)
+        self.messages = 0  # submitted on this session
+        self.results: deque[MessageDone] = deque()  # outcomes not yet taken
 
     # -- public --------------------------------------------------------------------
 
@@ -152,7 +170,7 @@ class RelayConnection:
             )
         except OSError as err:
             raise RelayError("connect", _os_error_text(err)) from None
-        self.sock = sock
+        self._use(sock)
         ip = sock.getpeername()[0]
         if ip != address.host:
             self.peer = f"{address.host}[{ip}]:{address.port}"
@@ -160,7 +178,7 @@ class RelayConnection:
         if self.settings.tls == "tls":
             self._handshake()
         self._run_until(Ready, stage="session")
-        self.usable = True
+        self.usable = self.idle = True
         self.log.ok(
             "connect",
             tls=self.sock.version() if isinstance(self.sock, ssl.SSLSocket) else "no",
@@ -168,28 +186,64 @@ class RelayConnection:
             esmtp=" ".join(sorted(self.client.extensions)) or "no",
         )
 
+    def submit(self, message: OutgoingMessage) -> None:
+        """Hand a message to the session; its outcome comes in `results` (after pump())."""
+        if not self.usable:
+            raise RelayError("session", "the connection is not usable")
+        self.client.send_message(message)
+        self.messages += 1
+        self.idle = False
+
+    @property
+    def unsent(self) -> int:
+        """Submitted messages none of whose commands has gone out yet."""
+        return self.client.unsent
+
+    def take_unsent(self) -> list[OutgoingMessage]:
+        """Withdraw the submitted messages that have not started (e.g. to stop)."""
+        return self.client.take_unsent()
+
+    def pump(self, stage: str = "transaction") -> None:
+        """Carry out the session's events up to the point it needs the relay's reply.
+
+        Never blocks on the relay (a write may wait for buffer space). RelayError if
+        the session failed: the connection is then closed; `results` keeps what came.
+        """
+        self._run_until(None, stage)
+
+    def wait(self, stage: str = "transaction") -> None:
+        """Block for the relay's next bytes (the timeout of the reply awaited)."""
+        self._read(stage, None)
+
     def deliver(self, message: OutgoingMessage) -> tuple[tuple[str, Reply], ...]:
         """Relay one message; each recipient with its deciding reply.
 
         RelayError if the connection broke before the outcome was known: then no
         recipient counts as delivered.
         """
-        if not self.usable:
-            raise RelayError("session", "the connection is not usable")
-        self.usable = False
-        self.client.send_message(message)
-        done = self._run_until(MessageDone, stage="transaction")
-        self.messages += 1
-        self.usable = self._settle()  # Ready for the next message, or closed
-        assert isinstance(done, MessageDone)
+        self.submit(message)
+        while True:
+            self.pump()
+            if self.results:
+                break
+            self.wait()
+        done = self.results.popleft()
+        self._settle()  # Ready for the next message, or closed
         return done.results
 
     def close(self) -> None:
-        """QUIT and read the 221 (RFC 5321 §4.1.1.10); then close the socket. Idempotent."""
+        """QUIT and read the 221 (RFC 5321 §4.1.1.10); then close the socket. Idempotent.
+
+        What is still in flight (e.g. an RSET) is finished first; messages not started
+        are withdrawn; outcomes read on the way stay in `results`.
+        """
         if self.sock is None:
             return
         try:
             if self.usable:
+                self.client.take_unsent()
+                if not self.idle:
+                    self._run_until(Ready, stage="quit", limit=QUIT_TIMEOUT)
                 self.usable = False
                 self.client.quit()
                 self._run_until(Closed, stage="quit", limit=QUIT_TIMEOUT)
@@ -199,21 +253,36 @@ class RelayConnection:
 
     # -- driving the machine ----------------------------------------------------------
 
-    def _run_until(self, wanted: type, stage: str, limit: float | None = None) -> object:
-        """Carry out events until one of type `wanted`; RelayError on any failure."""
+    def _run_until(self, wanted: type | None, stage: str, limit: float | None = None) -> object:
+        """Carry out events until one of type `wanted` (None: until the session needs
+        data, without reading); RelayError on any failure. The Sends met on the way
+        go out together, in one write, before anything else is done."""
+        writes: list[Send] = []
         while True:
             try:
                 event = self.client.next_event()
             except ProtocolError as err:  # a reply that makes no sense now: defer
                 self._drop()
                 raise RelayError(stage, f"protocol error: {err}") from None
-            if event is NEED_DATA:
-                self._read(stage, limit)
-                continue
-            if isinstance(event, wanted):
-                return event
             if isinstance(event, Send):
-                self._write(event, stage)
+                writes.append(event)
+                continue
+            if isinstance(event, MessageDone):
+                self.results.append(event)
+                continue
+            if isinstance(event, Ready):
+                self.idle = True
+                if wanted is not Ready:
+                    continue
+            if writes:
+                self._write(writes, stage)
+                writes = []
+            if wanted is not None and isinstance(event, wanted):
+                return event
+            if event is NEED_DATA:
+                if wanted is None:
+                    return None
+                self._read(stage, limit)
             elif isinstance(event, StartTLS):
                 self._handshake()
                 self.client.tls_started()
@@ -223,8 +292,6 @@ class RelayConnection:
             elif isinstance(event, Closed):
                 self._drop()
                 raise RelayError(stage, f"the session ended ({event.reason})")
-            elif isinstance(event, MessageDone | Ready):
-                raise AssertionError(f"{event} while waiting for {wanted.__name__}")
 
     def _finish_after_error(self, error: SessionError, limit: float | None) -> None:
         """After a SessionError the machine sends QUIT (or closes after 421): do it."""
@@ -235,33 +302,30 @@ class RelayConnection:
             pass
         self._drop()
 
-    def _settle(self) -> bool:
-        """After a MessageDone: run to Ready (True) or to the end of the session (False)."""
+    def _settle(self) -> None:
+        """After a MessageDone: run to Ready, or to the end of the session (logged)."""
         try:
-            self._run_until(Ready, stage="reset")
+            while not self.idle:
+                self.wait("reset")
+                self.pump("reset")
         except RelayError as err:
             self.log.fail("session", error=str(err))
             self._drop()
-            return False
-        return True
 
     def _read(self, stage: str, limit: float | None) -> None:
+        """One recv of whatever the relay sent; waits (poll) only if nothing is there."""
         sock = self._need_sock(stage)
         kind = self.client.waiting_for or "command"
         timeout = limit or self.settings.timeout(kind)
         deadline = time.monotonic() + timeout
         while True:
-            now = time.monotonic()
-            if now >= deadline:
-                self._drop()
-                raise RelayError(stage, f"timeout after {timeout:g}s waiting for the {kind} reply")
-            if self.stop.is_set() and now >= self._stop_deadline():
-                self._drop()  # abandoned: without its 250 the message stays queued
-                raise RelayError(stage, f"abandoned waiting for the {kind} reply: stopping")
-            sock.settimeout(max(0.01, min(READ_SLICE, deadline - now)))
             try:
                 data = sock.recv(RECV_SIZE)
-            except (TimeoutError, ssl.SSLWantReadError):
+            except (BlockingIOError, ssl.SSLWantReadError):
+                self._wait_io(select.POLLIN, deadline, stage, f"the {kind} reply", timeout)
+                continue
+            except ssl.SSLWantWriteError:
+                self._wait_io(select.POLLOUT, deadline, stage, f"the {kind} reply", timeout)
                 continue
             except (OSError, ssl.SSLError) as err:
                 self._drop()
@@ -276,6 +340,49 @@ class RelayConnection:
                 raise RelayError(stage, f"protocol error: {err}") from None
             return
 
+    def _write(self, sends: list[Send], stage: str) -> None:
+        """Send these events' bytes as one write (RFC 2920: one group per write).
+
+        §4.5.3.2.5: while data goes out the timeout applies to each block — any
+        progress restarts it; commands alone have the command timeout.
+        """
+        sock = self._need_sock(stage)
+        data = sends[0].data if len(sends) == 1 else b"".join(s.data for s in sends)
+        timeout = self.settings.timeout(
+            "data_block" if any(s.body for s in sends) else "command"
+        )
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while view:
+            try:
+                view = view[sock.send(view[:BLOCK_SIZE]):]
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                self._wait_io(select.POLLOUT, deadline, stage, "room to send", timeout)
+                continue
+            except ssl.SSLWantReadError:
+                self._wait_io(select.POLLIN, deadline, stage, "room to send", timeout)
+                continue
+            except (OSError, ssl.SSLError) as err:
+                self._drop()
+                raise RelayError(stage, f"cannot send: {_os_error_text(err)}") from None
+            deadline = time.monotonic() + timeout
+
+    def _wait_io(
+        self, events: int, deadline: float, stage: str, what: str, timeout: float
+    ) -> None:
+        """poll(2) until the socket is ready, at most READ_SLICE at a time; RelayError
+        on the deadline, or when a stop has waited STOP_GRACE."""
+        now = time.monotonic()
+        if now >= deadline:
+            self._drop()
+            raise RelayError(stage, f"timeout after {timeout:g}s waiting for {what}")
+        if self.stop.is_set() and now >= self._stop_deadline():
+            self._drop()  # abandoned: without its 250 the message stays queued
+            raise RelayError(stage, f"abandoned waiting for {what}: stopping")
+        sock = self._need_sock(stage)
+        self._poll.register(sock, events)
+        self._poll.poll(max(10, int(min(READ_SLICE, deadline - now) * 1000)))
+
     _stopped_at: float | None = None
 
     def _stop_deadline(self) -> float:
@@ -283,33 +390,23 @@ class RelayConnection:
             self._stopped_at = time.monotonic()
         return self._stopped_at + STOP_GRACE
 
-    def _write(self, event: Send, stage: str) -> None:
-        sock = self._need_sock(stage)
-        try:
-            if not event.body:
-                sock.settimeout(self.settings.timeout("command"))
-                sock.sendall(event.data)
-                return
-            # §4.5.3.2.5: the timeout applies to each block, not to the whole message.
-            sock.settimeout(self.settings.timeout("data_block"))
-            view = memoryview(event.data)
-            for start in range(0, len(view), BLOCK_SIZE):
-                sock.sendall(view[start : start + BLOCK_SIZE])
-        except (OSError, ssl.SSLError) as err:
-            self._drop()
-            raise RelayError(stage, f"cannot send: {_os_error_text(err)}") from None
+    def _use(self, sock: socket.socket) -> None:
+        """From now on the session runs on `sock`, non-blocking (see the module doc)."""
+        self.sock = sock
+        sock.settimeout(0.0)
 
     def _handshake(self) -> None:
         sock = self._need_sock("tls")
         assert self.tls_context is not None
         sock.settimeout(self.settings.connect_timeout)
         try:
-            self.sock = self.tls_context.wrap_socket(
+            wrapped = self.tls_context.wrap_socket(
                 sock, server_hostname=self.settings.address.host
             )
         except (OSError, ssl.SSLError, ValueError) as err:
             self._drop(sock)
             raise RelayError("tls", _os_error_text(err)) from None
+        self._use(wrapped)
 
     def _need_sock(self, stage: str) -> socket.socket:
         if self.sock is None:

@@ -16,7 +16,16 @@ Invariants (SPEC §4, issue 3):
   message is tried against it until then; local recipients are still delivered;
 - each pass takes the whole queue oldest first and the runner looks again at once
   when a pass did anything; otherwise it waits on an Event that the watchdog
-  observer sets when a file arrives, at most `poll_interval` (never a busy loop).
+  observer sets when a file arrives, at most `poll_interval` (never a busy loop);
+- one relay session carries the pass, pipelined (RFC 2920): while the relay works
+  on message N, the runner settles N-1 and claims and reads N+1, which is handed
+  to the session so that its commands follow N's final dot. At most one message
+  waits unsent; a failure settles what came back and defers the messages whose
+  commands went out, while the unsent one goes to the next session. A message
+  leaves the queue (`finish`) as soon as its outcome is read, before the runner
+  reads any further reply: after a crash only the messages in flight - the
+  relay's 250 not yet read or not yet acted on, at most two - are sent again
+  (at-least-once, like every MTA). A stop hands the unsent message back.
 
 The retry schedule lives in memory, keyed by queue id. Across a restart it is lost
 on purpose: every queued message is due once at start-up and its backoff starts
@@ -29,20 +38,18 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from services.sender.client import OutgoingMessage
 from services.sender.local import LocalDelivery, is_local
 from services.sender.relay import RelayConnection, RelayError
 from shared.config import Config
 from shared.log import EventLog
-from shared.queue import QueueFile, QueueFormatError, QueueReader
+from shared.queue import QueueEntry, QueueFile, QueueFormatError, QueueReader
 from shared.smtp import Reply
 
 PROGRAM = "S-SMTP"
@@ -144,6 +151,18 @@ class RelayState:
         self.retry_at = 0.0
 
 
+@dataclass
+class _Job:
+    """A claimed message on its way through a pass: what settling it needs."""
+
+    queue_id: str
+    path: Path
+    message: QueueFile
+    expires: float
+    outcomes: list[Outcome]  # decided so far (the local recipients)
+    remote: tuple[str, ...]  # for the relay
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one recipient in one attempt."""
@@ -189,10 +208,11 @@ class QueueRunner:
         self.lifetime = snd.max_queue_lifetime
         self.per_connection = snd.messages_per_connection
         self._conn: RelayConnection | None = None
+        self._peer_logs: dict[str, EventLog] = {}
         self._waiting_for_relay = 0  # messages held back in this pass
         self._last_notice: tuple[tuple[object, ...], float] | None = None
         # Names this runner gave back to queue.dir: their "file created" event is
-        # ours, not an arrival, and must not wake the runner (see _QueueWatch).
+        # ours, not an arrival, and must not wake the runner (see watch.py).
         self.own_moves: set[str] = set()
         self._own_moves_lock = threading.Lock()
 
@@ -218,17 +238,21 @@ class QueueRunner:
         with self._own_moves_lock:
             self.own_moves &= present
         self._waiting_for_relay = 0
-        worked = False
+        due: deque[QueueEntry] = deque()
         for entry in entries:
-            if self.stop.is_set():
-                break
-            if not self.schedule.due(entry.name, now):
-                if self._held_for_relay(entry.name):
-                    self._waiting_for_relay += 1
-                continue
-            worked |= self.process(entry.name, now, entry.mtime_ns / 1e9)
+            if self.schedule.due(entry.name, now):
+                due.append(entry)
+            elif self._held_for_relay(entry.name):
+                self._waiting_for_relay += 1
+        worked = self._drain(due, now)
+        self.report_unfinished(self.reader.flush())
         self._report_waiting(now)
         return worked
+
+    def report_unfinished(self, failed: Sequence[tuple[str, OSError]]) -> None:
+        """Log the delivered messages whose unlink failed: they will be sent again."""
+        for path, err in failed:
+            self.log.error("finish", id=Path(path).name, error=err.strerror or str(err))
 
     def is_own_move(self, name: str) -> bool:
         """True (once) if `name` appeared in queue.dir because this runner put it back."""
@@ -258,66 +282,136 @@ class QueueRunner:
             self._conn.close()
             self._conn = None
 
+    # -- the pass's pipeline -------------------------------------------------------------
+
+    def _drain(self, due: deque[QueueEntry], now: float) -> bool:
+        """Take the due messages through claim, delivery and settling; True if any."""
+        worked = False
+        ready: deque[_Job] = deque()  # claimed and read, waiting for the relay
+        flight: dict[str, _Job] = {}  # handed to the relay session, outcome not read
+        while True:
+            if self.stop.is_set():
+                self._hold_unsent(flight, "stopping", now)
+            else:
+                worked |= self._feed(due, ready, flight, now)
+            if not flight:
+                if self.stop.is_set() or not (due or ready):
+                    return worked
+                continue
+            self._exchange(flight, ready, now)
+
+    def _feed(
+        self, due: deque[QueueEntry], ready: deque[_Job], flight: dict[str, _Job], now: float
+    ) -> bool:
+        """Prepare messages and hand them to the relay until one waits unsent there."""
+        worked = False
+        while (due or ready) and self._room(flight):
+            job = ready.popleft() if ready else self._prepare(due.popleft(), now)
+            if job is None:
+                continue
+            worked = True
+            if not job.remote:
+                self._settle(job, [], now)
+                continue
+            conn, why = self._connection(now)
+            if conn is None:
+                self._waiting_for_relay += 1
+                self._settle(job, [Outcome(r, "held", why, self.relay_peer)
+                                   for r in job.remote], now)
+                continue
+            conn.submit(OutgoingMessage(job.queue_id, job.message.sender, job.remote,
+                                        job.message.data))
+            flight[job.queue_id] = job
+        return worked
+
+    def _room(self, flight: dict[str, _Job]) -> bool:
+        """May another message go to the relay now? With none in flight, always (a new
+        session may be opened); else only on the same session, none waiting unsent."""
+        conn = self._conn
+        if not flight:
+            return True
+        return (conn is not None and conn.usable and conn.unsent == 0
+                and conn.messages < self.per_connection)
+
+    def _exchange(self, flight: dict[str, _Job], ready: deque[_Job], now: float) -> None:
+        """Let the session write what it can, settle the outcomes that came, then (if
+        anything is still in flight) wait for the relay's next bytes."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.pump()
+            self._settle_results(conn, flight, now)
+            if flight:
+                conn.wait()
+        except RelayError as err:
+            self._settle_results(conn, flight, now)  # what came before the failure
+            for message in conn.take_unsent():  # never started: the next session's
+                ready.append(flight.pop(message.ref))
+            for job in list(flight.values()):
+                conn.log.fail("transaction", id=job.queue_id, error=str(err))
+                self._settle(job, [Outcome(r, "deferred", str(err), conn.peer)
+                                   for r in job.remote], now)
+            flight.clear()
+            self.close_relay()
+
+    def _settle_results(self, conn: RelayConnection, flight: dict[str, _Job], now: float) -> None:
+        while conn.results:
+            done = conn.results.popleft()
+            outcomes = [Outcome(r, classify(reply), str(reply), conn.peer)
+                        for r, reply in done.results]
+            self._settle(flight.pop(done.ref), outcomes, now)
+
+    def _hold_unsent(self, flight: dict[str, _Job], why: str, now: float) -> None:
+        """Take back the messages the session has not started (a stop): not attempted."""
+        if self._conn is None:
+            return
+        for message in self._conn.take_unsent():
+            job = flight.pop(message.ref)
+            self._settle(job, [Outcome(r, "held", why, self.relay_peer) for r in job.remote],
+                         now)
+
     # -- one message -------------------------------------------------------------------
 
-    def process(self, queue_id: str, now: float, mtime: float | None = None) -> bool:
-        """Claim, deliver and settle one message. False if another process had it."""
+    def _prepare(self, entry: QueueEntry, now: float) -> _Job | None:
+        """Claim and read a message, deliver its local recipients. None if there is
+        nothing more to do with it (another process had it, quarantined, unreadable)."""
+        queue_id = entry.name
         path = self.reader.claim(queue_id)
         if path is None:
-            return False
+            return None
         try:
-            message = self.reader.read(path)
+            message = self.reader.read(path, entry.size)
         except QueueFormatError as err:
             self.reader.quarantine(path, str(err))
             self.schedule.forget(queue_id)
             self.log.fail("quarantine", id=queue_id, reason=str(err))
-            return True
+            return None
         except OSError as err:
             self.log.error("read", id=queue_id, error=err.strerror or str(err))
             self.schedule.defer(queue_id, now, f"cannot read: {err.strerror}")
             self._release(path)
-            return True
+            return None
         outcomes = []
-        local = [r for r in message.recipients if is_local(r, self.local_domains)]
-        remote = [r for r in message.recipients if not is_local(r, self.local_domains)]
-        for recipient in local:
-            reply = self.local.deliver(message.sender, recipient, message.data)
-            outcomes.append(Outcome(recipient, classify(reply), str(reply), "local"))
-        if remote:
-            outcomes.extend(self._relay_send(queue_id, message, remote, now))
-        expires = arrival_time(queue_id, mtime if mtime is not None else now) + self.lifetime
-        self._settle(path, queue_id, message, outcomes, now, expires)
-        return True
+        remote = []
+        for recipient in message.recipients:
+            if is_local(recipient, self.local_domains):
+                reply = self.local.deliver(message.sender, recipient, message.data)
+                outcomes.append(Outcome(recipient, classify(reply), str(reply), "local"))
+            else:
+                remote.append(recipient)
+        expires = arrival_time(queue_id, entry.mtime_ns / 1e9) + self.lifetime
+        return _Job(queue_id, path, message, expires, outcomes, tuple(remote))
 
-    def _relay_send(
-        self, queue_id: str, message: QueueFile, recipients: list[str], now: float
-    ) -> list[Outcome]:
-        def held(why: str) -> list[Outcome]:
-            self._waiting_for_relay += 1
-            return [Outcome(r, "held", why, self.relay_peer) for r in recipients]
-
-        if self.connect is None:
-            return held("no relay configured")
-        conn = self._connection(now)
-        if conn is None:
-            return held(f"relay unavailable until {format_time(self.relay.retry_at)}")
-        outgoing = OutgoingMessage(queue_id, message.sender, tuple(recipients), message.data)
-        try:
-            results = conn.deliver(outgoing)
-        except RelayError as err:
-            conn.log.fail("transaction", id=queue_id, error=str(err))
-            self.close_relay()
-            return [Outcome(r, "deferred", str(err), conn.peer) for r in recipients]
-        return [Outcome(r, classify(reply), str(reply), conn.peer) for r, reply in results]
-
-    def _connection(self, now: float) -> RelayConnection | None:
-        """The open relay session, or a new one; None while the relay is backing off."""
+    def _connection(self, now: float) -> tuple[RelayConnection | None, str]:
+        """The open relay session, or a new one; None (and why) when there is none."""
         conn = self._conn
         if conn is not None and conn.usable and conn.messages < self.per_connection:
-            return conn
+            return conn, ""
         self.close_relay()
-        if not self.relay.available(now) or self.connect is None:
-            return None
+        if self.connect is None:
+            return None, "no relay configured"
+        if not self.relay.available(now):
+            return None, f"relay unavailable until {format_time(self.relay.retry_at)}"
         conn = self.connect()
         try:
             conn.open()
@@ -330,21 +424,15 @@ class QueueRunner:
                 retry=format_time(retry_at),
             )
             conn.close()
-            return None
+            return None, f"relay unavailable until {format_time(retry_at)}"
         self.relay.succeeded()
         self._conn = conn
-        return conn
+        return conn, ""
 
-    def _settle(
-        self,
-        path: Path,
-        queue_id: str,
-        message: QueueFile,
-        outcomes: Sequence[Outcome],
-        now: float,
-        expires: float,
-    ) -> None:
+    def _settle(self, job: _Job, relayed: Sequence[Outcome], now: float) -> None:
         """Log every outcome and move the file accordingly (the queue invariants)."""
+        path, queue_id, message, expires = job.path, job.queue_id, job.message, job.expires
+        outcomes: Sequence[Outcome] = job.outcomes + list(relayed)
         if now > expires:
             age = f"message expired after {self.lifetime:g}s in the queue"
             outcomes = [
@@ -397,7 +485,7 @@ class QueueRunner:
             if o.status != "held":
                 groups.setdefault((o.peer, o.status, o.detail), []).append(o.recipient)
         for (peer, status, detail), recipients in groups.items():
-            log = self.log.with_peer(peer)
+            log = self._peer_log(peer)
             to = ",".join(f"<{r}>" for r in recipients)
             if status == "sent":
                 log.ok("sent", id=queue_id, to=to, reply=detail)
@@ -407,6 +495,13 @@ class QueueRunner:
                 log.defer("deferred", id=queue_id, to=to, until=format_time(until), reply=detail)
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _peer_log(self, peer: str) -> EventLog:
+        """One EventLog per peer: with_peer() binds a new loguru logger each time."""
+        log = self._peer_logs.get(peer)
+        if log is None:
+            log = self._peer_logs[peer] = self.log.with_peer(peer)
+        return log
 
     def _held_for_relay(self, queue_id: str) -> bool:
         entry = self.schedule.get(queue_id)
@@ -434,59 +529,3 @@ class QueueRunner:
         else:
             log.defer("relay-down", waiting=self._waiting_for_relay,
                       retry=format_time(self.relay.retry_at))
-
-
-# ---------------------------------------------------------------------------- watchdog
-
-class _QueueWatch(FileSystemEventHandler):
-    """Sets `wake` when a file appears directly in queue.dir (created or renamed in)."""
-
-    def __init__(
-        self, folder: Path, wake: threading.Event, ignore: Callable[[str], bool] | None = None
-    ) -> None:
-        self.folder = str(folder)
-        self.wake = wake
-        self.ignore = ignore or (lambda _name: False)
-
-    def on_created(self, event: FileSystemEvent) -> None:
-        self._maybe_wake(event.src_path)
-
-    def on_moved(self, event: FileSystemEvent) -> None:
-        self._maybe_wake(event.dest_path)
-
-    def _maybe_wake(self, path: str | bytes) -> None:
-        text = path.decode(errors="replace") if isinstance(path, bytes) else path
-        folder, _, name = text.rpartition("/")
-        if folder == self.folder and name and not name.startswith(".") and not self.ignore(name):
-            self.wake.set()
-
-
-def watch_queue(
-    folder: Path, wake: threading.Event, ignore: Callable[[str], bool] | None = None
-) -> Observer:
-    """Start a watchdog observer on `folder` (not recursive) that sets `wake`.
-
-    `ignore(name)` filters out files the runner itself put back (a deferral).
-    """
-    _no_move_pairing_delay()
-    observer = Observer()
-    observer.schedule(_QueueWatch(Path(folder), wake, ignore), str(folder), recursive=False)
-    observer.daemon = True
-    observer.start()
-    return observer
-
-
-def _no_move_pairing_delay() -> None:
-    """Deliver inotify events at once (250 -> upstream p50 ~450 ms -> ~2 ms, bench/).
-
-    watchdog holds each IN_MOVED_FROM for 0.5 s to pair it with an IN_MOVED_TO, in a
-    FIFO: the runner's own claims (renames out of queue.dir) then hold back the next
-    arrival's event by up to 0.5 s. Only arrivals matter here; nothing needs pairing.
-    """
-    try:
-        from watchdog.observers.inotify_move_event_grouper import (
-            InotifyMoveEventGrouper as Grouper,
-        )
-    except ImportError:  # older watchdog: the same delay lives on InotifyBuffer
-        from watchdog.observers.inotify_buffer import InotifyBuffer as Grouper
-    Grouper.delay = 0.0
