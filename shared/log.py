@@ -29,7 +29,8 @@ import fcntl
 import os
 import re
 import threading
-from datetime import datetime
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,8 @@ from loguru import logger
 
 from shared.config import LogConfig
 
-# The rest of a line after its timestamp (a loguru format string).
-LINE_AFTER_TIME = " {extra[program]} {extra[peer]} {message}\n"
+# The line format for records that do not come through EventLog (none of ours do).
+LOG_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZ} {extra[program]} {extra[peer]} {message}"
 
 # C0 and C1 controls (ESC and CSI drive terminals), quote, backslash, the Unicode line
 # and paragraph separators (str.splitlines() breaks on them); \udc80-\udcff are bytes
@@ -77,12 +78,19 @@ class EventLog:
     """The log of one program and peer: `log.ok("queued", id=qid, size=123)`.
 
     Details are escaped; the event name and outcome are ours, never from the wire.
+
+    The line is rendered here and handed to loguru as a raw message (`opt(raw=True)`):
+    loguru still decides by level and serialises the sink, but does not format the
+    line again. Its formatting - the `{time:...}` pattern re-read token by token, a
+    copy of the record, `format_map` - was half the cost of a log call, and the
+    receiver pays for every call with the GIL held in a session's path (bench/README.md).
     """
 
     def __init__(self, program: str, peer: str) -> None:
         self.program = program
         self.peer = peer
-        self._logger = logger.bind(program=program, peer=escape(peer))
+        self._after_time = f" {program} {escape(peer)} "
+        self._logger = logger.bind(program=program, peer=escape(peer)).opt(raw=True)
 
     def with_peer(self, peer: str) -> EventLog:
         return EventLog(self.program, peer)
@@ -90,7 +98,8 @@ class EventLog:
     def event(self, event: str, outcome: str, level: str = "INFO", **details: Any) -> None:
         parts = [event, outcome]
         parts.extend(f"{key}={escape(value)}" for key, value in details.items())
-        self._logger.log(level, " ".join(parts))
+        line = _TIMESTAMPS.now() + self._after_time + " ".join(parts) + "\n"
+        self._logger.log(level, line)
 
     def ok(self, event: str, **details: Any) -> None:
         self.event(event, "ok", **details)
@@ -111,32 +120,30 @@ class EventLog:
 
 
 class Timestamps:
-    """Render a record's time as ISO 8601 with milliseconds and zone, e.g.
-    `2026-11-28T21:50:01.123+00:00`.
+    """The time now as ISO 8601 with milliseconds and zone: `2026-11-28T21:50:01.123+00:00`.
 
-    Everything but the milliseconds is rendered once per second and reused: loguru's
-    own `{time:...}` pattern is re-interpreted token by token for every record, a
-    fifth of the cost of a log call (cProfile, bench/README.md) - and the receiver
-    pays that with the GIL held, in every session's path.
+    Everything but the milliseconds is rendered once per second and reused.
     """
 
-    def __init__(self) -> None:
-        self._second: float | None = None
-        self._date_time = ""
-        self._zone = ""
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        # (second, "YYYY-MM-DDTHH:MM:SS", "+HH:MM"): replaced whole, read once per call,
+        # so a thread never mixes another second's date with its own milliseconds.
+        self._cached: tuple[int, str, str] = (-1, "", "")
 
-    def render(self, when: datetime) -> str:
-        second = when.timestamp() // 1
-        if second != self._second:
-            zone = when.strftime("%z") or "+0000"
-            self._date_time = when.strftime("%Y-%m-%dT%H:%M:%S")
-            self._zone = f"{zone[:3]}:{zone[3:5]}"
-            self._second = second
-        return f"{self._date_time}.{when.microsecond // 1000:03d}{self._zone}"
+    def now(self) -> str:
+        now = self._clock()
+        second = int(now)
+        cached = self._cached
+        if cached[0] != second:
+            local = time.localtime(second)
+            zone = time.strftime("%z", local) or "+0000"
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", local), f"{zone[:3]}:{zone[3:5]}")
+            self._cached = cached
+        return f"{cached[1]}.{int((now - second) * 1000):03d}{cached[2]}"
 
-    def line_format(self, record: Any) -> str:
-        """loguru's `format` callable: the timestamp, then the fixed rest of the line."""
-        return self.render(record["time"]) + LINE_AFTER_TIME
+
+_TIMESTAMPS = Timestamps()
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -246,7 +253,7 @@ def setup_logging(config: LogConfig, program: str, *, enqueue: bool = False) -> 
     sink = SharedFileSink(config.file, config.rotation_bytes, config.retention)
     logger.add(
         sink.write,
-        format=Timestamps().line_format,
+        format=LOG_FORMAT,
         level=config.level.upper(),
         enqueue=enqueue,
         backtrace=False,

@@ -13,12 +13,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from shared.config import LogConfig, load_config
-from shared.log import escape
+from shared.log import Timestamps, escape
 from tests.support import REPO, write_config
 
 TIMESTAMP = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}[+-]\d{2}:\d{2}"
@@ -190,3 +191,21 @@ def test_log_section_defaults_rotate_and_retain():
     config = LogConfig()
     assert config.rotation_bytes == 10_000_000
     assert config.retention == 5
+
+
+def test_timestamps_are_iso_8601_with_milliseconds_and_the_zone(monkeypatch) -> None:
+    clock = [1764374400.9996]  # 2025-11-29 00:00:00.9996 UTC
+    stamps = Timestamps(clock=lambda: clock[0])
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        assert stamps.now() == "2025-11-29T00:00:00.999+00:00"  # truncated, never .1000
+        clock[0] += 1.5
+        assert stamps.now() == "2025-11-29T00:00:02.499+00:00"  # the next second re-rendered
+        monkeypatch.setenv("TZ", "America/St_Johns")  # a zone with minutes
+        time.tzset()
+        clock[0] += 1
+        assert stamps.now() == "2025-11-28T20:30:03.499-03:30"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
