@@ -232,6 +232,24 @@ def test_claim_is_exclusive_and_release_keeps_the_place(queue) -> None:
     assert reader.list_ready() == [] and list(reader.claimed()) == []
 
 
+def test_take_is_claim_as_a_plain_string(queue) -> None:
+    """The sender's hot loop works on strings; finish/release/read take them too."""
+    writer, reader = queue
+    first, second = (writer.store("a@b", ["c@d"], b"%d\r\n" % n) for n in range(2))
+    path = reader.take(first)
+    assert isinstance(path, str) and path == str(reader.work_dir / first)
+    assert reader.take(first) is None and reader.claim(first) is None
+    assert reader.read(path) == QueueFile("a@b", ("c@d",), b"0\r\n")
+    reader.release(path)
+    assert sorted(e.name for e in reader.list_ready()) == sorted([first, second])
+    for name in (first, second):
+        taken = reader.take(name)
+        assert taken is not None
+        reader.finish(taken)
+    assert reader.flush() == []
+    assert reader.list_ready() == [] and os.listdir(reader.work_dir) == []
+
+
 def test_close_gives_back_what_is_still_claimed(tmp_path: Path) -> None:
     writer = QueueWriter(tmp_path / "queue")
     reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")

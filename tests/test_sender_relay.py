@@ -89,6 +89,23 @@ def test_many_messages_one_session_one_quit(relay) -> None:
     assert server.handler.quits == 1
 
 
+def test_a_write_the_socket_takes_only_in_part_is_finished(relay) -> None:
+    """A write of up to one block is tried with one send (issue 6); when the socket
+    takes only part of it (a small send buffer here), the rest still goes out whole."""
+    server = relay()
+    conn = RelayConnection(settings(server.address), LOG)
+    conn.open()
+    assert conn.sock is not None
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    bodies = [b"Subject: %d\r\n\r\n" % n + (b"y" * 998 + b"\r\n") * 60 for n in range(3)]
+    for number, data in enumerate(bodies):
+        assert len(data) < 64 * 1024
+        assert codes(conn.deliver(message(f"q{number}", data=data))) == {"bob@example.org": 250}
+    conn.close()
+    assert [m.content for m in server.handler.wait_for(3)] == bodies
+    server.handler.wait_quits(1)
+
+
 def test_per_recipient_mix_and_data_failure(relay) -> None:
     handler = RecordingHandler(rcpt_replies={
         "gone@example.org": "550 5.1.1 no such user",

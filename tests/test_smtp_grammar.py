@@ -285,3 +285,31 @@ def _catalogue() -> list[tuple[str, Reply]]:
 def test_every_catalogue_reply_round_trips_through_the_parser(name: str, reply: Reply) -> None:
     assert ReplyParser().feed(reply.to_bytes(True)) == [reply]
     assert ReplyParser().feed(reply.to_bytes(False)) == [Reply(reply.code, reply.text)]
+
+
+def test_reply_parser_hands_out_a_repeated_line_as_the_same_reply() -> None:
+    """The parser remembers one-line replies (the sender's hot path, issue 6): the
+    same line gives the very same immutable Reply, a multi-line reply ending in
+    that line is still read as a whole, and the memory stays bounded."""
+    parser = ReplyParser()
+    (first,) = parser.feed(b"250 2.0.0 Ok\r\n")
+    (again,) = parser.feed(b"250 2.0.0 Ok\r\n")
+    assert again is first and again == Reply(250, "Ok", "2.0.0")
+    assert str(again) == "250 2.0.0 Ok"
+    assert parser.feed(b"250-2.0.0 first\r\n250 2.0.0 Ok\r\n") == [
+        Reply(250, "first\nOk", "2.0.0")
+    ]
+    assert parser.feed(b"250 2.0.0 Ok\r\n") == [first]
+    for number in range(3 * ReplyParser.SEEN_MAX):
+        assert parser.feed(b"250 queued as %d\r\n" % number) == [
+            Reply(250, f"queued as {number}")
+        ]
+    assert len(parser._seen) <= ReplyParser.SEEN_MAX
+
+
+def test_reply_str_is_rendered_once_and_unchanged() -> None:
+    reply = Reply(250, "first\nsecond", "2.0.0")
+    assert str(reply) == "250-2.0.0 first / 250 2.0.0 second"
+    assert str(reply) is str(reply)
+    assert reply == Reply(250, "first\nsecond", "2.0.0")  # the cache is not a field
+    assert hash(reply) == hash(Reply(250, "first\nsecond", "2.0.0"))

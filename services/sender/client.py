@@ -46,7 +46,7 @@ import base64
 import enum
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shared.smtp import Reply, ReplyParser, to_wire_data
 
@@ -181,18 +181,22 @@ class OutgoingMessage:
     data: bytes
 
 
-@dataclass
 class _Transaction:
-    """One message in flight (aiosmtpd's Envelope, client side)."""
+    """One message in flight (aiosmtpd's Envelope, client side). A slotted class,
+    not a dataclass: one is made per message (issue 6)."""
 
-    message: OutgoingMessage
-    wire: bytes
-    pipelined: bool
-    mail_reply: Reply | None = None
-    next_rcpt: int = 0  # index of the RCPT whose reply comes next
-    results: dict[int, Reply] = field(default_factory=dict)  # refused recipients
-    accepted: list[int] = field(default_factory=list)
-    discard: bool = False  # DATA got 354 although nothing was accepted
+    __slots__ = ("message", "wire", "pipelined", "mail_reply", "next_rcpt", "results",
+                 "accepted", "discard")
+
+    def __init__(self, message: OutgoingMessage, wire: bytes, pipelined: bool) -> None:
+        self.message = message
+        self.wire = wire
+        self.pipelined = pipelined
+        self.mail_reply: Reply | None = None
+        self.next_rcpt = 0  # index of the RCPT whose reply comes next
+        self.results: dict[int, Reply] = {}  # refused recipients
+        self.accepted: list[int] = []
+        self.discard = False  # DATA got 354 although nothing was accepted
 
     @property
     def mail_ok(self) -> bool:

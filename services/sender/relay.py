@@ -347,11 +347,22 @@ class RelayConnection:
         progress restarts it; commands alone have the command timeout.
         """
         sock = self._need_sock(stage)
-        data = sends[0].data if len(sends) == 1 else b"".join(s.data for s in sends)
+        data = sends[0].data if len(sends) == 1 else b"".join([s.data for s in sends])
+        view = memoryview(data)
+        if len(data) <= BLOCK_SIZE:  # the usual case: one send, no clock, no poll
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0  # no room yet: the loop below waits for it
+            except (OSError, ssl.SSLError) as err:
+                self._drop()
+                raise RelayError(stage, f"cannot send: {_os_error_text(err)}") from None
+            if sent == len(data):
+                return
+            view = view[sent:]
         timeout = self.settings.timeout(
             "data_block" if any(s.body for s in sends) else "command"
         )
-        view = memoryview(data)
         deadline = time.monotonic() + timeout
         while view:
             try:

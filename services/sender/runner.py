@@ -36,6 +36,7 @@ counted from the queue id. Time is always passed in (`now`) so tests drive it.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -151,16 +152,24 @@ class RelayState:
         self.retry_at = 0.0
 
 
-@dataclass
 class _Job:
-    """A claimed message on its way through a pass: what settling it needs."""
+    """A claimed message on its way through a pass: what settling it needs.
 
-    queue_id: str
-    path: Path
-    message: QueueFile
-    expires: float
-    outcomes: list[Outcome]  # decided so far (the local recipients)
-    remote: tuple[str, ...]  # for the relay
+    A plain slotted class, not a dataclass: one is made per message (issue 6)."""
+
+    __slots__ = ("queue_id", "path", "message", "mtime_ns", "outcomes", "remote")
+
+    def __init__(self, queue_id: str, path: str, message: QueueFile, mtime_ns: int,
+                 outcomes: list[Outcome], remote: tuple[str, ...]) -> None:
+        self.queue_id = queue_id
+        self.path = path  # in our work folder (a plain string: see QueueReader.take)
+        self.message = message
+        self.mtime_ns = mtime_ns  # as listed: the arrival time if the id has none
+        self.outcomes = outcomes  # decided so far (the local recipients)
+        self.remote = remote  # for the relay
+
+    def expires(self, lifetime: float) -> float:
+        return arrival_time(self.queue_id, self.mtime_ns / 1e9) + lifetime
 
 
 @dataclass(frozen=True)
@@ -262,9 +271,9 @@ class QueueRunner:
                 return True
         return False
 
-    def _release(self, path: Path) -> None:
+    def _release(self, path: str) -> None:
         with self._own_moves_lock:
-            self.own_moves.add(path.name)
+            self.own_moves.add(os.path.basename(path))
         self.reader.release(path)
 
     def sleep_time(self, now: float) -> float:
@@ -355,11 +364,37 @@ class QueueRunner:
             self.close_relay()
 
     def _settle_results(self, conn: RelayConnection, flight: dict[str, _Job], now: float) -> None:
-        while conn.results:
-            done = conn.results.popleft()
+        results = conn.results
+        while results:
+            done = results.popleft()
+            job = flight.pop(done.ref)
+            if not job.outcomes and self._all_sent(done.results):
+                self._finish_sent(job, conn.peer, done.results, now)
+                continue
             outcomes = [Outcome(r, classify(reply), str(reply), conn.peer)
                         for r, reply in done.results]
-            self._settle(flight.pop(done.ref), outcomes, now)
+            self._settle(job, outcomes, now)
+
+    @staticmethod
+    def _all_sent(results: Sequence[tuple[str, Reply]]) -> bool:
+        """Every recipient took the same 2xx (the reply to the final dot)."""
+        first = results[0][1]
+        if first.code // 100 != 2:
+            return False
+        return all(reply is first or reply == first for _, reply in results)
+
+    def _finish_sent(
+        self, job: _Job, peer: str, results: Sequence[tuple[str, Reply]], now: float
+    ) -> None:
+        """The common case of `_settle`, without its lists: every recipient was
+        relayed with one 2xx, none was local. Same log line, same move (finish)."""
+        to = ",".join([f"<{r}>" for r, _ in results])
+        self._peer_log(peer).ok("sent", id=job.queue_id, to=to, reply=str(results[0][1]))
+        self.schedule.forget(job.queue_id)
+        try:
+            self.reader.finish(job.path)
+        except OSError as err:  # as in _settle
+            self._queue_error(job, err, now)
 
     def _hold_unsent(self, flight: dict[str, _Job], why: str, now: float) -> None:
         """Take back the messages the session has not started (a stop): not attempted."""
@@ -376,13 +411,13 @@ class QueueRunner:
         """Claim and read a message, deliver its local recipients. None if there is
         nothing more to do with it (another process had it, quarantined, unreadable)."""
         queue_id = entry.name
-        path = self.reader.claim(queue_id)
+        path = self.reader.take(queue_id)
         if path is None:
             return None
         try:
             message = self.reader.read(path, entry.size)
         except QueueFormatError as err:
-            self.reader.quarantine(path, str(err))
+            self.reader.quarantine(Path(path), str(err))
             self.schedule.forget(queue_id)
             self.log.fail("quarantine", id=queue_id, reason=str(err))
             return None
@@ -391,7 +426,9 @@ class QueueRunner:
             self.schedule.defer(queue_id, now, f"cannot read: {err.strerror}")
             self._release(path)
             return None
-        outcomes = []
+        outcomes: list[Outcome] = []
+        if not self.local_domains:  # no local delivery configured: all for the relay
+            return _Job(queue_id, path, message, entry.mtime_ns, outcomes, message.recipients)
         remote = []
         for recipient in message.recipients:
             if is_local(recipient, self.local_domains):
@@ -399,8 +436,7 @@ class QueueRunner:
                 outcomes.append(Outcome(recipient, classify(reply), str(reply), "local"))
             else:
                 remote.append(recipient)
-        expires = arrival_time(queue_id, entry.mtime_ns / 1e9) + self.lifetime
-        return _Job(queue_id, path, message, expires, outcomes, tuple(remote))
+        return _Job(queue_id, path, message, entry.mtime_ns, outcomes, tuple(remote))
 
     def _connection(self, now: float) -> tuple[RelayConnection | None, str]:
         """The open relay session, or a new one; None (and why) when there is none."""
@@ -431,7 +467,8 @@ class QueueRunner:
 
     def _settle(self, job: _Job, relayed: Sequence[Outcome], now: float) -> None:
         """Log every outcome and move the file accordingly (the queue invariants)."""
-        path, queue_id, message, expires = job.path, job.queue_id, job.message, job.expires
+        path, queue_id, message = job.path, job.queue_id, job.message
+        expires = job.expires(self.lifetime)
         outcomes: Sequence[Outcome] = job.outcomes + list(relayed)
         if now > expires:
             age = f"message expired after {self.lifetime:g}s in the queue"
@@ -458,22 +495,26 @@ class QueueRunner:
             if not later:
                 self.schedule.forget(queue_id)
                 if failed:
-                    self.reader.fail(path, failed_part, reasons)
+                    self.reader.fail(Path(path), failed_part, reasons)
                 else:
                     self.reader.finish(path)
                 return
             if failed:  # first the record, then the rewrite: a crash between repeats it
-                self.reader.fail_some(path, failed_part, reasons)
+                self.reader.fail_some(Path(path), failed_part, reasons)
             if len(later) < len(message.recipients):
                 rest = tuple(o.recipient for o in later)
-                self.reader.rewrite(path, QueueFile(message.sender, rest, message.data))
+                self.reader.rewrite(Path(path), QueueFile(message.sender, rest, message.data))
             self._release(path)
         except OSError as err:  # e.g. disk full: keep it, try again after a backoff
-            self.log.error("queue", id=queue_id, error=err.strerror or str(err))
-            self.schedule.defer(queue_id, now, f"queue error: {err.strerror or err}")
-            self._give_back(path)
+            self._queue_error(job, err, now)
 
-    def _give_back(self, path: Path) -> None:
+    def _queue_error(self, job: _Job, err: OSError, now: float) -> None:
+        queue_id = job.queue_id
+        self.log.error("queue", id=queue_id, error=err.strerror or str(err))
+        self.schedule.defer(queue_id, now, f"queue error: {err.strerror or err}")
+        self._give_back(job.path)
+
+    def _give_back(self, path: str) -> None:
         try:
             self._release(path)
         except OSError:
