@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,7 +173,59 @@ class SmtpSink:
                 self.proc.stderr.close()
 
 
-class PipeliningRelay:
+class LoopbackRelay:
+    """A hand-written SMTP peer on 127.0.0.1: one session at a time on its own thread.
+
+    Subclasses answer a session in `session(conn)`; an OSError there ends the session.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.settimeout(0.2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self.session(conn)
+                except OSError:
+                    pass
+
+    def session(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def lines(self, conn: socket.socket) -> Iterator[bytes]:
+        """The client's lines without their CRLF, as they arrive, until it closes."""
+        buffer = b""
+        while not self.stop.is_set():
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                yield line.rstrip(b"\r")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+class PipeliningRelay(LoopbackRelay):
     """A small SMTP server that offers PIPELINING (RFC 2920) and answers each command
     as it reads it, however the client batched them; one session at a time.
 
@@ -183,87 +235,56 @@ class PipeliningRelay:
     """
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        self.listener.settimeout(0.2)
         self.messages: list[tuple[str, list[str], bytes, bytes]] = []  # from, to, data, reply
         self.sessions: list[list[bytes]] = []
         self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                verbs: list[bytes] = []
-                with self.lock:
-                    self.sessions.append(verbs)
-                try:
-                    self._session(conn, verbs)
-                except OSError:
-                    pass
+    def session(self, conn: socket.socket) -> None:
+        verbs: list[bytes] = []
+        with self.lock:
+            self.sessions.append(verbs)
+        self._session(conn, verbs)
 
     def _session(self, conn: socket.socket, verbs: list[bytes]) -> None:
         conn.sendall(b"220 pipe.test ESMTP\r\n")
-        buffer = b""
         data: list[bytes] | None = None
         sender, rcpts = "", []
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            buffer += chunk
-            while b"\r\n" in buffer:
-                line, buffer = buffer.split(b"\r\n", 1)
-                if data is not None:  # inside DATA
-                    if line != b".":
-                        data.append(line[1:] if line.startswith(b".") else line)
-                        continue
-                    body = b"".join(part + b"\r\n" for part in data)
-                    reply = b"250 2.0.0 queued\r\n"
-                    for header in data:
-                        if header.startswith(b"X-Reply: "):
-                            reply = header[len(b"X-Reply: "):] + b"\r\n"
-                    with self.lock:
-                        self.messages.append((sender, rcpts, body, reply[:3]))
-                    conn.sendall(reply)
-                    data = None
-                    if reply.startswith(b"421"):  # RFC 5321 §3.8: close after it; drain
-                        conn.shutdown(socket.SHUT_WR)  # what is in flight (no RST)
-                        while conn.recv(65536):
-                            pass
-                        return
+        for line in self.lines(conn):
+            if data is not None:  # inside DATA
+                if line != b".":
+                    data.append(line[1:] if line.startswith(b".") else line)
                     continue
-                verb = line.split(b" ")[0].split(b":")[0].upper()
-                verbs.append(verb)
-                if verb == b"EHLO":
-                    conn.sendall(b"250-pipe.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-                elif verb == b"MAIL":
-                    sender, rcpts = line.decode().split("<", 1)[1].split(">")[0], []
-                    conn.sendall(b"250 2.1.0 ok\r\n")
-                elif verb == b"RCPT":
-                    rcpts.append(line.decode().split("<", 1)[1].split(">")[0])
-                    conn.sendall(b"250 2.1.5 ok\r\n")
-                elif verb == b"DATA":
-                    data = []
-                    conn.sendall(b"354 go ahead\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
+                body = b"".join(part + b"\r\n" for part in data)
+                reply = b"250 2.0.0 queued\r\n"
+                for header in data:
+                    if header.startswith(b"X-Reply: "):
+                        reply = header[len(b"X-Reply: "):] + b"\r\n"
+                with self.lock:
+                    self.messages.append((sender, rcpts, body, reply[:3]))
+                conn.sendall(reply)
+                data = None
+                if reply.startswith(b"421"):  # RFC 5321 §3.8: close after it; drain
+                    conn.shutdown(socket.SHUT_WR)  # what is in flight (no RST)
+                    while conn.recv(65536):
+                        pass
                     return
-                else:
-                    conn.sendall(b"250 ok\r\n")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.listener.close()
+                continue
+            verb = line.split(b" ")[0].split(b":")[0].upper()
+            verbs.append(verb)
+            if verb == b"EHLO":
+                conn.sendall(b"250-pipe.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                sender, rcpts = line.decode().split("<", 1)[1].split(">")[0], []
+                conn.sendall(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                rcpts.append(line.decode().split("<", 1)[1].split(">")[0])
+                conn.sendall(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                data = []
+                conn.sendall(b"354 go ahead\r\n")
+            elif verb == b"QUIT":
+                conn.sendall(b"221 bye\r\n")
+                return
+            else:
+                conn.sendall(b"250 ok\r\n")

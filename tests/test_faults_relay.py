@@ -9,14 +9,14 @@ nonsense, never call it delivered), and keep running.
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 
 from shared.config import load_config
 from shared.queue import QueueWriter
 from tests.hardening_support import ready_files, wait_for
-from tests.support import MailbagProcess, free_port, write_config
+from tests.sender_support import LoopbackRelay
+from tests.support import MailbagProcess, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -33,62 +33,35 @@ NORMAL = {
 }
 
 
-class ScriptedRelay:
+class ScriptedRelay(LoopbackRelay):
     """Answers each command line by its verb from a script; records the verbs seen."""
 
     def __init__(self, script: dict[bytes, bytes]) -> None:
         self.script = {**NORMAL, **script}
-        self.port = free_port()
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        self.listener.settimeout(0.2)
         self.seen: list[bytes] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                self._session(conn)
+    def session(self, conn: socket.socket) -> None:
+        self._session(conn)
 
     def _session(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
         conn.sendall(b"220 hostile.test ESMTP\r\n")
-        buffer, in_data = b"", False
-        try:
-            while not self.stop.is_set():
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    line = line.rstrip(b"\r")
-                    if in_data:
-                        if line != b".":
-                            continue
-                        in_data = False
-                    verb = line.split(b" ")[0].upper()
-                    self.seen.append(verb)
-                    reply = self.script.get(verb, b"500 what\r\n")
-                    if not reply:
-                        return  # hang up without a word
-                    conn.sendall(reply)
-                    if verb == b"DATA" and reply.startswith(b"354"):
-                        in_data = True
-                    if verb == b"QUIT":
-                        return
-        except OSError:
-            return
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.listener.close()
+        in_data = False
+        for line in self.lines(conn):
+            if in_data:
+                if line != b".":
+                    continue
+                in_data = False
+            verb = line.split(b" ")[0].upper()
+            self.seen.append(verb)
+            reply = self.script.get(verb, b"500 what\r\n")
+            if not reply:
+                return  # hang up without a word
+            conn.sendall(reply)
+            if verb == b"DATA" and reply.startswith(b"354"):
+                in_data = True
+            if verb == b"QUIT":
+                return
 
 
 HOSTILE = {
