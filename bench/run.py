@@ -588,26 +588,41 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def drain_figures(report: Report, workdir: Path, mode: Mode) -> None:
-    """The sender drains a pre-filled queue into smtp-sink, timed by smtp-sink's own
-    arrival counter from the first message to the last (start-up is not counted)."""
+    """The sender drains a pre-filled queue into smtp-sink (median of `repeat` runs)."""
     if not (REPO / "services" / "sender" / "__main__.py").exists():
         report.note("sender: services/sender is not there yet - drain figures skipped")
         return
-    folder = workdir / "drain"
+    runs = [drain_once(workdir / f"drain{n}", workdir, mode.drain) for n in range(mode.repeat)]
+    if any(run is None for run in runs):
+        report.note(f"sender did not drain the queue; see {workdir / 'sender.stderr'}")
+        return
+    rates, cpus, rss = zip(*runs, strict=True)  # type: ignore[misc]
+    report.line(f"sender drain of {mode.drain} x 1 KiB into smtp-sink (msgs/s)",
+                statistics.median(rates), POSTFIX_DRAIN, "≥5,000/s; peer = Postfix (issue)")
+    report.line("sender CPU s/1,000 msgs (drain)", statistics.median(cpus), None, digits=2)
+    report.line("sender RSS during drain (MiB)", max(rss) / 1024, None, digits=1)
+
+
+def drain_once(folder: Path, workdir: Path, count: int) -> tuple[float, float, int] | None:
+    """One drain: msgs/s, CPU s per 1,000 msgs, peak RSS (KiB); None if it failed.
+
+    Timed by smtp-sink's own arrival counter from the first message to the last
+    (start-up is not counted); the queue must be empty afterwards.
+    """
     folder.mkdir()
     with smtp_sink(workdir) as (sink_port, arrivals):
         config = write_config(folder, sender={"relay": f"127.0.0.1:{sink_port}",
                                               "poll_interval": 60})
         queue_dir = folder / "var" / "queue"
-        fill_queue(queue_dir, mode.drain)
+        fill_queue(queue_dir, count)
         sender = start_sender(config, workdir)
         cpu_at: dict[int, float] = {}
-        for number in (1, mode.drain):
+        for number in (1, count):
             arrivals.on_count[number] = lambda n=number: cpu_at.setdefault(
                 n, cpu_seconds(sender.pid))
         try:
             with RssSampler(sender.pid) as rss:
-                arrived = arrivals.wait_for(mode.drain, RUN_TIMEOUT)
+                arrived = arrivals.wait_for(count, RUN_TIMEOUT)
             # Every message arrived; the queue must now empty (delivered files are
             # removed behind the deliveries). Checked after the timing, not during it.
             deadline = time.monotonic() + 15
@@ -617,16 +632,12 @@ def drain_figures(report: Report, workdir: Path, mode: Mode) -> None:
         finally:
             stop_process(sender)
     if not arrived or left:
-        report.note(f"sender did not drain the queue ({arrivals.count} of {mode.drain} "
-                    f"arrived, {left} still queued); see {workdir / 'sender.stderr'}")
-        return
-    elapsed = arrivals.stamps[mode.drain] - arrivals.stamps[1]
-    timed = mode.drain - 1  # the messages after the first, over the time after it
-    report.line(f"sender drain of {mode.drain} x 1 KiB into smtp-sink (msgs/s)",
-                timed / max(elapsed, 1e-6), POSTFIX_DRAIN, "≥5,000/s; peer = Postfix (issue)")
-    cpu = cpu_at.get(mode.drain, 0.0) - cpu_at.get(1, 0.0)
-    report.line("sender CPU s/1,000 msgs (drain)", cpu / timed * 1000, None, digits=2)
-    report.line("sender RSS during drain (MiB)", rss.peak / 1024, None, digits=1)
+        print(f"# drain: {arrivals.count} of {count} arrived, {left} still queued")
+        return None
+    timed = count - 1  # the messages after the first, over the time after it
+    elapsed = arrivals.stamps[count] - arrivals.stamps[1]
+    cpu = cpu_at.get(count, 0.0) - cpu_at.get(1, 0.0)
+    return timed / max(elapsed, 1e-6), cpu / timed * 1000, rss.peak
 
 
 def upstream_figures(report: Report, workdir: Path, mode: Mode) -> None:
