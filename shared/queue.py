@@ -230,7 +230,7 @@ def envelope_of(sender: str, recipients: Sequence[str]) -> bytes:
     return QueueFile(sender, tuple(recipients), b"").envelope_bytes()
 
 
-def _load_syncfs() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _load_syncfs() -> Callable[[int], int] | None:
     """libc's syncfs(2), or None where there is none (then GroupCommit fsyncs each file)."""
     try:
         function = ctypes.CDLL(None, use_errno=True).syncfs
@@ -277,8 +277,9 @@ class GroupCommit:
     folder fsync), with nothing left behind, as `QueueWriter.store` does.
 
     syncfs also flushes whatever else is dirty on that filesystem, so a busy
-    neighbour on the same filesystem lengthens the wait: put the queue on its own
-    filesystem, or set `queue.group_commit = false` for `QueueWriter.store`'s
+    neighbour on the same filesystem lengthens the wait (and a write error of another
+    file there fails the batch: 451, and the clients try again): put the queue on its
+    own filesystem, or set `queue.group_commit = false` for `QueueWriter.store`'s
     per-message fsyncs. Without syncfs (not Linux) step 2 fsyncs each file.
     """
 

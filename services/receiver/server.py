@@ -246,7 +246,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.outgoing: list[bytes] = []
         # Messages stored since the last flush, logged once their 250 is on its way:
         # the log call then overlaps the client's next round trip instead of
-        # lengthening this one (a quarter of a session's Python time, bench/README.md).
+        # lengthening this one.
         self.queued_unlogged: list[tuple[str, MessageReady]] = []
         # recv_into one buffer per session: a fresh 256 KiB bytes object per recv()
         # cost an mmap, page faults, an mremap and an munmap (a TLB shootdown across
