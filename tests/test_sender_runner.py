@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,36 @@ def test_relayed_message_leaves_the_queue_byte_identical(setup, relay) -> None:
     assert queue_id not in os.listdir(env.config.queue.dir)
     relay.handler.wait_quits(1)
     assert env.runner.run_pass(now=1e12) is False
+
+
+def _immutable(path: Path, on: bool) -> None:
+    """chattr +i / -i: even root's unlink(2) fails (EPERM) on an immutable inode."""
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr not usable here: {done.stderr.decode(errors='replace')}")
+
+
+def test_a_delivered_message_that_cannot_be_unlinked_is_not_sent_again(
+    setup, relay, log_lines
+) -> None:
+    """Read in place, a delivered file whose unlink fails stays in queue.dir: it is
+    logged once and the unlink is retried, but this process never sends it again."""
+    env = setup(relay.address)
+    queue_id = env.writer.store("alice@example.com", ["bob@example.org"], DATA)
+    path = env.config.queue.dir / queue_id
+    _immutable(path, True)
+    try:
+        assert env.runner.run_pass(now=1e12) is True
+        relay.handler.wait_for(1)
+        assert env.runner.run_pass(now=1e12) is False  # not delivered twice
+        assert env.runner.run_pass(now=1e12) is False
+        env.runner.close_relay()
+        assert len(relay.handler.messages) == 1 and env.queued() == [queue_id]
+        assert len([x for x in log_lines if " finish fail " in x]) == 1
+    finally:
+        _immutable(path, False)
+    env.runner.run_pass(now=1e12)  # the unlink is retried, and now succeeds
+    assert env.queued() == [] and len(relay.handler.messages) == 1
 
 
 def test_all_recipients_sent_is_one_line_and_the_file_goes(setup, relay, log_lines) -> None:

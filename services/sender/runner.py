@@ -224,6 +224,10 @@ class QueueRunner:
         self._conn: RelayConnection | None = None
         self._peer_logs: dict[str, EventLog] = {}
         self._waiting_for_relay = 0  # messages held back in this pass
+        # Delivered messages whose unlink failed: still in queue.dir, but done. Not
+        # sent again by this process (the unlink is retried each pass); after a
+        # restart they are, once (at-least-once), as the claims' design gave them back.
+        self._undeletable: set[str] = set()
         self._last_notice: tuple[tuple[object, ...], float] | None = None
         # Names this runner renamed into queue.dir (a rewrite over the original):
         # their "moved in" event is ours, not an arrival, and must not wake the
@@ -258,7 +262,12 @@ class QueueRunner:
             self.own_moves &= present
         self._waiting_for_relay = 0
         due: deque[QueueEntry] = deque()
+        self._undeletable &= present
+        for name in self._undeletable:
+            self.reader.finish(self.reader.path_of(name))  # try the unlink again
         for entry in entries:
+            if entry.name in self._undeletable:
+                continue
             if self.schedule.due(entry.name, now):
                 due.append(entry)
             elif self._held_for_relay(entry.name):
@@ -269,9 +278,12 @@ class QueueRunner:
         return worked
 
     def report_unfinished(self, failed: Sequence[tuple[str, OSError]]) -> None:
-        """Log the delivered messages whose unlink failed: they will be sent again."""
+        """Log (once) the delivered messages whose unlink failed; they stay done."""
         for path, err in failed:
-            self.log.error("finish", id=Path(path).name, error=err.strerror or str(err))
+            name = os.path.basename(path)
+            if name not in self._undeletable:
+                self._undeletable.add(name)
+                self.log.error("finish", id=name, error=err.strerror or str(err))
 
     def is_own_move(self, name: str) -> bool:
         """True (once) if `name` appeared in queue.dir by this runner's own rename."""
