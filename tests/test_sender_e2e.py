@@ -225,6 +225,19 @@ def test_a_second_sender_waits_delivers_nothing_and_takes_over_after_a_kill(
     assert len(server.handler.messages) - len(subjects) <= 1
 
 
+def test_term_on_standby_exits_0_and_leaves_the_queue_alone(
+    tmp_path: Path, sender_factory
+) -> None:
+    path = write_config(tmp_path, sender=FAST)
+    config = load_config(path)
+    first = sender_factory(path)
+    second = sender_factory(path, until="S-SMTP - standby info")
+    second.signal(signal.SIGTERM)
+    assert second.proc.wait(10) == 0
+    assert first.proc.poll() is None  # the owner goes on
+    assert log_text(config).count("S-SMTP - exit ok") == 1
+
+
 def test_term_exits_0_and_leaves_undelivered_mail_queued(tmp_path: Path, sender_factory) -> None:
     path = write_config(tmp_path, sender=FAST)
     config = load_config(path)
