@@ -501,7 +501,8 @@ def fill_queue(queue_dir: Path, count: int, size: int = 1024) -> None:
 
 
 def messages_in_queue(queue_dir: Path) -> int:
-    """Ready plus claimed-but-unfinished messages (the sender's work folders)."""
+    """Messages left: the ready ones (the sender reads them in place; dot names are
+    not messages), plus any in an older sender version's `.work/<pid>/` folders."""
     count = len(stored_files(queue_dir))
     work_root = queue_dir / ".work"
     if work_root.is_dir():

@@ -9,10 +9,14 @@ This module is the ONLY place that reads or writes the queue file format (SPEC �
 
 Folders (all on the queue's filesystem, so every move is an atomic rename):
 
-    queue.dir/             ready messages, one file each: the only thing the sender pops
-    queue.dir/.tmp/        files being written by the receiver; never seen by the sender
-    queue.dir/.work/<pid>/ files claimed by the sender process <pid> (flock'd lock file)
-    failed/, quarantine/   next to queue.dir (config): messages that will never be sent
+    queue.dir/              ready messages, one file each: the only thing the sender pops
+    queue.dir/.tmp/         files being written by the receiver; never seen by the sender
+    queue.dir/.sender.lock  flock'd by the one sender process that owns the queue
+    queue.dir/.<id>.new     a rewrite in progress (renamed over <id>); never listed
+    queue.dir/.work/<pid>/  claims of an older sender version: moved back at start
+    failed/, quarantine/    next to queue.dir (config): messages that will never be sent
+
+Names starting with "." are never messages: the sender and the watch skip them.
 
 Durability (SPEC §3, §6): a message is written to `.tmp`, flushed to disk, renamed
 into queue.dir and the folder fsynced before `store` returns; only then may the
@@ -50,14 +54,16 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 TMP_DIRNAME = ".tmp"
 FINISH_BACKLOG = 16  # finished files that may wait for their unlink (the crash window)
 FINISH_BATCH = 8  # ... and how many the remover thread takes per wake-up
-WORK_DIRNAME = ".work"
+WORK_DIRNAME = ".work"  # claims of an older sender version (recover_abandoned)
+LOCK_NAME = ".sender.lock"  # the queue's owner holds an exclusive flock on it
+REWRITE_SUFFIX = ".new"  # `.<id>.new`: a rewrite in progress
 REASON_SUFFIX = ".reason"
 
 _ENVELOPE_LINE = re.compile(rb"(From|To): <([^<>\r\n]*)>")
@@ -492,14 +498,14 @@ def _unlink_collecting(paths: Sequence[str]) -> list[tuple[str, OSError]]:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        except OSError as err:  # stays in the work folder: given back, sent again
+        except OSError as err:  # stays in queue.dir: sent again
             failed.append((path, err))
     return failed
 
 
 @dataclass(frozen=True)
 class QueueEntry:
-    """A ready file in queue.dir, as listed (not yet claimed)."""
+    """A ready file in queue.dir, as listed."""
 
     name: str
     mtime_ns: int
@@ -507,12 +513,11 @@ class QueueEntry:
 
 
 class QueueReader:
-    """The sender's side: list, claim, finish, defer, fail and quarantine messages.
+    """The sender's side: own the queue, list, finish, fail and quarantine messages.
 
-    A message is claimed by an atomic rename into this process's own work folder,
-    so two sender processes never handle the same file. The work folder is guarded
-    by an flock on `<pid>.lock`: `recover_abandoned` takes back the files of work
-    folders whose lock is free (their process died), never of a live process.
+    Only the process holding the queue lock (`try_lock`) may deliver; it works on the
+    files in queue.dir directly (see the module doc for what that guarantees).
+    Creating a reader takes no lock: a second sender can be built, and wait.
     """
 
     def __init__(self, queue_dir: Path, failed_dir: Path, quarantine_dir: Path) -> None:
@@ -520,36 +525,61 @@ class QueueReader:
         self.failed_dir = Path(failed_dir)
         self.quarantine_dir = Path(quarantine_dir)
         self.work_root = self.dir / WORK_DIRNAME
-        for folder in (self.dir, self.work_root, self.failed_dir, self.quarantine_dir):
+        for folder in (self.dir, self.failed_dir, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.work_dir = self.work_root / str(os.getpid())
-        self.work_dir.mkdir(exist_ok=True)
-        self._lock_fd = os.open(
-            self.work_root / f"{os.getpid()}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640
+        # Never unlinked: a process could otherwise lock an inode nobody else sees.
+        self._lock_fd: int | None = os.open(
+            self.dir / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640
         )
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.locked = False
         self._remover = Remover()
         # Plain strings on the per-message path (pathlib joins cost more than the
         # syscalls they name, see QueueWriter).
         self._dir_prefix = f"{self.dir}{os.sep}"
-        self._work_prefix = f"{self.work_dir}{os.sep}"
+
+    def try_lock(self) -> bool:
+        """Become the queue's one sender if no other process is; True if we are.
+
+        Non-blocking (flock LOCK_EX|LOCK_NB): the caller polls, and can stop while
+        waiting. The lock lasts until close() or the process's end.
+        """
+        if self.locked:
+            return True
+        assert self._lock_fd is not None, "reader closed"
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.locked = True
+        self._remove_stale_rewrites()
+        return True
+
+    def _remove_stale_rewrites(self) -> None:
+        """`.<id>.new` files a crashed owner left mid-rewrite: <id> still holds the
+        message (old content), so they are garbage."""
+        for entry in os.scandir(self.dir):
+            name = entry.name
+            if name.startswith(".") and name.endswith(REWRITE_SUFFIX) and entry.is_file():
+                _unlink_quietly(entry.path)
 
     def close(self) -> list[tuple[str, OSError]]:
-        """Finish what was finished, give back whatever is still claimed and drop the
-        lock (clean exit). Returns the finished files whose unlink failed (given back)."""
+        """Finish what was finished, then drop the lock (clean exit). Returns the
+        finished files whose unlink failed (still queued: sent again)."""
         failed = self._remover.close()
-        self._return_all(self.work_dir)
-        _rmdir_quietly(self.work_dir)
-        lock_path = self.work_root / f"{os.getpid()}.lock"
-        _unlink_quietly(lock_path)
-        os.close(self._lock_fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+        self.locked = False
         return failed
 
     def recover_abandoned(self) -> list[str]:
-        """Move files claimed by dead sender processes back into the queue."""
+        """Move files claimed by dead sender processes (an older version's
+        `.work/<pid>/` folders) back into the queue; a live one's are left alone."""
+        if not self.work_root.is_dir():
+            return []
         recovered: list[str] = []
         for entry in os.scandir(self.work_root):
-            if not entry.is_dir() or entry.path == str(self.work_dir):
+            if not entry.is_dir():
                 continue
             lock_path = self.work_root / f"{entry.name}.lock"
             lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -585,35 +615,18 @@ class QueueReader:
                 stat = entry.stat(follow_symlinks=False)
                 entries.append(QueueEntry(entry.name, stat.st_mtime_ns, stat.st_size))
             except FileNotFoundError:
-                continue  # claimed by another sender meanwhile
+                continue  # removed meanwhile (e.g. by hand)
         entries.sort(key=lambda e: (e.mtime_ns, e.name))
         return entries
 
-    def claim(self, name: str) -> Path | None:
-        """Take a ready message for this process; None if another process was faster."""
-        target = self.take(name)
-        return None if target is None else Path(target)
-
-    def take(self, name: str) -> str | None:
-        """`claim` for the sender's hot loop: the claimed path as a plain string (a
-        Path built per message, and turned back into a string by each syscall, cost
-        more Python time than the rename itself)."""
-        target = self._work_prefix + name
-        try:
-            os.rename(self._dir_prefix + name, target)
-        except FileNotFoundError:
-            return None
-        return target
-
-    def claimed(self) -> Iterator[Path]:
-        """The files this process holds (finished ones are gone: flush() first)."""
-        self.flush()
-        for entry in os.scandir(self.work_dir):
-            yield Path(entry.path)
+    def path_of(self, name: str) -> str:
+        """A queued message's path, as a plain string for the sender's hot loop (a
+        Path built per message cost more Python time than a syscall)."""
+        return self._dir_prefix + name
 
     @staticmethod
     def read(path: str | Path, size: int | None = None) -> QueueFile:
-        """Parse a claimed file; QueueFormatError if it does not follow the format.
+        """Parse a queued file; QueueFormatError if it does not follow the format.
 
         `size`: the size listed (QueueEntry.size), if known."""
         return QueueFile.from_bytes(read_file(path, size))
@@ -625,20 +638,17 @@ class QueueReader:
 
     def flush(self) -> list[tuple[str, OSError]]:
         """Wait until every finished file is gone; those whose unlink failed, and why
-        (they stay claimed, and close() gives them back)."""
+        (they stay queued and are sent again)."""
         return self._remover.flush()
 
-    def release(self, path: str | Path) -> None:
-        """Give a claimed message back to the queue (deferred); its mtime keeps its place."""
-        os.rename(path, self._dir_prefix + os.path.basename(path))
-
     def rewrite(self, path: Path, message: QueueFile) -> None:
-        """Durably replace a claimed file's content (e.g. fewer recipients left).
+        """Durably replace a queued file's content (e.g. fewer recipients left).
 
+        Written to `.<id>.new` (never listed), renamed over the file, folder fsynced.
         The original mtime is kept so that the message keeps its place in the queue.
         """
         stat = os.stat(path)
-        tmp = path.with_name(path.name + ".new")
+        tmp = path.with_name(f".{path.name}{REWRITE_SUFFIX}")
         _unlink_quietly(tmp)
         write_durably(tmp, (message.envelope_bytes(), message.data))
         os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -653,7 +663,7 @@ class QueueReader:
         """Record recipients that failed for good while others stay queued.
 
         A copy holding only those recipients goes to the failed folder as
-        `<id>.<n>` (never replacing an earlier record); the claimed file is left
+        `<id>.<n>` (never replacing an earlier record); the queued file is left
         alone — the caller rewrites it with the recipients still to do.
         """
         number = 1

@@ -1,4 +1,4 @@
-"""shared/queue.py: the queue file format (SPEC §3), durable stores, claims and recovery."""
+"""shared/queue.py: the queue file format (SPEC §3), durable stores, the sender lock, recovery."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 
 from shared.queue import (
     FINISH_BACKLOG,
+    LOCK_NAME,
+    REWRITE_SUFFIX,
     TMP_DIRNAME,
     WORK_DIRNAME,
     QueueFile,
@@ -215,49 +217,76 @@ def test_list_ready_is_oldest_first_and_ignores_dot_entries(queue) -> None:
     assert [e.name for e in reader.list_ready()] == [names[1], names[2], names[0]]
 
 
-def test_claim_is_exclusive_and_release_keeps_the_place(queue) -> None:
-    writer, reader = queue
-    name = writer.store("a@b", ["c@d"], b"data\r\n")
-    mtime = os.stat(writer.dir / name).st_mtime_ns
-    path = reader.claim(name)
-    assert path is not None and path.parent == reader.work_dir
-    assert reader.list_ready() == []
-    assert reader.claim(name) is None  # already taken
-    assert reader.read(path) == QueueFile("a@b", ("c@d",), b"data\r\n")
-    reader.release(path)
-    assert [(e.name, e.mtime_ns) for e in reader.list_ready()] == [(name, mtime)]
-    path = reader.claim(name)
-    assert path is not None
-    reader.finish(path)
-    assert reader.list_ready() == [] and list(reader.claimed()) == []
+def test_the_queue_lock_has_one_holder_and_is_kept_until_close(tmp_path: Path) -> None:
+    writer = QueueWriter(tmp_path / "queue")
+    first = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    second = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    try:
+        assert first.try_lock() and first.locked
+        # flock is per open file description: a second reader waits, even in-process.
+        assert not second.try_lock() and not second.locked
+        assert first.try_lock()  # holding it already
+        first.close()
+        assert (writer.dir / LOCK_NAME).exists()  # never unlinked (see QueueReader)
+        assert second.try_lock()
+    finally:
+        first.close()
+        second.close()
 
 
-def test_take_is_claim_as_a_plain_string(queue) -> None:
-    """The sender's hot loop works on strings; finish/release/read take them too."""
+def test_a_message_is_read_where_it_lies_and_a_deferral_keeps_its_place(queue) -> None:
+    """No claim rename: the sender's hot loop reads queue.dir/<id> as a plain string."""
     writer, reader = queue
+    assert reader.try_lock()
     first, second = (writer.store("a@b", ["c@d"], b"%d\r\n" % n) for n in range(2))
-    path = reader.take(first)
-    assert isinstance(path, str) and path == str(reader.work_dir / first)
-    assert reader.take(first) is None and reader.claim(first) is None
+    before = [(e.name, e.mtime_ns) for e in reader.list_ready()]
+    path = reader.path_of(first)
+    assert isinstance(path, str) and path == str(writer.dir / first)
     assert reader.read(path) == QueueFile("a@b", ("c@d",), b"0\r\n")
-    reader.release(path)
-    assert sorted(e.name for e in reader.list_ready()) == sorted([first, second])
+    assert [(e.name, e.mtime_ns) for e in reader.list_ready()] == before  # untouched
     for name in (first, second):
-        taken = reader.take(name)
-        assert taken is not None
-        reader.finish(taken)
+        reader.finish(reader.path_of(name))
     assert reader.flush() == []
-    assert reader.list_ready() == [] and os.listdir(reader.work_dir) == []
+    assert reader.list_ready() == [] and ready_files(writer.dir) == []
+    assert not (writer.dir / WORK_DIRNAME).exists()  # no work folders any more
 
 
-def test_close_gives_back_what_is_still_claimed(tmp_path: Path) -> None:
+def test_rewrite_goes_through_a_dot_name_and_keeps_the_place(queue) -> None:
+    writer, reader = queue
+    assert reader.try_lock()
+    older = writer.store("a@b", ["c@d", "e@f"], b"old\r\n")
+    newer = writer.store("a@b", ["c@d"], b"new\r\n")
+    os.utime(writer.dir / older, ns=(0, 1_600_000_000_000_000_000))
+    mtime = os.stat(writer.dir / older).st_mtime_ns
+    reader.rewrite(writer.dir / older, QueueFile("a@b", ("e@f",), b"old\r\n"))
+    assert reader.read(writer.dir / older) == QueueFile("a@b", ("e@f",), b"old\r\n")
+    assert [(e.name, e.mtime_ns) for e in reader.list_ready()][0] == (older, mtime)
+    assert sorted(os.listdir(writer.dir)) == sorted([older, newer, TMP_DIRNAME, LOCK_NAME])
+
+
+def test_a_rewrite_left_by_a_crash_is_removed_by_the_next_owner(tmp_path: Path) -> None:
+    writer = QueueWriter(tmp_path / "queue")
+    name = writer.store("a@b", ["c@d", "e@f"], b"x\r\n")
+    stale = writer.dir / f".{name}{REWRITE_SUFFIX}"
+    stale.write_bytes(b"half")
+    reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    try:
+        assert [e.name for e in reader.list_ready()] == [name]  # never listed
+        assert reader.try_lock()
+        assert not stale.exists()
+        assert reader.read(writer.dir / name).recipients == ("c@d", "e@f")  # the original
+    finally:
+        reader.close()
+
+
+def test_close_leaves_what_was_not_finished_in_place(tmp_path: Path) -> None:
     writer = QueueWriter(tmp_path / "queue")
     reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    assert reader.try_lock()
     name = writer.store("a@b", ["c@d"], b"x")
-    assert reader.claim(name) is not None
+    reader.read(reader.path_of(name))
     reader.close()
     assert ready_files(writer.dir) == [name]
-    assert not reader.work_dir.exists()
 
 
 def _fake_work_folder(queue_dir: Path, pid: str, names: list[str]) -> Path:
@@ -288,44 +317,47 @@ def test_recover_abandoned_takes_back_only_from_dead_senders(queue) -> None:
         os.close(lock_fd)  # the live sender dies
     assert reader.recover_abandoned() == [alive]
     assert ready_files(writer.dir) == sorted([dead, alive])
-    # Our own claims are never "recovered" from under us.
-    mine = reader.claim(dead)
     assert reader.recover_abandoned() == []
-    assert mine is not None and mine.exists()
+
+
+def test_recover_abandoned_without_an_older_sender_is_a_no_op(queue) -> None:
+    writer, reader = queue
+    name = writer.store("a@b", ["c@d"], b"x")
+    assert reader.recover_abandoned() == []
+    assert ready_files(writer.dir) == [name] and not (writer.dir / WORK_DIRNAME).exists()
 
 
 # ---------------------------------------------------------------------------- finishing behind
 
-def test_finished_files_are_gone_after_flush_and_never_given_back_by_close(tmp_path) -> None:
+def test_finished_files_are_gone_after_flush_and_close(tmp_path) -> None:
     writer = QueueWriter(tmp_path / "queue")
     reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    assert reader.try_lock()
     names = [writer.store("a@b", ["c@d"], b"%d\r\n" % n) for n in range(3 * FINISH_BACKLOG)]
-    for name in names:
-        path = reader.claim(name)
-        assert path is not None
-        reader.finish(path)
+    for done, name in enumerate(names, 1):
+        reader.finish(reader.path_of(name))
         # Never more than the backlog waits for its unlink (the crash window).
-        assert len(os.listdir(reader.work_dir)) <= FINISH_BACKLOG
+        assert len(ready_files(writer.dir)) <= len(names) - done + FINISH_BACKLOG
     assert reader.flush() == []
-    assert os.listdir(reader.work_dir) == []
+    assert ready_files(writer.dir) == []
     kept = writer.store("a@b", ["c@d"], b"kept\r\n")
     for name in [writer.store("a@b", ["c@d"], b"late\r\n") for _ in range(3)]:
-        reader.finish(reader.claim(name))  # type: ignore[arg-type]
-    assert reader.claim(kept) is not None
-    # A clean exit right after: the finished ones are not given back, the claimed one is.
+        reader.finish(reader.path_of(name))
+    # A clean exit right after: the finished ones are gone, the other one stays queued.
     assert reader.close() == []
     assert ready_files(writer.dir) == [kept]
 
 
-def test_a_finish_that_cannot_unlink_is_reported_and_given_back(tmp_path) -> None:
+def test_a_finish_that_cannot_unlink_is_reported_and_stays_queued(tmp_path) -> None:
     writer = QueueWriter(tmp_path / "queue")
     reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
-    stuck = reader.work_dir / "18ec0000000000000000ab"
+    assert reader.try_lock()
+    stuck = writer.dir / "18ec0000000000000000ab"
     stuck.mkdir()  # unlink(2) of a folder fails, even for root
     (stuck / "inside").write_bytes(b"x")
-    reader.finish(stuck)
+    reader.finish(reader.path_of(stuck.name))
     ((path, err),) = reader.flush()
     assert path == str(stuck) and isinstance(err, OSError)
     assert reader.flush() == []  # reported once
     reader.close()
-    assert (writer.dir / stuck.name).is_dir()  # given back with the rest of the claims
+    assert (writer.dir / stuck.name).is_dir()  # still there: tried again

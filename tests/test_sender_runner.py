@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ class Setup:
         self.writer = QueueWriter(self.config.queue.dir)
         self.reader = QueueReader(self.config.queue.dir, self.config.queue.failed,
                                   self.config.queue.quarantine)
+        assert self.reader.try_lock()  # the runner delivers only as the queue's owner
         connect = None
         if relay_address:
             relay_settings = RelaySettings.from_config(self.config.sender, "mailbag.test", "")
@@ -152,9 +154,39 @@ def test_relayed_message_leaves_the_queue_byte_identical(setup, relay) -> None:
     (got,) = relay.handler.wait_for(1)
     assert got.content == DATA and got.rcpt_tos == ["bob@example.org"]
     assert env.queued() == [] and env.failed() == []
-    assert queue_id not in os.listdir(env.reader.work_dir)
+    assert queue_id not in os.listdir(env.config.queue.dir)
     relay.handler.wait_quits(1)
     assert env.runner.run_pass(now=1e12) is False
+
+
+def _immutable(path: Path, on: bool) -> None:
+    """chattr +i / -i: even root's unlink(2) fails (EPERM) on an immutable inode."""
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr not usable here: {done.stderr.decode(errors='replace')}")
+
+
+def test_a_delivered_message_that_cannot_be_unlinked_is_not_sent_again(
+    setup, relay, log_lines
+) -> None:
+    """Read in place, a delivered file whose unlink fails stays in queue.dir: it is
+    logged once and the unlink is retried, but this process never sends it again."""
+    env = setup(relay.address)
+    queue_id = env.writer.store("alice@example.com", ["bob@example.org"], DATA)
+    path = env.config.queue.dir / queue_id
+    _immutable(path, True)
+    try:
+        assert env.runner.run_pass(now=1e12) is True
+        relay.handler.wait_for(1)
+        assert env.runner.run_pass(now=1e12) is False  # not delivered twice
+        assert env.runner.run_pass(now=1e12) is False
+        env.runner.close_relay()
+        assert len(relay.handler.messages) == 1 and env.queued() == [queue_id]
+        assert len([x for x in log_lines if " finish fail " in x]) == 1
+    finally:
+        _immutable(path, False)
+    env.runner.run_pass(now=1e12)  # the unlink is retried, and now succeeds
+    assert env.queued() == [] and len(relay.handler.messages) == 1
 
 
 def test_all_recipients_sent_is_one_line_and_the_file_goes(setup, relay, log_lines) -> None:
@@ -167,7 +199,7 @@ def test_all_recipients_sent_is_one_line_and_the_file_goes(setup, relay, log_lin
     (got,) = relay.handler.wait_for(1)
     assert got.rcpt_tos == ["b@example.org", "c@example.net"]
     assert env.reader.flush() == []
-    assert env.queued() == [] and os.listdir(env.reader.work_dir) == []
+    assert env.queued() == []
     (line,) = [line for line in log_lines if f"id={queue_id}" in line]
     assert " sent ok " in line and "to=<b@example.org>,<c@example.net>" in line
     assert env.runner.schedule.get(queue_id) is None
@@ -417,7 +449,6 @@ def test_a_pipelined_pass_attributes_every_outcome_to_its_message(
     assert [m[3] for m in pipe_relay.messages] == [b"250", b"451", b"554", b"250", b"250"]
     assert env.queued() == [ids[1]]  # deferred: stays, backing off
     assert env.failed() == [ids[2], ids[2] + REASON_SUFFIX]
-    assert os.listdir(env.reader.work_dir) == []  # the delivered ones are gone
     assert logged(log_lines, ids[0]) == ["sent ok"]
     assert logged(log_lines, ids[1]) == ["deferred defer"]
     assert logged(log_lines, ids[2]) == ["failed fail"]
@@ -443,4 +474,4 @@ def test_421_mid_pipeline_defers_what_was_sent_and_the_rest_takes_a_new_session(
     for queue_id in ids[1:3]:
         (line,) = [x for x in log_lines if f"id={queue_id}" in x and "deferred" in x]
         assert "421" in line
-    assert env.failed() == [] and os.listdir(env.reader.work_dir) == []
+    assert env.failed() == []

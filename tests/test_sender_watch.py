@@ -14,7 +14,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from services.sender.watch import watch_queue
-from shared.queue import QueueReader, QueueWriter
+from shared.queue import QueueFile, QueueReader, QueueWriter
 
 WAIT = 10.0  # seconds: a bound, not a measured time
 
@@ -48,39 +48,44 @@ def watched(queue_dir: Path, ignore=None):  # noqa: ANN001, ANN201
     return observer, wake, recorder
 
 
-def test_claims_and_finishes_cause_no_event_an_arrival_wakes(tmp_path: Path) -> None:
+def test_the_lock_and_finishes_cause_no_event_an_arrival_wakes(tmp_path: Path) -> None:
     queue_dir = tmp_path / "queue"
     writer = QueueWriter(queue_dir)
-    reader = QueueReader(queue_dir, tmp_path / "failed", tmp_path / "quarantine")
     ids = [writer.store("a@example.com", ["b@example.org"], b"x\r\n") for _ in range(20)]
     observer, wake, recorder = watched(queue_dir)
+    reader = QueueReader(queue_dir, tmp_path / "failed", tmp_path / "quarantine")
     try:
-        for queue_id in ids:  # the sender's hot path: claim, then finish
-            path = reader.claim(queue_id)
-            assert path is not None
+        assert reader.try_lock()
+        for queue_id in ids:  # the sender's hot path: read where it lies, then finish
+            path = reader.path_of(queue_id)
+            reader.read(path)
             reader.finish(path)
+        assert reader.flush() == []
         assert not wake.is_set()
         arrival = writer.store("a@example.com", ["b@example.org"], b"y\r\n")
         events = recorder.wait_for(arrival)
         assert wake.wait(WAIT)
-        assert {name for _, name in events} == {arrival}, events
+        # The lock file's creation is seen, but dot names never wake the runner.
+        assert {name for _, name in events if not name.startswith(".")} == {arrival}, events
     finally:
         observer.stop()
         observer.join(WAIT)
         reader.close()
 
 
-def test_a_message_put_back_is_reported_to_ignore(tmp_path: Path) -> None:
+def test_a_rewrite_is_reported_to_ignore(tmp_path: Path) -> None:
     queue_dir = tmp_path / "queue"
     writer = QueueWriter(queue_dir)
     reader = QueueReader(queue_dir, tmp_path / "failed", tmp_path / "quarantine")
-    queue_id = writer.store("a@example.com", ["b@example.org"], b"x\r\n")
+    queue_id = writer.store("a@example.com", ["b@example.org", "c@example.org"], b"x\r\n")
     asked: list[str] = []
     observer, wake, recorder = watched(queue_dir, lambda name: asked.append(name) or True)
     try:
-        path = reader.claim(queue_id)
-        assert path is not None
-        reader.release(path)  # a deferral: its own move, filtered by `ignore`
+        assert reader.try_lock()
+        path = Path(reader.path_of(queue_id))
+        message = reader.read(path)
+        # A partial deferral: `.<id>.new` renamed over <id>, the runner's own move.
+        reader.rewrite(path, QueueFile(message.sender, message.recipients[1:], message.data))
         recorder.wait_for(queue_id)
         assert asked == [queue_id] and not wake.is_set()
     finally:

@@ -3,7 +3,13 @@
 Start-up problems (unusable queue folders, unreadable password file, bad CA file)
 raise StartupError: one line, exit status 2 (SPEC §2). SIGTERM is recorded by the
 StopFlag; the runner finishes (or, after a short grace, abandons) the transaction in
-progress, sends QUIT, gives back whatever it still holds, and the program exits 0.
+progress, sends QUIT, the finished messages' unlinks are flushed (Remover), and the
+program exits 0.
+
+One sender per queue (shared/queue.py): a sender started while another holds the
+queue lock delivers nothing. It logs once that it waits, tries the lock again every
+second (or `poll_interval`, if shorter), and takes over when the other one ends or
+dies - the kernel drops a dead process's flock. TERM ends the wait too (exit 0).
 """
 
 from __future__ import annotations
@@ -70,6 +76,22 @@ def build_connect(
     return lambda: RelayConnection(settings, log, stop, context)
 
 
+LOCK_RETRY = 1.0  # seconds between tries of a standby sender, at most
+
+
+def wait_for_queue(reader: QueueReader, log: EventLog, stop: threading.Event,
+                   interval: float) -> bool:
+    """Block until this process owns the queue (True) or is stopped (False)."""
+    if reader.try_lock():
+        return True
+    log.info("standby", queue=reader.dir, reason="another sender holds the queue lock")
+    while not stop.wait(interval):
+        if reader.try_lock():
+            log.ok("takeover", queue=reader.dir, pid=os.getpid())
+            return True
+    return False
+
+
 def main(config: Config) -> int:
     reader = build_reader(config)
     stop = StopFlag()
@@ -83,10 +105,15 @@ def main(config: Config) -> int:
     except StartupError:
         reader.close()
         raise
+    stop.install()
+    if not wait_for_queue(reader, log, stop.event, min(LOCK_RETRY, config.sender.poll_interval)):
+        reader.close()  # stopped while on standby: nothing was ours
+        log.ok("exit", signal=stop.signal_name or "-", status=EXIT_OK)
+        shutdown_logging()
+        return EXIT_OK
     recovered = reader.recover_abandoned()
     if recovered:
         log.info("recover", messages=len(recovered))
-    stop.install()
     wake = threading.Event()
     # The runner waits on `wake`; a stop must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
@@ -105,7 +132,7 @@ def main(config: Config) -> int:
     status = EXIT_OK
     try:
         runner.run(wake)
-    except Exception as err:  # a bug: say it in one line; claimed mail is given back
+    except Exception as err:  # a bug: say it in one line; the queue keeps the mail
         log.error("crash", exc=err)
         status = EXIT_RUNTIME_ERROR
     finally:

@@ -4,9 +4,12 @@ Invariants (SPEC §4, issue 3):
 - a message leaves `queue.dir` only when every recipient is delivered or has failed
   for good: delivered recipients are removed from the file (`rewrite`) so they never
   get the message twice; failed ones go to the failed folder with the reply;
-- a file is claimed by an atomic rename before anything is done with it, so two
-  sender processes never handle the same message; an unparseable file is
-  quarantined with the reason, and the runner keeps going;
+- exactly one process delivers a file at a time: the runner works only while its
+  reader holds the queue lock (`QueueReader.try_lock`, see shared/queue.py), and
+  reads each file where it lies in queue.dir (no claim rename); an unparseable
+  file is quarantined with the reason, and the runner keeps going;
+- a deferred message is not moved: it keeps its name and mtime, so its place in
+  the queue; a rewrite (fewer recipients left) keeps the mtime too;
 - the decision is taken by the reply code alone: 2xx sent, 4xx (and connection,
   timeout, TLS errors) deferred, 5xx failed;
 - a deferred message waits `retry_initial` seconds, doubling on each further
@@ -18,14 +21,16 @@ Invariants (SPEC §4, issue 3):
   when a pass did anything; otherwise it waits on an Event that the watchdog
   observer sets when a file arrives, at most `poll_interval` (never a busy loop);
 - one relay session carries the pass, pipelined (RFC 2920): while the relay works
-  on message N, the runner settles N-1 and claims and reads N+1, which is handed
+  on message N, the runner settles N-1 and reads N+1, which is handed
   to the session so that its commands follow N's final dot. At most one message
   waits unsent; a failure settles what came back and defers the messages whose
   commands went out, while the unsent one goes to the next session. A message
   leaves the queue (`finish`) as soon as its outcome is read, before the runner
   reads any further reply: after a crash only the messages in flight - the
-  relay's 250 not yet read or not yet acted on, at most two - are sent again
-  (at-least-once, like every MTA). A stop hands the unsent message back.
+  relay's 250 not yet read or not yet acted on, at most two - and those whose
+  unlink still waits behind (`FINISH_BACKLOG`) are sent again by the next lock
+  holder (at-least-once, like every MTA). A stop holds the unsent message back;
+  on TERM the reader's close() flushes the finished ones before the exit.
 
 The retry schedule lives in memory, keyed by queue id. Across a restart it is lost
 on purpose: every queued message is due once at start-up and its backoff starts
@@ -123,7 +128,7 @@ class RetrySchedule:
         self._entries.pop(queue_id, None)
 
     def prune(self, present: set[str]) -> None:
-        """Drop entries of messages no longer queued (e.g. another process took them)."""
+        """Drop entries of messages no longer queued (delivered, failed, removed by hand)."""
         for queue_id in [q for q in self._entries if q not in present]:
             del self._entries[queue_id]
 
@@ -153,7 +158,7 @@ class RelayState:
 
 
 class _Job:
-    """A claimed message on its way through a pass: what settling it needs.
+    """A queued message on its way through a pass: what settling it needs.
 
     A plain slotted class, not a dataclass: one is made per message (issue 6)."""
 
@@ -162,7 +167,7 @@ class _Job:
     def __init__(self, queue_id: str, path: str, message: QueueFile, mtime_ns: int,
                  outcomes: list[Outcome], remote: tuple[str, ...]) -> None:
         self.queue_id = queue_id
-        self.path = path  # in our work folder (a plain string: see QueueReader.take)
+        self.path = path  # in queue.dir (a plain string: see QueueReader.path_of)
         self.message = message
         self.mtime_ns = mtime_ns  # as listed: the arrival time if the id has none
         self.outcomes = outcomes  # decided so far (the local recipients)
@@ -219,16 +224,25 @@ class QueueRunner:
         self._conn: RelayConnection | None = None
         self._peer_logs: dict[str, EventLog] = {}
         self._waiting_for_relay = 0  # messages held back in this pass
+        # Delivered messages whose unlink failed: still in queue.dir, but done. Not
+        # sent again by this process (the unlink is retried each pass); after a
+        # restart they are, once (at-least-once), as the claims' design gave them back.
+        self._undeletable: set[str] = set()
         self._last_notice: tuple[tuple[object, ...], float] | None = None
-        # Names this runner gave back to queue.dir: their "file created" event is
-        # ours, not an arrival, and must not wake the runner (see watch.py).
+        # Names this runner renamed into queue.dir (a rewrite over the original):
+        # their "moved in" event is ours, not an arrival, and must not wake the
+        # runner (see watch.py).
         self.own_moves: set[str] = set()
         self._own_moves_lock = threading.Lock()
 
     # -- the loop ---------------------------------------------------------------------
 
     def run(self, wake: threading.Event, clock: Callable[[], float] = time.time) -> None:
-        """Pass after pass until stopped; between passes wait on `wake` (watchdog/stop)."""
+        """Pass after pass until stopped; between passes wait on `wake` (watchdog/stop).
+
+        The reader must hold the queue lock (one deliverer per queue)."""
+        if not self.reader.locked:
+            raise RuntimeError("the queue runner needs the queue lock (QueueReader.try_lock)")
         while not self.stop.is_set():
             wake.clear()
             if self.run_pass(clock()):
@@ -248,7 +262,12 @@ class QueueRunner:
             self.own_moves &= present
         self._waiting_for_relay = 0
         due: deque[QueueEntry] = deque()
+        self._undeletable &= present
+        for name in self._undeletable:
+            self.reader.finish(self.reader.path_of(name))  # try the unlink again
         for entry in entries:
+            if entry.name in self._undeletable:
+                continue
             if self.schedule.due(entry.name, now):
                 due.append(entry)
             elif self._held_for_relay(entry.name):
@@ -259,22 +278,26 @@ class QueueRunner:
         return worked
 
     def report_unfinished(self, failed: Sequence[tuple[str, OSError]]) -> None:
-        """Log the delivered messages whose unlink failed: they will be sent again."""
+        """Log (once) the delivered messages whose unlink failed; they stay done."""
         for path, err in failed:
-            self.log.error("finish", id=Path(path).name, error=err.strerror or str(err))
+            name = os.path.basename(path)
+            if name not in self._undeletable:
+                self._undeletable.add(name)
+                self.log.error("finish", id=name, error=err.strerror or str(err))
 
     def is_own_move(self, name: str) -> bool:
-        """True (once) if `name` appeared in queue.dir because this runner put it back."""
+        """True (once) if `name` appeared in queue.dir by this runner's own rename."""
         with self._own_moves_lock:
             if name in self.own_moves:
                 self.own_moves.discard(name)
                 return True
         return False
 
-    def _release(self, path: str) -> None:
+    def _rewrite(self, path: str, message: QueueFile) -> None:
+        """Rewrite a queued file in place; its rename over the original is ours."""
         with self._own_moves_lock:
             self.own_moves.add(os.path.basename(path))
-        self.reader.release(path)
+        self.reader.rewrite(Path(path), message)
 
     def sleep_time(self, now: float) -> float:
         """Until the next deferred message or relay retry is due, at most poll_interval."""
@@ -294,9 +317,9 @@ class QueueRunner:
     # -- the pass's pipeline -------------------------------------------------------------
 
     def _drain(self, due: deque[QueueEntry], now: float) -> bool:
-        """Take the due messages through claim, delivery and settling; True if any."""
+        """Take the due messages through reading, delivery and settling; True if any."""
         worked = False
-        ready: deque[_Job] = deque()  # claimed and read, waiting for the relay
+        ready: deque[_Job] = deque()  # read, waiting for the relay
         flight: dict[str, _Job] = {}  # handed to the relay session, outcome not read
         while True:
             if self.stop.is_set():
@@ -408,14 +431,15 @@ class QueueRunner:
     # -- one message -------------------------------------------------------------------
 
     def _prepare(self, entry: QueueEntry, now: float) -> _Job | None:
-        """Claim and read a message, deliver its local recipients. None if there is
-        nothing more to do with it (another process had it, quarantined, unreadable)."""
+        """Read a message, deliver its local recipients. None if there is nothing
+        more to do with it (gone since the listing, quarantined, unreadable)."""
         queue_id = entry.name
-        path = self.reader.take(queue_id)
-        if path is None:
-            return None
+        path = self.reader.path_of(queue_id)
         try:
             message = self.reader.read(path, entry.size)
+        except FileNotFoundError:
+            self.schedule.forget(queue_id)
+            return None  # removed since the listing (by hand: we are the only sender)
         except QueueFormatError as err:
             self.reader.quarantine(Path(path), str(err))
             self.schedule.forget(queue_id)
@@ -424,7 +448,6 @@ class QueueRunner:
         except OSError as err:
             self.log.error("read", id=queue_id, error=err.strerror or str(err))
             self.schedule.defer(queue_id, now, f"cannot read: {err.strerror}")
-            self._release(path)
             return None
         outcomes: list[Outcome] = []
         if not self.local_domains:  # no local delivery configured: all for the relay
@@ -503,22 +526,16 @@ class QueueRunner:
                 self.reader.fail_some(Path(path), failed_part, reasons)
             if len(later) < len(message.recipients):
                 rest = tuple(o.recipient for o in later)
-                self.reader.rewrite(Path(path), QueueFile(message.sender, rest, message.data))
-            self._release(path)
+                self._rewrite(path, QueueFile(message.sender, rest, message.data))
+            # Deferred: the file stays where it is, in its place.
         except OSError as err:  # e.g. disk full: keep it, try again after a backoff
             self._queue_error(job, err, now)
 
     def _queue_error(self, job: _Job, err: OSError, now: float) -> None:
+        """A move failed: the file is still queued (unchanged); back off."""
         queue_id = job.queue_id
         self.log.error("queue", id=queue_id, error=err.strerror or str(err))
         self.schedule.defer(queue_id, now, f"queue error: {err.strerror or err}")
-        self._give_back(job.path)
-
-    def _give_back(self, path: str) -> None:
-        try:
-            self._release(path)
-        except OSError:
-            pass  # still in our work folder: recovered at the next start
 
     def _log_outcomes(self, queue_id: str, outcomes: Sequence[Outcome], until: float) -> None:
         groups: dict[tuple[str, str, str], list[str]] = {}

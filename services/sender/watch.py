@@ -1,14 +1,15 @@
 """Wake the queue runner when a message arrives in queue.dir (watchdog / inotify).
 
 Only arrivals matter: a file created in, or renamed into, queue.dir (the receiver's
-rename from `.tmp`). The sender's own moves must cost nothing: every claim is a
-rename OUT of queue.dir (IN_MOVED_FROM), and with watchdog's default mask each one
-woke its threads, which parsed the event in Python and took the GIL from the
-runner - ~7 % of the drain and ~30 futex calls per message (py-spy, strace -c).
-So the kernel is asked for IN_CREATE and IN_MOVED_TO only (inotify(7)): claims
-never reach Python, and no IN_MOVED_FROM waits in watchdog's move-pairing queue.
-A deferred message put back by the runner (IN_MOVED_TO) is still reported; the
-runner's `ignore(name)` filters those out.
+rename from `.tmp`). The sender's own work must cost nothing: with watchdog's
+default mask every move and unlink woke its threads, which parsed the event in
+Python and took the GIL from the runner - ~7 % of the drain and ~30 futex calls
+per message (py-spy, strace -c). So the kernel is asked for IN_CREATE and
+IN_MOVED_TO only (inotify(7)): the sender's unlinks (IN_DELETE) and its moves
+out to failed/ or quarantine/ never reach Python. Dot names (`.sender.lock`,
+`.tmp`, a rewrite's `.<id>.new`) never wake the runner; a rewrite's rename over
+`<id>` (IN_MOVED_TO) is still reported, and the runner's `ignore(name)` (its own
+moves) filters it out.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ if InotifyObserver is not None:
     class _ArrivalObserver(InotifyObserver):
         """InotifyObserver with `_ArrivalEmitter`. BaseObserver keeps the class it makes
         emitters of in `_emitter_class` (watchdog 4 to 7); tests/test_sender_watch.py
-        fails if a claim ever wakes the runner again."""
+        fails if a finish ever wakes the runner again."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -82,7 +83,7 @@ def watch_queue(
 ) -> BaseObserver:
     """Start a watchdog observer on `folder` (not recursive) that sets `wake`.
 
-    `ignore(name)` filters out files the runner itself put back (a deferral).
+    `ignore(name)` filters out files the runner itself renamed in (a rewrite).
     """
     _no_move_pairing_delay()
     observer = _new_observer()
