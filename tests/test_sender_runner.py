@@ -9,6 +9,8 @@ from __future__ import annotations
 import mailbox
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,8 @@ from services.sender.relay import RelayConnection, RelaySettings
 from services.sender.runner import Backoff, QueueRunner, RetrySchedule, arrival_time
 from shared.config import load_config
 from shared.log import EventLog
-from shared.queue import REASON_SUFFIX, QueueReader, QueueWriter, new_queue_id
-from tests.sender_support import PipeliningRelay, RecordingHandler, Relay
+from shared.queue import REASON_SUFFIX, QueueFile, QueueReader, QueueWriter, new_queue_id
+from tests.sender_support import LoopbackRelay, PipeliningRelay, RecordingHandler, Relay
 from tests.support import free_port, write_config
 
 DATA = b"Subject: hello\r\n\r\nbody\r\n.dot line\r\n"
@@ -475,3 +477,79 @@ def test_421_mid_pipeline_defers_what_was_sent_and_the_rest_takes_a_new_session(
         (line,) = [x for x in log_lines if f"id={queue_id}" in x and "deferred" in x]
         assert "421" in line
     assert env.failed() == []
+
+
+class StallAfterDotRelay(LoopbackRelay):
+    """No PIPELINING; never answers a final dot (a relay stuck scanning content)."""
+
+    def __init__(self) -> None:
+        self.got_dot = threading.Event()
+        super().__init__()
+
+    def session(self, conn) -> None:  # noqa: ANN001
+        conn.sendall(b"220 slow.test ESMTP\r\n")
+        in_data = False
+        for line in self.lines(conn):
+            if in_data:
+                if line == b".":
+                    self.got_dot.set()
+                    self.stop.wait(30)  # stall until the test ends
+                    return
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-slow.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                in_data = True
+                conn.sendall(b"354 go\r\n")
+            else:
+                conn.sendall(b"250 ok\r\n")
+
+
+def test_a_stop_settles_a_message_read_but_never_sent(tmp_path: Path) -> None:
+    """TERM while the relay stalls on message 1's dot. Message 2 was read already -
+    its local recipient delivered - and waited for the relay: at the stop its file
+    must be rewritten without the local recipient, so that a restart does not
+    deliver it to the Maildir again (a clean stop is not a crash)."""
+    relay = StallAfterDotRelay()
+    config = load_config(write_config(
+        tmp_path, sender={"relay": relay.address, "poll_interval": 60},
+        local={"domains": ["localhost"]}))
+    writer = QueueWriter(config.queue.dir)
+    first = writer.store("a@example.com", ["b@example.org"], b"Subject: 1\r\n\r\none\r\n")
+    second = writer.store("a@example.com", ["u@localhost", "c@example.org"],
+                          b"Subject: 2\r\n\r\ntwo\r\n")
+    os.utime(config.queue.dir / first, ns=(1, 1))  # oldest first: first, then second
+
+    def start_runner(stop: threading.Event) -> tuple[QueueReader, QueueRunner]:
+        reader = QueueReader(config.queue.dir, config.queue.failed, config.queue.quarantine)
+        assert reader.try_lock()
+        settings = RelaySettings.from_config(config.sender, "mailbag.test", "")
+        log = EventLog("S-SMTP", "-")
+        return reader, QueueRunner(
+            config, reader, log, connect=lambda: RelayConnection(settings, log, stop),
+            local=LocalDelivery(config.local.maildir), stop=stop)
+
+    stop = threading.Event()
+    reader, runner = start_runner(stop)
+    worker = threading.Thread(target=runner.run_pass, args=(time.time(),))
+    worker.start()
+    try:
+        assert relay.got_dot.wait(10)
+        stop.set()  # TERM
+        worker.join(30)
+        assert not worker.is_alive()
+    finally:
+        runner.close_relay()
+        reader.close()
+        relay.close()
+    maildir = mailbox.Maildir(config.local.maildir / "u", create=False)
+    assert len(maildir) == 1
+    # The local recipient is done and gone from the file; the remote one is left.
+    assert QueueFile.from_bytes((config.queue.dir / second).read_bytes()).recipients == (
+        "c@example.org",)
+    reader, runner = start_runner(threading.Event())  # the next start
+    runner.run_pass(time.time())
+    runner.close_relay()
+    reader.close()
+    assert len(mailbox.Maildir(config.local.maildir / "u", create=False)) == 1

@@ -327,7 +327,10 @@ class QueueRunner:
             else:
                 worked |= self._feed(due, ready, flight, now)
             if not flight:
-                if self.stop.is_set() or not (due or ready):
+                if self.stop.is_set():
+                    self._hold_ready(ready, "stopping", now)
+                    return worked
+                if not (due or ready):
                     return worked
                 continue
             self._exchange(flight, ready, now)
@@ -424,9 +427,17 @@ class QueueRunner:
         if self._conn is None:
             return
         for message in self._conn.take_unsent():
-            job = flight.pop(message.ref)
-            self._settle(job, [Outcome(r, "held", why, self.relay_peer) for r in job.remote],
-                         now)
+            self._hold(flight.pop(message.ref), why, now)
+
+    def _hold_ready(self, ready: deque[_Job], why: str, now: float) -> None:
+        """Settle the messages read but never handed to a session (a stop). Never drop
+        one: its local recipients are already delivered, and only `_settle` takes them
+        out of the file - else they would get the message again at the next start."""
+        while ready:
+            self._hold(ready.popleft(), why, now)
+
+    def _hold(self, job: _Job, why: str, now: float) -> None:
+        self._settle(job, [Outcome(r, "held", why, self.relay_peer) for r in job.remote], now)
 
     # -- one message -------------------------------------------------------------------
 
