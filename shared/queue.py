@@ -205,6 +205,11 @@ class QueueWriter:
     def discard_tmp(self, queue_id: str) -> None:
         _unlink_quietly(self._tmp_prefix + queue_id)
 
+    def take_back(self, queue_id: str) -> None:
+        """Remove a message that will not be acknowledged, wherever a step left it."""
+        _unlink_quietly(self._tmp_prefix + queue_id)
+        _unlink_quietly(self._dir_prefix + queue_id)
+
     def publish(self, queue_id: str) -> None:
         """Rename a durable `.tmp/<id>` into queue.dir (the sender may now see it)."""
         tmp_path = self._tmp_prefix + queue_id
@@ -237,7 +242,11 @@ def envelope_of(sender: str, recipients: Sequence[str]) -> bytes:
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
-    """libc's syncfs(2), or None where there is none (then GroupCommit fsyncs each file)."""
+    """libc's syncfs(2), or None where it cannot be trusted (then GroupCommit fsyncs
+    each file): not Linux, or Linux before 5.8, whose syncfs returned 0 even when
+    writing the data back failed."""
+    if not _linux_at_least(5, 8):
+        return None
     try:
         function = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
@@ -245,6 +254,13 @@ def _load_syncfs() -> Callable[[int], int] | None:
     function.argtypes = [ctypes.c_int]
     function.restype = ctypes.c_int
     return function  # ctypes releases the GIL for the call, like os.fsync
+
+
+def _linux_at_least(major: int, minor: int) -> bool:
+    system = os.uname()
+    numbers = re.match(r"(\d+)\.(\d+)", system.release)
+    return (system.sysname == "Linux" and numbers is not None
+            and (int(numbers.group(1)), int(numbers.group(2))) >= (major, minor))
 
 
 _syncfs = _load_syncfs()
@@ -286,7 +302,8 @@ class GroupCommit:
     neighbour on the same filesystem lengthens the wait (and a write error of another
     file there fails the batch: 451, and the clients try again): put the queue on its
     own filesystem, or set `queue.group_commit = false` for `QueueWriter.store`'s
-    per-message fsyncs. Without syncfs (not Linux) step 2 fsyncs each file.
+    per-message fsyncs. Without a trustworthy syncfs (not Linux, or before 5.8) step 2
+    fsyncs each file.
     """
 
     def __init__(self, writer: QueueWriter, max_batch: int = 64) -> None:
@@ -326,8 +343,9 @@ class GroupCommit:
             try:
                 self._commit(batch)
             except Exception as exc:  # noqa: BLE001 - a bug here must not strand sessions
-                for ticket in batch:
+                for ticket in batch:  # they get 451: nothing of theirs may stay behind
                     ticket.error = ticket.error or QueueWriteError(errno.EIO, f"internal: {exc}")
+                    self.writer.take_back(ticket.queue_id)
             finally:
                 for ticket in batch:
                     ticket.done.release()

@@ -245,3 +245,33 @@ def test_the_receiver_stores_per_session_when_group_commit_is_off(receiver_facto
     files = ready_files(config.queue.dir)
     assert len(files) == 1
     assert (config.queue.dir / files[0]).read_bytes().endswith(b"\r\n\r\nhi\r\n")
+
+
+def test_an_unexpected_error_fails_the_batch_and_takes_its_files_back(
+    writer: QueueWriter, group: GroupCommit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(published: object) -> None:  # after the renames: files are in queue.dir
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(writer, "sync_folder", broken)
+    with pytest.raises(QueueWriteError, match="internal"):
+        group.store("a@b", ["c@d"], b"x\r\n")
+    monkeypatch.undo()
+    assert ready_files(writer.dir) == []  # the client got 451: nothing may be delivered
+    assert os.listdir(writer.tmp_dir) == []
+
+
+def test_the_config_chooses_group_commit_or_per_session_stores(tmp_path: Path) -> None:
+    from services.receiver.app import message_store
+    from shared.config import load_config
+    from tests.support import write_config
+
+    for enabled, kind in ((True, GroupCommit), (False, QueueWriter)):
+        (tmp_path / str(enabled)).mkdir()
+        config = load_config(write_config(tmp_path / str(enabled),
+                                          queue={"group_commit": enabled}))
+        writer = QueueWriter(config.queue.dir)
+        store = message_store(config, writer)
+        assert type(store) is kind
+        if isinstance(store, GroupCommit):
+            store.close()

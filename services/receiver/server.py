@@ -244,10 +244,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
             server.policy, ip, may_relay=server.may_relay(ip), tls_active=server.implicit_tls
         )
         self.outgoing: list[bytes] = []
-        # Messages stored since the last flush, logged once their 250 is on its way:
-        # the log call then overlaps the client's next round trip instead of
-        # lengthening this one.
-        self.queued_unlogged: list[tuple[str, MessageReady]] = []
         # recv_into one buffer per session: a fresh 256 KiB bytes object per recv()
         # cost an mmap, page faults, an mremap and an munmap (a TLB shootdown across
         # the threads), all with the GIL held - a third of the receiver's syscalls.
@@ -270,7 +266,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.log.error("session", exc=exc)
             self._say_goodbye_after_error()
         finally:
-            self._log_queued()  # stored messages are logged even if their 250 never went out
             outcome = self.log.fail if self.close_reason.startswith("error") else self.log.ok
             outcome("close", reason=self.close_reason)
 
@@ -352,18 +347,15 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.log.error("queue", exc=err, sender=f"<{envelope.mail_from}>", reply=reply.code)
             return
         self.session.message_stored(queue_id)
-        self.queued_unlogged.append((queue_id, event))
-
-    def _log_queued(self) -> None:
-        for queue_id, event in self.queued_unlogged:
-            self.log.ok(
-                "queued",
-                id=queue_id,
-                sender=f"<{event.envelope.mail_from}>",
-                rcpts=len(event.envelope.rcpt_tos),
-                size=len(event.data),
-            )
-        self.queued_unlogged.clear()
+        # Logged before the 250 goes out: a message the client was told is queued
+        # always has its line, and it comes before the sender's line about it.
+        self.log.ok(
+            "queued",
+            id=queue_id,
+            sender=f"<{envelope.mail_from}>",
+            rcpts=len(envelope.rcpt_tos),
+            size=len(event.data),
+        )
 
     def _authenticate(self, event: AuthRequest) -> None:
         check = self.server.check_password
@@ -424,5 +416,3 @@ class SessionHandler(socketserver.BaseRequestHandler):
             data = b"".join(self.outgoing)
             self.outgoing.clear()
             self.sock.sendall(data)
-        if self.queued_unlogged:
-            self._log_queued()
