@@ -568,9 +568,33 @@ class QueueReader:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        if self._older_sender_alive():
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            return False
         self.locked = True
         self._remove_stale_rewrites()
         return True
+
+    def _older_sender_alive(self) -> bool:
+        """A sender of the version that claimed into `.work/<pid>/` is still running
+        (its `<pid>.lock` is held): it knows nothing of the queue lock, so this
+        process must wait for it to end rather than deliver the same files."""
+        if not self.work_root.is_dir():
+            return False
+        for entry in os.scandir(self.work_root):
+            if not entry.name.endswith(".lock"):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # that sender just ended
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)  # also drops the lock we may just have taken
+        return False
 
     def _remove_stale_rewrites(self) -> None:
         """`.<id>.new` files a crashed owner left mid-rewrite: <id> still holds the

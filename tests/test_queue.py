@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,6 +217,36 @@ def test_list_ready_is_oldest_first_and_ignores_dot_entries(queue) -> None:
     (writer.dir / ".hidden").write_bytes(b"x")
     (writer.tmp_dir / "partial").write_bytes(b"x")
     assert [e.name for e in reader.list_ready()] == [names[1], names[2], names[0]]
+
+
+OLDER_SENDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o640)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_no_queue_lock_while_a_sender_of_the_claiming_version_runs(tmp_path: Path) -> None:
+    """A sender of the version that claimed into .work/<pid>/ knows no queue lock:
+    while one lives (its <pid>.lock held) the new sender must wait, not deliver too."""
+    writer = QueueWriter(tmp_path / "queue")
+    work_root = writer.dir / WORK_DIRNAME
+    (work_root / "4242").mkdir(parents=True)
+    older = subprocess.Popen([sys.executable, "-c", OLDER_SENDER, str(work_root / "4242.lock")],
+                             stdout=subprocess.PIPE, text=True)
+    reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
+    try:
+        assert older.stdout is not None and older.stdout.readline() == "locked\n"
+        assert not reader.try_lock()
+        older.kill()
+        older.wait(10)
+        assert reader.try_lock()  # it died: its claims can be taken back, the queue owned
+    finally:
+        older.kill()
+        older.wait(10)
+        reader.close()
 
 
 def test_the_queue_lock_has_one_holder_and_is_kept_until_close(tmp_path: Path) -> None:
