@@ -167,9 +167,6 @@ class QueueWriter:
         self._dir_prefix = f"{self.dir}{os.sep}"
         self._tmp_prefix = f"{self.tmp_dir}{os.sep}"
 
-    def close(self) -> None:
-        os.close(self._dir_fd)
-
     def clean_leftovers(self) -> list[str]:
         """Delete temporary files a crashed receiver left; they were never acknowledged."""
         removed = []
@@ -201,9 +198,6 @@ class QueueWriter:
         except OSError as err:
             _unlink_quietly(tmp_path)
             raise QueueWriteError(err.errno, f"cannot queue message: {err.strerror}") from err
-
-    def discard_tmp(self, queue_id: str) -> None:
-        _unlink_quietly(self._tmp_prefix + queue_id)
 
     def take_back(self, queue_id: str) -> None:
         """Remove a message that will not be acknowledged, wherever a step left it."""
@@ -363,7 +357,7 @@ class GroupCommit:
                 writer.sync_filesystem()
             except QueueWriteError as err:
                 for ticket in written:
-                    writer.discard_tmp(ticket.queue_id)
+                    writer.take_back(ticket.queue_id)
                     ticket.error = err
                 return
         published = [t for t in written if self._settle(t, writer.publish, t.queue_id)]
