@@ -855,3 +855,98 @@ def test_a_queue_folder_that_cannot_be_read_is_logged_once_and_survived(
     env.writer.store("a@example.com", ["you@localhost"], DATA)
     assert env.pass_at(1e9 + 6) is True
     assert any(" queue ok " in x and "readable again" in x for x in log_lines)
+
+
+# ---------------------------------------------------------------------------- operators
+
+class Running:
+    """The runner's loop on a thread of its own, with the real clock, as the sender
+    runs it; requests come from the test's thread, as from the control socket."""
+
+    def __init__(self, env: Setup) -> None:
+        self.env = env
+        env.runner.clock = time.time
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=env.runner.run, args=(self.wake,), daemon=True)
+        self.thread.start()
+
+    def request(self, action: str, *ids: str) -> dict[str, str]:
+        result = self.env.runner.request(action, ids, timeout=10)
+        assert result is not None, "the runner did not answer"
+        return result
+
+    def stop(self) -> None:
+        self.env.stop.set()
+        self.wake.set()
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+
+
+def test_hold_release_and_delete_at_rest(setup) -> None:
+    handler = RecordingHandler(data_reply="451 4.3.0 later")
+    server = Relay(handler=handler).start()
+    env = setup(server.address, retry_initial=3600, retry_max=3600)
+    kept, dropped = (env.writer.store("a@example.com", [f"{n}@example.org"], DATA)
+                     for n in ("kept", "dropped"))
+    running = Running(env)
+    try:
+        wait = time.monotonic() + 10
+        while not {kept, dropped} <= set(env.runner.states) and time.monotonic() < wait:
+            time.sleep(0.02)  # both deferred for an hour
+        handler.data_reply = None
+        assert running.request("hold", kept) == {kept: "held"}
+        assert running.request("hold", kept) == {kept: "already held"}
+        assert running.request("delete", dropped, "nosuchid") == {
+            dropped: "deleted", "nosuchid": "not in the queue"}
+        assert running.request("flush") == {}  # nothing deferred that is not held
+        time.sleep(0.3)
+        assert handler.messages == [] and env.queued() == [kept]
+        assert env.runner.states[kept].held
+        assert running.request("release", kept) == {kept: "released"}
+        (got,) = handler.wait_for(1)
+        assert got.rcpt_tos == ["kept@example.org"]
+    finally:
+        running.stop()
+        server.stop()
+    assert env.queued() == [] and os.listdir(env.config.queue.dir / ".state") == []
+
+
+def test_flush_makes_deferred_mail_and_the_relay_due_at_once(setup) -> None:
+    relay = Relay()
+    env = setup(relay.address, retry_initial=3600, retry_max=3600)  # nothing listens yet
+    queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    running = Running(env)
+    try:
+        wait = time.monotonic() + 10
+        while queue_id not in env.runner.states and time.monotonic() < wait:
+            time.sleep(0.02)
+        assert env.runner.states[queue_id].next_attempt > time.time() + 900  # at expiry
+        relay.start()
+        started = time.monotonic()
+        assert running.request("flush") == {queue_id: "due now"}
+        relay.handler.wait_for(1)
+        assert time.monotonic() - started < 2
+    finally:
+        running.stop()
+        relay.stop()
+
+
+def test_a_hold_during_the_attempt_applies_if_the_attempt_does_not_deliver(setup) -> None:
+    handler = RecordingHandler(data_reply="451 4.3.0 later", data_delay=1.0)
+    server = Relay(handler=handler).start()
+    env = setup(server.address)
+    queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    running = Running(env)
+    try:
+        assert handler.in_data.wait(10)
+        assert running.request("hold", queue_id) == {
+            queue_id: "being delivered now: held unless this attempt delivers it"}
+        wait = time.monotonic() + 10
+        while queue_id not in env.runner.states and time.monotonic() < wait:
+            time.sleep(0.02)
+        state = env.runner.states[queue_id]
+        assert state.held and state.attempts == 1
+    finally:
+        running.stop()
+        server.stop()
+    assert env.queued() == [queue_id]

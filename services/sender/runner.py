@@ -42,11 +42,12 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -75,6 +76,7 @@ from shared.queue import (
     QueueReader,
     StateStore,
     arrival_time,
+    operations,
 )
 from shared.smtp import Reply
 
@@ -121,6 +123,20 @@ class _Stuck:
         return self.decision.action.value if self.decision else "quarantine"
 
 
+ACTIONS = ("hold", "release", "delete", "flush")
+
+
+@dataclass
+class AdminRequest:
+    """An operator's change (`mailbag hold ID...`), applied by the runner between two
+    messages; `results` says, per id, what was done."""
+
+    action: str  # one of ACTIONS
+    ids: tuple[str, ...]  # flush: () means every deferred message
+    results: dict[str, str] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class QueueRunner:
     """Drains the queue: local recipients to Maildirs, the others through the relays."""
 
@@ -156,6 +172,12 @@ class QueueRunner:
         self._due: deque[QueueEntry] = deque()
         self._ready: deque[_Job] = deque()
         self._ready_bytes = 0
+        self._flight: dict[str, _Job] = {}  # handed to the relay session, outcome not read
+        # Operators' requests (another thread puts them), and what to do with a
+        # message held or deleted while it was being delivered, once its attempt ends.
+        self._requests: queue.SimpleQueue[AdminRequest] = queue.SimpleQueue()
+        self._after_attempt: dict[str, str] = {}
+        self._wake: threading.Event | None = None
         # Delivered messages whose unlink failed: still in queue.dir, but done. Not
         # sent again by this process (the unlink is retried each pass); after a
         # restart they are, once (at-least-once).
@@ -185,9 +207,11 @@ class QueueRunner:
         The reader must hold the queue lock (one deliverer per queue)."""
         if not self.reader.locked:
             raise RuntimeError("the queue runner needs the queue lock (QueueReader.try_lock)")
+        self._wake = wake
         self.load_states()
         while not self.stop.is_set():
             wake.clear()
+            self._serve_requests()
             if self.run_pass():
                 continue  # something happened: look again at once
             self.close_relay()  # QUIT before sleeping
@@ -280,13 +304,13 @@ class QueueRunner:
     def _drain(self) -> bool:
         """Take the due messages through reading, delivery and settling; True if any."""
         worked = False
-        flight: dict[str, _Job] = {}  # handed to the relay session, outcome not read
         while True:
+            self._serve_requests()
             if self.stop.is_set():
-                self._hold_unsent(flight, "stopping")
+                self._hold_unsent("stopping")
             else:
-                worked |= self._feed(flight)
-            if not flight:
+                worked |= self._feed()
+            if not self._flight:
                 if self.stop.is_set():
                     while self._ready:
                         self._hold(self._take_ready(), "stopping")
@@ -294,16 +318,20 @@ class QueueRunner:
                 if not (self._due or self._ready):
                     return worked
                 continue
-            self._exchange(flight)
+            self._exchange()
 
-    def _feed(self, flight: dict[str, _Job]) -> bool:
+    def _feed(self) -> bool:
         """Prepare messages and hand them to the relay until one waits unsent there."""
         worked = False
-        while (self._due or self._ready) and self._room(flight) and not self.stop.is_set():
+        while (self._due or self._ready) and self._room() and not self.stop.is_set():
+            self._serve_requests()
             job = self._take_ready() if self._ready else self._next_job()
             if job is None:
                 continue
             worked = True
+            if self._after_attempt.get(job.queue_id):  # held or deleted meanwhile
+                self._apply_to_read(job, self._after_attempt.pop(job.queue_id))
+                continue
             if not job.remote:
                 self._settle(job, [])
                 continue
@@ -313,30 +341,30 @@ class QueueRunner:
                 continue
             conn.submit(OutgoingMessage(job.queue_id, job.message.sender, job.remote,
                                         job.message.data))
-            flight[job.queue_id] = job
+            self._flight[job.queue_id] = job
         return worked
 
-    def _room(self, flight: dict[str, _Job]) -> bool:
+    def _room(self) -> bool:
         """May another message go to the relay now? With none in flight, always (a new
         session may be opened); else only on the same session, none waiting unsent."""
         conn = self._conn
-        if not flight:
+        if not self._flight:
             return True
         return (conn is not None and conn.usable and conn.unsent == 0
                 and conn.messages < self.per_connection)
 
-    def _exchange(self, flight: dict[str, _Job]) -> None:
+    def _exchange(self) -> None:
         """Let the session write what it can, settle the outcomes that came, then (if
         anything is still in flight) wait for the relay's next bytes."""
-        conn = self._conn
+        conn, flight = self._conn, self._flight
         assert conn is not None
         try:
             conn.pump()
-            self._settle_results(conn, flight)
+            self._settle_results(conn)
             if flight:
                 conn.wait()
         except RelayError as err:
-            self._settle_results(conn, flight)  # what came before the failure
+            self._settle_results(conn)  # what came before the failure
             for message in reversed(conn.take_unsent()):  # never started: first in
                 self._put_ready(flight.pop(message.ref), front=True)  # the next session
             for job in list(flight.values()):
@@ -346,11 +374,11 @@ class QueueRunner:
             flight.clear()
             self.close_relay()
 
-    def _settle_results(self, conn: RelayConnection, flight: dict[str, _Job]) -> None:
+    def _settle_results(self, conn: RelayConnection) -> None:
         results = conn.results
         while results:
             done = results.popleft()
-            job = flight.pop(done.ref)
+            job = self._flight.pop(done.ref)
             if not job.outcomes and self._all_sent(done.results):
                 self._finish_sent(job, conn.peer, done.results)
                 continue
@@ -368,18 +396,20 @@ class QueueRunner:
     def _finish_sent(self, job: _Job, peer: str, results: Sequence[tuple[str, Reply]]) -> None:
         """The common case of `_settle` without its lists: every recipient relayed with
         one 2xx, none was local. decide() would say FINISH; the same log line."""
+        if self._after_attempt:
+            self._after_attempt.pop(job.queue_id, None)  # delivered: nothing left to do
         to = ",".join([f"<{r}>" for r, _ in results])
         self._peer_log(peer).ok("sent", id=job.queue_id, to=to, reply=str(results[0][1]))
         self.reader.finish(job.path)
         if job.queue_id in self.states:
             self._set_state(job.queue_id, BLANK)
 
-    def _hold_unsent(self, flight: dict[str, _Job], why: str) -> None:
+    def _hold_unsent(self, why: str) -> None:
         """Take back the messages the session has not started (a stop): not attempted."""
         if self._conn is None:
             return
         for message in self._conn.take_unsent():
-            self._hold(flight.pop(message.ref), why)
+            self._hold(self._flight.pop(message.ref), why)
 
     def _hold(self, job: _Job, why: str) -> None:
         """Settle a job whose relayed recipients were not attempted. Never drop one:
@@ -392,9 +422,11 @@ class QueueRunner:
 
     def _local_work(self) -> bool:
         """One step of work that needs no relay (the relay connection's on_idle hook):
-        read the next due message and deliver its local recipients. What it has for
-        the relay waits in `_ready`, or when that is full goes to the next pass.
-        True if it did anything."""
+        an operator's request, or the next due message with its local recipients
+        delivered. What it has for the relay waits in `_ready`, or when that is full
+        goes to the next pass. True if it did anything."""
+        if self._serve_requests():
+            return True
         if not self._due or self.stop.is_set():
             return False
         job = self._next_job()
@@ -421,6 +453,79 @@ class QueueRunner:
         job = self._ready.popleft()
         self._ready_bytes -= len(job.message.data)
         return job
+
+    # -- operators' requests ------------------------------------------------------------
+
+    def request(self, action: str, ids: Sequence[str], timeout: float) -> dict[str, str] | None:
+        """Called from another thread (the control socket): have the runner apply an
+        operator's change between two messages. The result per id, or None when the
+        runner did not get to it within `timeout` (it still will)."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        request = AdminRequest(action, tuple(ids))
+        self._requests.put(request)
+        if self._wake is not None:
+            self._wake.set()
+        return request.results if request.done.wait(timeout) else None
+
+    def _serve_requests(self) -> bool:
+        """Apply the requests waiting (on the runner's thread, between two messages);
+        True if there were any."""
+        served = False
+        while not self._requests.empty():
+            request = self._requests.get_nowait()
+            served = True
+            try:
+                ids = request.ids or (self._deferred_ids() if request.action == "flush" else ())
+                if request.action == "flush":
+                    self.relays.reset()  # the relays are due now too
+                for queue_id in ids:
+                    request.results[queue_id] = self._apply(request.action, queue_id)
+            except Exception as exc:  # noqa: BLE001 - the operator gets the error, we go on
+                self.log.error("request", action=request.action, exc=exc)
+                request.results["*"] = f"error: {_why(exc)}"
+            finally:
+                request.done.set()
+        return served
+
+    def _deferred_ids(self) -> list[str]:
+        now = self.clock()
+        return [q for q, s in self.states.items() if not s.held and s.next_attempt > now]
+
+    def _apply(self, action: str, queue_id: str) -> str:
+        """One operator's change to one message, wherever it is in the pass."""
+        if queue_id in self._flight:  # its bytes are on their way: decided after it
+            if action in ("hold", "delete"):
+                self._after_attempt[queue_id] = action
+                done = "held" if action == "hold" else "deleted"
+                return f"being delivered now: {done} unless this attempt delivers it"
+            return "being delivered now"
+        job = next((j for j in self._ready if j.queue_id == queue_id), None)
+        if job is not None and action in ("hold", "delete"):  # read, waiting for the relay
+            self._ready.remove(job)
+            self._ready_bytes -= len(job.message.data)
+            return self._apply_to_read(job, action)
+        return self._operate(action, queue_id)
+
+    def _apply_to_read(self, job: _Job, action: str) -> str:
+        """Hold or delete a message already read (its local recipients delivered):
+        settled without the relay, so that those never get it again."""
+        if action == "delete":
+            return self._operate("delete", job.queue_id)
+        self._after_attempt[job.queue_id] = "hold"
+        self._hold(job, "held by the operator")
+        return "held"
+
+    def _operate(self, action: str, queue_id: str) -> str:
+        """A change to a message at rest (see shared/queue/operations.py)."""
+        queue_dir, store, states = self.reader.dir, self.store, self.states
+        if action == "hold":
+            return operations.hold(queue_dir, store, states, queue_id)
+        if action == "release":
+            return operations.release(queue_dir, store, states, queue_id, self.clock())
+        if action == "flush":
+            return operations.flush(queue_dir, store, states, queue_id, self.clock())
+        return operations.delete(queue_dir, store, states, queue_id)
 
     # -- one message -------------------------------------------------------------------
 
@@ -518,15 +623,21 @@ class QueueRunner:
         """Ask decide() what becomes of the message, log it, carry it out."""
         at = self.clock()
         waiting_until = at if self.stop.is_set() else self.relays.next_retry()
+        state = self.states.get(job.queue_id, BLANK)
+        after = self._after_attempt.pop(job.queue_id, None)
+        if after == "hold":
+            state = replace(state, held=True)
         decision = decide(job.outcomes + list(relayed), sender=job.message.sender,
-                          state=self.states.get(job.queue_id, BLANK), at=at,
-                          arrival=job.arrival, policy=self.policy,
+                          state=state, at=at, arrival=job.arrival, policy=self.policy,
                           waiting_until=waiting_until)
         self._log_outcomes(job.queue_id, decision)
         try:
             self._carry_out(job, decision)
         except (OSError, QueueFormatError) as err:  # e.g. a full disk: keep it, retry
             self._set_stuck(job.queue_id, _Stuck(_why(err), decision))
+            return
+        if after == "delete" and decision.remaining:
+            self._operate("delete", job.queue_id)
 
     def _carry_out(self, job: _Job, decision: Decision) -> None:
         """Move the file and its state as `decision` says; OSError/QueueFormatError if
