@@ -7,6 +7,7 @@ for them, with passes that take time.
 
 from __future__ import annotations
 
+import asyncio
 import mailbox
 import os
 import socket
@@ -19,11 +20,13 @@ import pytest
 from loguru import logger
 
 from services.sender.app import build_relays
+from services.sender.control import RunnerEnded
 from services.sender.local import LocalDelivery, is_local, mailbox_name
 from services.sender.runner import QueueRunner
 from shared.config import load_config
 from shared.log import EventLog
 from shared.queue import (
+    BLANK,
     REASON_SUFFIX,
     QueueFile,
     QueueReader,
@@ -950,3 +953,43 @@ def test_a_hold_during_the_attempt_applies_if_the_attempt_does_not_deliver(setup
         running.stop()
         server.stop()
     assert env.queued() == [queue_id]
+
+
+def test_a_request_after_the_runners_end_is_refused_never_left_waiting(setup) -> None:
+    env = setup(None)
+    queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    running = Running(env)
+    running.stop()
+    with pytest.raises(RunnerEnded):
+        env.runner.request("hold", [queue_id], timeout=10)
+    assert not env.runner.states.get(queue_id, BLANK).held  # not applied, nobody waited
+
+
+class SlowForSome(RecordingHandler):
+    """Holds the reply to the final dot of messages for slow@ recipients."""
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001, ANN201
+        if any(r.startswith("slow@") for r in envelope.rcpt_tos):
+            self.in_data.set()
+            await asyncio.sleep(1.5)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_delivered_message_whose_unlink_still_waits_is_not_held(setup, log_lines) -> None:
+    handler = SlowForSome()
+    server = Relay(handler=handler).start()
+    env = setup(server.address)
+    done = env.writer.store("a@example.com", ["fast@example.org"], DATA)
+    env.writer.store("a@example.com", ["slow@example.org"], DATA)
+    running = Running(env)
+    try:
+        assert handler.in_data.wait(10)
+        wait = time.monotonic() + 10  # `done` was delivered, its unlink waits behind
+        while not any(f"sent ok id={done}" in x for x in log_lines) and time.monotonic() < wait:
+            time.sleep(0.01)
+        assert (env.config.queue.dir / done).exists()
+        assert running.request("hold", done) == {done: "not in the queue"}
+    finally:
+        running.stop()
+        server.stop()
+    assert os.listdir(env.config.queue.dir / ".state") == []

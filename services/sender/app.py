@@ -6,10 +6,12 @@ StopFlag; the runner finishes (or, after a short grace, abandons) the transactio
 progress, sends QUIT, the finished messages' unlinks are flushed (Remover), and the
 program exits 0.
 
-One sender per queue (shared/queue.py): a sender started while another holds the
-queue lock delivers nothing. It logs once that it waits, tries the lock again every
-second (or `poll_interval`, if shorter), and takes over when the other one ends or
-dies - the kernel drops a dead process's flock. TERM ends the wait too (exit 0).
+One sender per queue (shared/queue/reader.py): a sender started while another holds
+the queue lock delivers nothing. It logs once that it waits, tries the lock again
+every second (or `poll_interval`, if shorter), and takes over when the other one
+ends or dies - the kernel drops a dead process's flock. TERM ends the wait too
+(exit 0). Only the owner serves the control socket (control.py), the `mailbag`
+command's way to the runner.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import ssl
 import threading
 
+from services.sender.control import ControlServer, control_path
 from services.sender.decision import Backoff
 from services.sender.local import LocalDelivery
 from services.sender.relay import RelayConnection, RelaySettings, build_tls_context
@@ -94,6 +97,18 @@ def wait_for_queue(reader: QueueReader, log: EventLog, stop: threading.Event,
     return False
 
 
+def start_control(config: Config, runner: QueueRunner, log: EventLog) -> ControlServer | None:
+    """Serve the control socket; without it (e.g. a path too long for a unix
+    socket) the sender still delivers, and the `mailbag` command says it cannot
+    reach it."""
+    try:
+        return ControlServer(config.queue.dir, runner.request, log)
+    except OSError as err:
+        log.error("control", socket=control_path(config.queue.dir),
+                  error=err.strerror or str(err))
+        return None
+
+
 def main(config: Config, stop: StopFlag) -> int:
     reader = build_reader(config)
     try:
@@ -119,6 +134,7 @@ def main(config: Config, stop: StopFlag) -> int:
         local=LocalDelivery(config.local.maildir), stop=stop.event,
     )
     observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)
+    control = start_control(config, runner, log)
     log.ok(
         "start",
         relay=config.sender.relay or "none",
@@ -133,6 +149,8 @@ def main(config: Config, stop: StopFlag) -> int:
         log.error("crash", exc=err)
         status = EXIT_RUNTIME_ERROR
     finally:
+        if control is not None:
+            control.close()
         runner.close_relay()
         observer.stop()
         observer.join(timeout=5)

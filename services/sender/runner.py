@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from services.sender.client import OutgoingMessage
+from services.sender.control import RunnerEnded
 from services.sender.decision import (
     Action,
     Backoff,
@@ -123,15 +124,12 @@ class _Stuck:
         return self.decision.action.value if self.decision else "quarantine"
 
 
-ACTIONS = ("hold", "release", "delete", "flush")
-
-
 @dataclass
 class AdminRequest:
     """An operator's change (`mailbag hold ID...`), applied by the runner between two
     messages; `results` says, per id, what was done."""
 
-    action: str  # one of ACTIONS
+    action: str  # one of operations.ACTIONS
     ids: tuple[str, ...]  # flush: () means every deferred message
     results: dict[str, str] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
@@ -151,19 +149,11 @@ class QueueRunner:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        snd = config.sender
-        self.config = config
         self.reader = reader
         self.log = log
-        self.relays = relays
-        self.local = local or LocalDelivery(config.local.maildir)
-        self.local_domains = frozenset(config.local.domains)
         self.stop = stop or threading.Event()
         self.clock = clock
-        self.policy = RetryPolicy(Backoff(snd.retry_initial, snd.retry_max),
-                                  snd.max_queue_lifetime)
-        self.poll_interval = snd.poll_interval
-        self.per_connection = snd.messages_per_connection
+        self._use_settings(config, relays, local or LocalDelivery(config.local.maildir))
         self.store = StateStore(reader.dir)
         self.states: dict[str, DeliveryState] = {}
         self._conn: RelayConnection | None = None
@@ -176,6 +166,8 @@ class QueueRunner:
         # Operators' requests (another thread puts them), and what to do with a
         # message held or deleted while it was being delivered, once its attempt ends.
         self._requests: queue.SimpleQueue[AdminRequest] = queue.SimpleQueue()
+        self._requests_lock = threading.Lock()  # orders a request against the runner's end
+        self._ended = False  # run() has returned: no request will be served any more
         self._after_attempt: dict[str, str] = {}
         self._wake: threading.Event | None = None
         # Delivered messages whose unlink failed: still in queue.dir, but done. Not
@@ -189,6 +181,17 @@ class QueueRunner:
         # runner (see watch.py).
         self.own_moves: set[str] = set()
         self._own_moves_lock = threading.Lock()
+
+    def _use_settings(self, config: Config, relays: RelayPool, local: LocalDelivery) -> None:
+        snd = config.sender
+        self.config = config
+        self.relays = relays
+        self.local = local
+        self.local_domains = frozenset(config.local.domains)
+        self.policy = RetryPolicy(Backoff(snd.retry_initial, snd.retry_max),
+                                  snd.max_queue_lifetime)
+        self.poll_interval = snd.poll_interval
+        self.per_connection = snd.messages_per_connection
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -209,16 +212,21 @@ class QueueRunner:
             raise RuntimeError("the queue runner needs the queue lock (QueueReader.try_lock)")
         self._wake = wake
         self.load_states()
-        while not self.stop.is_set():
-            wake.clear()
-            self._serve_requests()
-            if self.run_pass():
-                continue  # something happened: look again at once
-            self.close_relay()  # QUIT before sleeping
-            if self.stop.is_set():
-                break
-            wake.wait(self.sleep_time(self.clock()))
-        self.close_relay()
+        try:
+            while not self.stop.is_set():
+                wake.clear()
+                self._serve_requests()
+                if self.run_pass():
+                    continue  # something happened: look again at once
+                self.close_relay()  # QUIT before sleeping
+                if self.stop.is_set():
+                    break
+                wake.wait(self.sleep_time(self.clock()))
+            self.close_relay()
+        finally:
+            with self._requests_lock:
+                self._ended = True
+            self._serve_requests()  # those that came during the last pass, at rest now
 
     def run_pass(self) -> bool:
         """One pass over the whole queue, oldest first. True if any message was handled."""
@@ -411,12 +419,13 @@ class QueueRunner:
         for message in self._conn.take_unsent():
             self._hold(self._flight.pop(message.ref), why)
 
-    def _hold(self, job: _Job, why: str) -> None:
+    def _hold(self, job: _Job, why: str, *, held: bool = False) -> None:
         """Settle a job whose relayed recipients were not attempted. Never drop one:
         its local recipients are already delivered, and only settling takes them out
-        of the file - else they would get the message again."""
+        of the file - else they would get the message again. `held`: the operator's."""
         peer = self.relays.name
-        self._settle(job, [Outcome(r, Status.WAITING, why, peer) for r in job.remote])
+        self._settle(job, [Outcome(r, Status.WAITING, why, peer) for r in job.remote],
+                     held=held)
 
     # -- while the relay keeps us waiting ------------------------------------------------
 
@@ -460,10 +469,13 @@ class QueueRunner:
         """Called from another thread (the control socket): have the runner apply an
         operator's change between two messages. The result per id, or None when the
         runner did not get to it within `timeout` (it still will)."""
-        if action not in ACTIONS:
+        if action not in operations.ACTIONS:
             raise ValueError(f"unknown action {action!r}")
         request = AdminRequest(action, tuple(ids))
-        self._requests.put(request)
+        with self._requests_lock:
+            if self._ended:
+                raise RunnerEnded("the sender is stopping")
+            self._requests.put(request)
         if self._wake is not None:
             self._wake.set()
         return request.results if request.done.wait(timeout) else None
@@ -476,7 +488,11 @@ class QueueRunner:
             request = self._requests.get_nowait()
             served = True
             try:
-                ids = request.ids or (self._deferred_ids() if request.action == "flush" else ())
+                # Delivered messages whose unlink waits behind are no longer queued:
+                # no operator's change may apply to them (a hold would be a lie).
+                self.report_unfinished(self.reader.flush())
+                ids = request.ids or (operations.deferred_ids(self.states, self.clock())
+                                     if request.action == "flush" else ())
                 if request.action == "flush":
                     self.relays.reset()  # the relays are due now too
                 for queue_id in ids:
@@ -488,12 +504,10 @@ class QueueRunner:
                 request.done.set()
         return served
 
-    def _deferred_ids(self) -> list[str]:
-        now = self.clock()
-        return [q for q, s in self.states.items() if not s.held and s.next_attempt > now]
-
     def _apply(self, action: str, queue_id: str) -> str:
         """One operator's change to one message, wherever it is in the pass."""
+        if queue_id in self._undeletable and action != "delete":
+            return "delivered already (its file could not be removed)"
         if queue_id in self._flight:  # its bytes are on their way: decided after it
             if action in ("hold", "delete"):
                 self._after_attempt[queue_id] = action
@@ -512,8 +526,7 @@ class QueueRunner:
         settled without the relay, so that those never get it again."""
         if action == "delete":
             return self._operate("delete", job.queue_id)
-        self._after_attempt[job.queue_id] = "hold"
-        self._hold(job, "held by the operator")
+        self._hold(job, "held by the operator", held=True)
         return "held"
 
     def _operate(self, action: str, queue_id: str) -> str:
@@ -619,13 +632,14 @@ class QueueRunner:
         until = format_time(self.relays.next_retry())
         return None, f"relay unavailable until {until}" + (f" ({why})" if why else "")
 
-    def _settle(self, job: _Job, relayed: Sequence[Outcome]) -> None:
-        """Ask decide() what becomes of the message, log it, carry it out."""
+    def _settle(self, job: _Job, relayed: Sequence[Outcome], *, held: bool = False) -> None:
+        """Ask decide() what becomes of the message, log it, carry it out. `held`: the
+        operator held it before it was attempted."""
         at = self.clock()
         waiting_until = at if self.stop.is_set() else self.relays.next_retry()
         state = self.states.get(job.queue_id, BLANK)
-        after = self._after_attempt.pop(job.queue_id, None)
-        if after == "hold":
+        after = self._after_attempt.pop(job.queue_id, None)  # held/deleted in flight
+        if held or after == "hold":
             state = replace(state, held=True)
         decision = decide(job.outcomes + list(relayed), sender=job.message.sender,
                           state=state, at=at, arrival=job.arrival, policy=self.policy,
@@ -636,8 +650,12 @@ class QueueRunner:
         except (OSError, QueueFormatError) as err:  # e.g. a full disk: keep it, retry
             self._set_stuck(job.queue_id, _Stuck(_why(err), decision))
             return
+        # The operator's line said "unless this attempt delivers it": say how it ended.
+        if after == "hold" and decision.remaining:
+            self.log.info("hold", id=job.queue_id, reason="held by the operator in flight")
         if after == "delete" and decision.remaining:
             self._operate("delete", job.queue_id)
+            self.log.ok("delete", id=job.queue_id, reason="deleted by the operator in flight")
 
     def _carry_out(self, job: _Job, decision: Decision) -> None:
         """Move the file and its state as `decision` says; OSError/QueueFormatError if
