@@ -10,7 +10,7 @@ PIDFILE := var/supervisord.pid
 MAILBAG_CONFIG ?= $(CURDIR)/mailbag.toml
 run: export MAILBAG_CONFIG := $(abspath $(MAILBAG_CONFIG))
 
-.PHONY: venv run stop status test lint
+.PHONY: venv run stop status reload test lint
 
 venv: $(STAMP)
 
@@ -51,3 +51,9 @@ stop:
 status:
 	@if $(CTL) pid >/dev/null 2>&1; then $(CTL) status || true; \
 	else echo "mailbag is not running (make run starts it)"; fi
+
+# Both programs re-read the config and the files it names (HUP); each logs `reload ok`,
+# or one line naming the problem and keeps the config it had (var/log/mailbag.log).
+reload:
+	@if ! $(CTL) pid >/dev/null 2>&1; then echo "mailbag is not running (make run starts it)"; exit 1; fi; \
+	$(CTL) signal HUP receiver sender

@@ -12,6 +12,11 @@ every second (or `poll_interval`, if shorter), and takes over when the other one
 ends or dies - the kernel drops a dead process's flock. TERM ends the wait too
 (exit 0). Only the owner serves the control socket (control.py), the `mailbag`
 command's way to the runner.
+
+HUP (shared/reload.py): between two passes the config is read again and the relay
+settings (with the password and CA files), retry times, limits and local domains
+are replaced; the relay session open then is ended with QUIT, a message in flight
+is settled first. A bad new config is logged and the old one stays in force.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+from collections.abc import Callable
 
 from services.sender.control import ControlServer, control_path
 from services.sender.decision import Backoff
@@ -31,7 +37,8 @@ from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, open_log
 from shared.config import Config, SenderConfig
 from shared.log import EventLog, shutdown_logging
 from shared.queue import QueueReader
-from shared.signals import StopFlag
+from shared.reload import RESTART_KEYS, reload_config
+from shared.signals import ReloadFlag, StopFlag
 
 
 def build_reader(config: Config) -> QueueReader:
@@ -109,7 +116,25 @@ def start_control(config: Config, runner: QueueRunner, log: EventLog) -> Control
         return None
 
 
-def main(config: Config, stop: StopFlag) -> int:
+def reloader(config: Config, runner: QueueRunner, log: EventLog, stop: threading.Event,
+             reload: ReloadFlag) -> Callable[[], None]:
+    """The runner's `before_pass`: a HUP since the last pass re-reads the config."""
+    running = config
+
+    def apply(new: Config) -> None:
+        relays = build_relays(new, EventLog(PROGRAM, "-"), stop)
+        relays.keep_state_of(runner.relays)
+        runner.reconfigure(new, relays)
+
+    def before_pass() -> None:
+        nonlocal running
+        if reload.take():
+            running = reload_config(running, config, log, RESTART_KEYS, apply)
+
+    return before_pass
+
+
+def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     reader = build_reader(config)
     try:
         relays = build_relays(config, EventLog(PROGRAM, "-"), stop.event)
@@ -127,12 +152,14 @@ def main(config: Config, stop: StopFlag) -> int:
         shutdown_logging()
         return EXIT_OK
     wake = threading.Event()
-    # The runner waits on `wake`; a stop must wake it too.
+    # The runner waits on `wake`; a stop or a reload must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
+    reload.wake_also(wake)
     runner = QueueRunner(
         config, reader, log, relays=relays,
         local=LocalDelivery(config.local.maildir), stop=stop.event,
     )
+    runner.before_pass = reloader(config, runner, log, stop.event, reload)
     observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)
     control = start_control(config, runner, log)
     log.ok(

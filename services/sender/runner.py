@@ -154,6 +154,9 @@ class QueueRunner:
         self.stop = stop or threading.Event()
         self.clock = clock
         self._use_settings(config, relays, local or LocalDelivery(config.local.maildir))
+        # Called at the start of every pass, on the runner's thread (the program's
+        # reload on HUP: new settings take effect between passes).
+        self.before_pass: Callable[[], None] | None = None
         self.store = StateStore(reader.dir)
         self.states: dict[str, DeliveryState] = {}
         self._conn: RelayConnection | None = None
@@ -193,6 +196,16 @@ class QueueRunner:
         self.poll_interval = snd.poll_interval
         self.per_connection = snd.messages_per_connection
 
+    def reconfigure(self, config: Config, relays: RelayPool) -> None:
+        """New settings (a reload), on the runner's thread between two passes: the
+        relay session still open is ended (QUIT), the next one uses `relays`. The
+        queue folders are not among them (they need a restart)."""
+        self.close_relay()
+        local = self.local
+        if config.local.maildir != self.config.local.maildir:
+            local = LocalDelivery(config.local.maildir)
+        self._use_settings(config, relays, local)
+
     # -- the loop ---------------------------------------------------------------------
 
     def load_states(self) -> None:
@@ -215,6 +228,8 @@ class QueueRunner:
         try:
             while not self.stop.is_set():
                 wake.clear()
+                if self.before_pass is not None:
+                    self.before_pass()
                 self._serve_requests()
                 if self.run_pass():
                     continue  # something happened: look again at once
