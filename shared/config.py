@@ -66,6 +66,63 @@ class OptionalHostPort(HostPort):
     """A host:port that may be empty ("" means: not set, None in Python)."""
 
 
+class RelayList(tuple):
+    """`relay = "host:port"`, `relay = ["h1:587", "h2:587"]`, or "" (none): a tuple of
+    HostPort in the order the relays are tried."""
+
+
+@dataclass(frozen=True)
+class RelayOptions:
+    """`[sender.relays."host:port"]`: one relay's own TLS and AUTH settings; a key left
+    out takes the `[sender]` key of the same name."""
+
+    tls: str | None = None
+    tls_verify: bool | None = None
+    ca_file: OptionalPath | None = None
+    username: str | None = None
+    password_file: OptionalPath | None = None
+    auth_without_tls: bool | None = None
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One relay with the settings that apply to it (its own, else [sender]'s)."""
+
+    address: HostPort
+    tls: str
+    tls_verify: bool
+    ca_file: Path | None
+    username: str
+    password_file: Path | None
+    auth_without_tls: bool
+
+
+class RelayOptionsTable(dict):
+    """`[sender.relays]`: RelayOptions by relay "host:port"."""
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`"14/s"`, `"100/min"`, `"500/h"`, `"2000/d"`: at most `count` per `seconds`."""
+
+    count: int
+    seconds: float
+
+    _UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0,
+              "d": 86400.0, "day": 86400.0}
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*([a-z]+)\s*", text)
+        if not match or match.group(2) not in cls._UNITS or int(match.group(1)) <= 0:
+            raise ValueError(f"expected a rate like '14/s', '100/min' or '500/h', got {text!r}")
+        return cls(int(match.group(1)), cls._UNITS[match.group(2)])
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "d"}[self.seconds]
+        return f"{self.count}/{unit}"
+
+
 @dataclass(frozen=True)
 class ReceiverConfig:
     listen: HostPort = HostPort("127.0.0.1", 2525)
@@ -111,7 +168,10 @@ TLS_MODES = ("none", "starttls", "tls")
 
 @dataclass(frozen=True)
 class SenderConfig:
-    relay: OptionalHostPort | None = None
+    relay: RelayList = RelayList()  # in the order they are tried; () = no relay
+    relays: RelayOptionsTable = field(default_factory=RelayOptionsTable)
+    relay_retry: float = 60.0  # a failed relay is tried again after at most this long
+    max_rate: str = ""  # messages handed to relays, e.g. "14/s"; "" = no limit
     poll_interval: float = 60.0
     tls: str = "none"
     tls_verify: bool = True
@@ -130,6 +190,25 @@ class SenderConfig:
     retry_max: float = 3600.0
     max_queue_lifetime: float = 5 * 24 * 3600.0
     messages_per_connection: int = 1000
+
+    @property
+    def rate(self) -> Rate | None:
+        return Rate.parse(self.max_rate) if self.max_rate else None
+
+    def routes(self) -> list[RouteConfig]:
+        """Each relay with its settings: its own table's keys, else [sender]'s."""
+        routes = []
+        for address in self.relay:
+            own = self.relays.get(str(address), RelayOptions())
+
+            def pick(key: str, own: RelayOptions = own) -> typing.Any:
+                value = getattr(own, key)
+                return getattr(self, key) if value is None else value
+
+            routes.append(RouteConfig(address, pick("tls"), pick("tls_verify"),
+                                      pick("ca_file"), pick("username"),
+                                      pick("password_file"), pick("auth_without_tls")))
+        return routes
 
 
 @dataclass(frozen=True)
@@ -272,6 +351,17 @@ def _convert(value: typing.Any, annotation: typing.Any, key: str, base: Path) ->
         if annotation is OptionalHostPort:
             text = _expect(value, str, key)
             return HostPort.parse(text) if text else None
+        if annotation is RelayList:
+            if isinstance(value, str):
+                return RelayList((HostPort.parse(value),) if value else ())
+            items = _expect(value, list, key)
+            return RelayList(HostPort.parse(_expect(item, str, key)) for item in items)
+        if annotation is RelayOptionsTable:
+            table = _expect(value, dict, key)
+            return RelayOptionsTable({
+                str(HostPort.parse(name)): _build_section(f"{key}.{name!r}", RelayOptions,
+                                                          _expect(options, dict, key), base)
+                for name, options in table.items()})
         if annotation == tuple[str, ...]:
             items = _expect(value, list, key)
             return tuple(_expect(item, str, key).lower() for item in items)
@@ -289,6 +379,31 @@ def _expect(value: typing.Any, kind: type, key: str) -> typing.Any:
     return value
 
 
+def _check_relays(snd: SenderConfig) -> None:
+    if snd.tls not in TLS_MODES:
+        raise ConfigError(f"sender.tls: must be one of {', '.join(TLS_MODES)}, got {snd.tls!r}")
+    if snd.username and not snd.password_file:
+        raise ConfigError("sender.username is set but sender.password_file is not")
+    listed = {str(address) for address in snd.relay}
+    if len(listed) < len(snd.relay):
+        raise ConfigError("sender.relay: a relay is listed twice")
+    for name in snd.relays:
+        if name not in listed:
+            raise ConfigError(f"sender.relays: {name!r} is not one of sender.relay "
+                              f"({', '.join(sorted(listed)) or 'none'})")
+    for route in snd.routes():
+        where = f"sender.relays.{str(route.address)!r}"
+        if route.tls not in TLS_MODES:
+            raise ConfigError(f"{where}.tls: must be one of {', '.join(TLS_MODES)}, "
+                              f"got {route.tls!r}")
+        if route.username and not route.password_file:
+            raise ConfigError(f"{where}: a username but no password_file")
+    try:
+        snd.rate  # noqa: B018 - validates the rate text
+    except ValueError as err:
+        raise ConfigError(f"sender.max_rate: {err}") from None
+
+
 def _check_ranges(config: Config) -> None:
     rcv, snd, log = config.receiver, config.sender, config.log
     positive = {
@@ -304,20 +419,18 @@ def _check_ranges(config: Config) -> None:
         "sender.retry_max": snd.retry_max,
         "sender.max_queue_lifetime": snd.max_queue_lifetime,
         "sender.messages_per_connection": snd.messages_per_connection,
+        "sender.relay_retry": snd.relay_retry,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {value}")
     if rcv.max_connections_per_ip < 0:
         raise ConfigError("receiver.max_connections_per_ip: must be 0 (off) or more")
-    if snd.tls not in TLS_MODES:
-        raise ConfigError(f"sender.tls: must be one of {', '.join(TLS_MODES)}, got {snd.tls!r}")
+    _check_relays(snd)
     if bool(rcv.tls_cert) != bool(rcv.tls_key):
         raise ConfigError("receiver.tls_cert and receiver.tls_key must be set together")
     if rcv.tls_listen and not rcv.tls_cert:
         raise ConfigError("receiver.tls_listen needs receiver.tls_cert and receiver.tls_key")
-    if snd.username and not snd.password_file:
-        raise ConfigError("sender.username is set but sender.password_file is not")
     if log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: unknown level {log.level!r}")
     if log.retention < 0:

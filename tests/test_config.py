@@ -39,7 +39,7 @@ def test_empty_file_gives_the_spec_defaults(tmp_path: Path) -> None:
     assert (rcv.max_connections, rcv.max_message_bytes, rcv.idle_timeout) == (5, 10485760, 300)
     assert rcv.relay_networks == (ipaddress.ip_network("127.0.0.0/8"),
                                   ipaddress.ip_network("::1/128"))
-    assert config.sender.relay is None and config.sender.tls == "none"
+    assert config.sender.relay == () and config.sender.tls == "none"
     assert config.sender.poll_interval == 60
     assert config.local.domains == ("localhost",)
     # Default relative paths are relative to the config's folder, not the cwd.

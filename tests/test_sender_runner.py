@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
 from services.sender.app import build_relays
 from services.sender.local import LocalDelivery, is_local, mailbox_name
@@ -31,19 +30,17 @@ from shared.queue import (
     arrival_time,
     new_queue_id,
 )
-from tests.sender_support import LoopbackRelay, PipeliningRelay, RecordingHandler, Relay
+from tests.sender_support import (
+    FakeClock,
+    LoopbackRelay,
+    PipeliningRelay,
+    RecordingHandler,
+    Relay,
+    Setup,
+)
 from tests.support import free_port, tiny_tmpfs, write_config
 
 DATA = b"Subject: hello\r\n\r\nbody\r\n.dot line\r\n"
-
-
-@pytest.fixture
-def log_lines():
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")),
-                      format="{extra[program]} {extra[peer]} {message}")
-    yield lines
-    logger.remove(sink)
 
 
 @pytest.fixture
@@ -51,83 +48,6 @@ def relay():
     server = Relay().start()
     yield server
     server.stop()
-
-
-class FakeClock:
-    """The runner's clock: moved by the test, or by a relay in the middle of an exchange."""
-
-    def __init__(self, now: float = 1e9) -> None:
-        self.now = now
-        self.lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self.lock:
-            return self.now
-
-    def set(self, now: float) -> None:
-        with self.lock:
-            self.now = now
-
-    def advance(self, seconds: float) -> None:
-        with self.lock:
-            self.now += seconds
-
-
-class Setup:
-    """A config, a queue writer (the receiver's side) and a runner on it."""
-
-    def __init__(self, folder: Path, relay_address: str | None, **sender) -> None:
-        values = {"retry_initial": 10, "retry_max": 40, "max_queue_lifetime": 1000,
-                  "poll_interval": 60, "relay": relay_address or "", **sender}
-        self.config = load_config(write_config(folder, sender=values))
-        self.writer = QueueWriter(self.config.queue.dir)
-        self.reader = QueueReader(self.config.queue.dir, self.config.queue.failed,
-                                  self.config.queue.quarantine)
-        assert self.reader.try_lock()  # the runner delivers only as the queue's owner
-        self.clock = FakeClock()
-        self.stop = threading.Event()
-        self.runner = self.make_runner()
-        self.runner.load_states()
-
-    def make_runner(self) -> QueueRunner:
-        log = EventLog("S-SMTP", "-")
-        return QueueRunner(self.config, self.reader, log, clock=self.clock, stop=self.stop,
-                           relays=build_relays(self.config, log, self.stop))
-
-    def pass_at(self, now: float) -> bool:
-        """One pass that starts at `now` (the clock may move on during it)."""
-        self.clock.set(now)
-        return self.runner.run_pass()
-
-    @property
-    def relay_state(self):
-        return self.runner.relays.routes[0].state
-
-    def queued(self) -> list[str]:
-        return [e.name for e in self.reader.scan().ready]
-
-    def queue_file(self, name: str) -> bytes:
-        return (self.config.queue.dir / name).read_bytes()
-
-    def failed(self) -> list[str]:
-        return sorted(p.name for p in self.config.queue.failed.iterdir())
-
-    def close(self) -> None:
-        self.runner.close_relay()
-        self.reader.close()
-
-
-@pytest.fixture
-def setup(tmp_path: Path):
-    made: list[Setup] = []
-
-    def make(relay_address: str | None, **sender) -> Setup:
-        made.append(Setup(tmp_path, relay_address, **sender))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.close()
 
 
 # ---------------------------------------------------------------------------- pure parts
@@ -913,7 +833,8 @@ def test_hold_release_and_delete_at_rest(setup) -> None:
 
 def test_flush_makes_deferred_mail_and_the_relay_due_at_once(setup) -> None:
     relay = Relay()
-    env = setup(relay.address, retry_initial=3600, retry_max=3600)  # nothing listens yet
+    env = setup(relay.address, retry_initial=3600, retry_max=3600,  # nothing listens yet
+                relay_retry=3600)
     queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
     running = Running(env)
     try:

@@ -63,6 +63,7 @@ from services.sender.decision import (
     expires_at,
 )
 from services.sender.local import LocalDelivery, is_local
+from services.sender.rate import TokenBucket
 from services.sender.relay import RelayConnection, RelayError
 from services.sender.relays import RelayPool
 from shared.config import Config
@@ -166,6 +167,8 @@ class QueueRunner:
         self.per_connection = snd.messages_per_connection
         self.store = StateStore(reader.dir)
         self.states: dict[str, DeliveryState] = {}
+        rate = snd.rate
+        self.bucket = TokenBucket.load(rate, reader.dir, clock()) if rate else None
         self._conn: RelayConnection | None = None
         self._peer_logs: dict[str, EventLog] = {}
         # This pass's messages: listed and due, and read but waiting for the relay.
@@ -182,6 +185,9 @@ class QueueRunner:
         # sent again by this process (the unlink is retried each pass); after a
         # restart they are, once (at-least-once).
         self._undeletable: set[str] = set()
+        # Messages read while the relay kept us waiting and found to have no local
+        # recipient: later waits pass them by without reading them again.
+        self._remote_only: set[str] = set()
         self._stuck: dict[str, _Stuck] = {}
         self._scan_error: str | None = None
         # Names this runner renamed into queue.dir (a rewrite over the original):
@@ -265,6 +271,7 @@ class QueueRunner:
         if gone:
             self.store.prune(present)
         self._undeletable &= present
+        self._remote_only &= present
         for name in [n for n in self._stuck if n not in present and n not in strange]:
             del self._stuck[name]
         with self._own_moves_lock:
@@ -317,6 +324,8 @@ class QueueRunner:
                     return worked
                 if not (self._due or self._ready):
                     return worked
+                if self._ready:  # held back by the rate limit
+                    self._wait_for_rate()
                 continue
             self._exchange()
 
@@ -335,6 +344,9 @@ class QueueRunner:
             if not job.remote:
                 self._settle(job, [])
                 continue
+            if self.bucket is not None and self.bucket.wait(self.clock()) > 0:
+                self._put_ready(job, front=True)  # its turn comes with the next token
+                break
             conn, why = self._connection()
             if conn is None:
                 self._hold(job, why)
@@ -342,7 +354,21 @@ class QueueRunner:
             conn.submit(OutgoingMessage(job.queue_id, job.message.sender, job.remote,
                                         job.message.data))
             self._flight[job.queue_id] = job
+            if self.bucket is not None:
+                self.bucket.take(self.clock())
+                self.bucket.save(self.reader.dir)
         return worked
+
+    def _wait_for_rate(self) -> None:
+        """Wait for the rate limit's next token, delivering local mail and serving
+        requests meanwhile (the held-back message is not deferred: no backoff)."""
+        assert self.bucket is not None
+        while not self.stop.is_set():
+            wait = self.bucket.wait(self.clock())
+            if wait <= 0:
+                return
+            if not self._local_work():
+                self.stop.wait(min(wait, 0.5))
 
     def _room(self) -> bool:
         """May another message go to the relay now? With none in flight, always (a new
@@ -429,16 +455,21 @@ class QueueRunner:
             return True
         if not self._due or self.stop.is_set():
             return False
+        room = len(self._ready) < READY_MAX and self._ready_bytes < READY_MAX_BYTES
+        if not room and self._due[0].name in self._remote_only:
+            self._due.popleft()  # nothing local in it: the next pass takes it
+            return True
         job = self._next_job()
         if job is None:
             return True
         if not job.remote:
             self._settle(job, [])
-        elif len(self._ready) < READY_MAX and self._ready_bytes < READY_MAX_BYTES:
+        elif room:
             self._put_ready(job)
         elif job.outcomes:  # its local part is done: keep the rest for the next pass
             self._hold(job, "the relay was busy")
-        # else: a message for the relay only, untouched: the next pass takes it
+        else:  # a message for the relay only, untouched: the next pass takes it
+            self._remote_only.add(job.queue_id)
         return True
 
     def _put_ready(self, job: _Job, *, front: bool = False) -> None:
