@@ -183,7 +183,7 @@ class OutgoingMessage:
 
 class _Transaction:
     """One message in flight (aiosmtpd's Envelope, client side). A slotted class,
-    not a dataclass: one is made per message (issue 6)."""
+    not a dataclass: one is made per message, on the sender's hot path."""
 
     __slots__ = ("message", "wire", "pipelined", "mail_reply", "next_rcpt", "results",
                  "accepted", "discard")
