@@ -204,18 +204,24 @@ class SharedFileSink:
         self._open()
 
     def _open(self) -> None:
-        """Open the file at the path; the old descriptor is closed only once that worked."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        """(Re)open the file at the path. The old descriptor is closed first - a removed
+        log's space is freed even if the new open fails - and forgotten at once, so a
+        failed open never leaves a number that the process may reuse for another file."""
         if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = fd
-        self._ino = os.fstat(fd).st_ino
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o640)
+        self._ino = os.fstat(self._fd).st_ino
 
     def _size_if_still_ours(self) -> int | None:
-        """The size of the file at the path if it is still the one we write, else None."""
+        """The size of the file at the path if it is still the one we write, else None
+        (also when it cannot be looked at: reopening says why)."""
+        if self._fd < 0:
+            return None
         try:
             current = os.stat(self.path)
-        except FileNotFoundError:
+        except OSError:
             return None
         return current.st_size if current.st_ino == self._ino else None
 

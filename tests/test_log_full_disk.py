@@ -1,4 +1,5 @@
-"""The shared logfile on a full disk (a real tiny tmpfs): whole lines or none, one word.
+"""The shared logfile when it cannot be written - a full disk (a real tiny tmpfs), a
+removed folder: whole lines or none, and one word about it.
 
 - a record that does not fit is not written at all: no half line, nothing glued to
   the next record once space is back;
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import subprocess
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import load_config
+from shared.log import EventLog, SharedFileSink
 from tests.hardening_support import ready_files
 from tests.support import (
     REPO,
@@ -53,6 +56,7 @@ WRITER = r"""
 import sys
 from pathlib import Path
 from shared.config import load_config
+from shared.log import EventLog, SharedFileSink
 from shared.log import setup_logging, shutdown_logging
 
 from tests.support import fill_disk
@@ -120,3 +124,26 @@ def test_receiver_keeps_accepting_mail_while_its_log_is_full(tmp_path: Path) -> 
     stderr = proc.stderr_text().strip().splitlines()
     assert len(stderr) == 1, proc.stderr_text()
     assert "mailbag.log" in stderr[0] and "No space left on device" in stderr[0]
+
+
+def test_a_log_whose_folder_is_gone_drops_records_and_closes_nothing_else(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "logs"
+    sink = SharedFileSink(folder / "mailbag.log", None, 0, "R-SMTP")
+    events = EventLog("R-SMTP", "-")
+    sink.write(events.render("line", "info", n=1))
+    folder.rename(tmp_path / "away")  # the log cannot be found nor created again
+    sink.write(events.render("line", "info", n=2))
+    with open(tmp_path / "other", "wb") as other:  # takes the lowest free descriptor
+        sink.write(events.render("line", "info", n=3))
+        os.fstat(other.fileno())  # still open: the sink closed nothing but its own
+        other.write(b"still ours")
+    (tmp_path / "away").rename(folder)
+    sink.write(events.render("line", "info", n=4))
+    sink.close()
+    lines = records(folder / "mailbag.log")
+    assert [line.split(" ", 3)[3] for line in lines if " log fail " not in line] == [
+        "line info n=1", "line info n=4"]
+    assert " log fail lost=2 " in lines[1] and "No such file or directory" in lines[1]
+    assert (tmp_path / "other").read_bytes() == b"still ours"
