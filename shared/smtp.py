@@ -36,12 +36,19 @@ class Reply:
     def format(self, **values: object) -> Reply:
         return Reply(self.code, self.text.format(**values), self.enhanced)
 
-    def with_text(self, text: str) -> Reply:
-        return Reply(self.code, text, self.enhanced)
+    @property
+    def is_success(self) -> bool:
+        """2xx: the command is done (RFC 5321 §4.2.1)."""
+        return 200 <= self.code < 300
+
+    @property
+    def is_intermediate(self) -> bool:
+        """3xx: accepted, more is expected (354 after DATA, 334 inside AUTH)."""
+        return 300 <= self.code < 400
 
     @property
     def is_positive(self) -> bool:
-        """2xx, or 3xx (intermediate: the command was accepted, go on)."""
+        """2xx or 3xx: the command was accepted."""
         return 200 <= self.code < 400
 
     @property

@@ -142,7 +142,6 @@ def test_plain_transaction_step_by_step() -> None:
     events = feed(client, b"250 2.0.0 queued as X\r\n")
     assert done(events) == {"bob@example.org": 250}
     assert kinds(events) == [MessageDone, Ready]
-    assert client.messages_sent == 1
     client.quit()
     assert sent(drain(client)) == b"QUIT\r\n"
     assert kinds(feed(client, b"221 bye\r\n")) == [Closed]
@@ -236,7 +235,6 @@ def test_many_messages_on_one_session() -> None:
         feed(client, b"250 ok\r\n")
         feed(client, b"354 go\r\n")
         assert kinds(feed(client, b"250 ok\r\n")) == [MessageDone, Ready]
-    assert client.messages_sent == 3
 
 
 # ---------------------------------------------------------------------------- pipelining
@@ -513,7 +511,6 @@ def test_next_message_follows_the_final_dot_one_round_trip_each() -> None:
     events = feed(client, b"250 q3 queued\r\n")
     assert results(events) == {"q3": {"y@example.org": (250, "q3 queued")}}
     assert kinds(events) == [MessageDone, Ready]
-    assert client.messages_sent == 3
 
 
 @pytest.mark.parametrize("dot", [b"451 4.3.0 try later", b"554 5.6.0 rejected"])
@@ -527,7 +524,6 @@ def test_dot_of_n_fails_while_n_plus_1_is_in_flight(dot: bytes) -> None:
     assert results(events) == {"q2": {"b@example.org": (250, "q2 queued"),
                                       "c@example.net": (250, "q2 queued")}}
     assert kinds(events) == [MessageDone, Ready]
-    assert client.messages_sent == 1
 
 
 def test_mail_of_n_plus_1_refused_after_n_delivered() -> None:

@@ -200,7 +200,7 @@ class _Transaction:
 
     @property
     def mail_ok(self) -> bool:
-        return self.mail_reply is not None and self.mail_reply.code // 100 == 2
+        return self.mail_reply is not None and self.mail_reply.is_success
 
 
 # ---------------------------------------------------------------------------- session
@@ -214,7 +214,6 @@ class ClientSession:
         self.step = Step.GREETING
         self.extensions: dict[str, str] = {}  # EHLO keyword -> parameters
         self.authenticated = False
-        self.messages_sent = 0
         self._parser = ReplyParser()
         # The replies still to come, in order, each with the transaction it belongs to.
         self._expected: deque[tuple[Step, _Transaction | None]] = deque(
@@ -264,10 +263,6 @@ class ClientSession:
         if not self._expected:
             return None
         return TIMEOUT_KIND.get(self._expected[0][0], "command")
-
-    @property
-    def in_transaction(self) -> bool:
-        return bool(self._txns)
 
     @property
     def unsent(self) -> int:
@@ -377,14 +372,10 @@ class ClientSession:
         else:
             raise AssertionError(following)
 
-    @staticmethod
-    def _positive(reply: Reply) -> bool:
-        return reply.code // 100 == 2
-
     # -- handshake ------------------------------------------------------------------
 
     def _on_greeting(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self._advance(Step.GREETING)
         else:  # RFC 5321 §3.1: a 554 greeting still waits for our QUIT
             self._fail(Step.GREETING, reply, "the relay refused the session")
@@ -393,7 +384,7 @@ class ClientSession:
         self._command(f"EHLO {self.policy.hostname}\r\n".encode(), Step.EHLO)
 
     def _on_ehlo(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self.extensions = parse_extensions(reply)
             self._advance(Step.EHLO)
         elif reply.is_permanent:  # RFC 5321 §4.1.1.1: an old server, try HELO
@@ -402,7 +393,7 @@ class ClientSession:
             self._fail(Step.EHLO, reply, "EHLO refused")
 
     def _on_helo(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self.extensions = {}
             self._advance(Step.HELO)
         else:
@@ -425,7 +416,7 @@ class ClientSession:
             self._idle()
 
     def _on_starttls(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self._advance(Step.STARTTLS)
         else:
             self._fail(Step.STARTTLS, reply, "STARTTLS refused")
@@ -451,7 +442,7 @@ class ClientSession:
     def _on_auth(self, reply: Reply) -> None:
         if reply.code == 334 and self._auth_lines:
             self._command(self._auth_lines.popleft() + b"\r\n", Step.AUTH)
-        elif self._positive(reply):
+        elif reply.is_success:
             self.authenticated = True
             self._auth_lines.clear()
             self._advance(Step.AUTH)
@@ -505,10 +496,10 @@ class ClientSession:
             self._pending.append(Ready())
 
     def _on_mail(self, reply: Reply, txn: _Transaction) -> None:
-        if reply.code // 100 == 3:  # nonsense from the relay: never a verdict on the mail
+        if reply.is_intermediate:  # nonsense from the relay: never a verdict on the mail
             raise ProtocolError(f"MAIL answered {reply}")
         txn.mail_reply = reply
-        if not self._positive(reply):
+        if not reply.is_success:
             # Every recipient shares the sender's fate. Pipelined: the RCPT/DATA
             # replies still to come are read and ignored.
             for index in range(len(txn.message.recipients)):
@@ -520,12 +511,12 @@ class ClientSession:
             self._command(self._rcpt_command(txn.message.recipients[0]), Step.RCPT, txn)
 
     def _on_rcpt(self, reply: Reply, txn: _Transaction) -> None:
-        if reply.code // 100 == 3:
+        if reply.is_intermediate:
             raise ProtocolError(f"RCPT answered {reply}")
         index = txn.next_rcpt
         txn.next_rcpt += 1
         if txn.mail_ok:
-            if self._positive(reply):
+            if reply.is_success:
                 txn.accepted.append(index)
             else:
                 txn.results[index] = reply
@@ -554,20 +545,18 @@ class ClientSession:
             if txn.pipelined and self._queued:  # §3.1: the next group follows the dot
                 self._start(self._queued.popleft())
             return
-        if reply.code // 100 in (2, 3):
+        if reply.is_positive:
             raise ProtocolError(f"DATA answered {reply}")
         for index in txn.accepted:
             txn.results[index] = reply
         self._end_transaction(txn, rset=txn.mail_ok)
 
     def _on_body(self, reply: Reply, txn: _Transaction) -> None:
-        if reply.code // 100 == 3:
+        if reply.is_intermediate:
             raise ProtocolError(f"the final dot answered {reply}")
         if not txn.discard:
             for index in txn.accepted:
                 txn.results[index] = reply
-            if self._positive(reply):
-                self.messages_sent += 1
         # Whatever the dot's reply, the relay's transaction is over (RFC 5321 §4.1.1.4):
         # no RSET, and the next message's commands (if in flight) stand.
         self._end_transaction(txn, rset=False)
@@ -588,7 +577,7 @@ class ClientSession:
         results = []
         for index, recipient in enumerate(txn.message.recipients):
             decided = txn.results.get(index)
-            if decided is None or (unresolved_only and decided.code // 100 == 2):
+            if decided is None or (unresolved_only and decided.is_success):
                 decided = reply
             if decided is None:  # cannot happen: every path resolves every recipient
                 raise AssertionError(f"recipient {index} unresolved")
@@ -596,7 +585,7 @@ class ClientSession:
         self._pending.append(MessageDone(txn.message.ref, tuple(results)))
 
     def _on_rset(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self._idle()
         else:
             self._fail(Step.RSET, reply, "RSET refused")
