@@ -28,6 +28,9 @@ Rules this module guarantees (SPEC §4):
   DATA goes out only if at least one RCPT was accepted (otherwise RSET);
 - the data is re-encoded by `to_wire_data` (CRLF only, dot-stuffed, no NUL), so no
   queued body can smuggle an end-of-data past the relay;
+- 8-bit data goes with `BODY=8BITMIME` to a relay that offers it, and is converted
+  to 7 bit for one that does not (`downgrade.py`); a message that cannot be
+  converted is never started: every recipient gets 554 5.6.3 (`CANNOT_CONVERT`);
 - with PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write, and the
   next queued message's MAIL/RCPT/DATA follow the previous message's final dot
   without waiting for its reply (§3.1: the message content may be the first
@@ -48,7 +51,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.sender.downgrade import NotConvertible, for_relay
 from shared.smtp import Reply, ReplyParser, to_wire_data
+
+# RFC 6152 §3 / RFC 3463 X.6.3: 8-bit data that a relay without 8BITMIME cannot take.
+CANNOT_CONVERT = Reply(554, "8-bit data for a relay without 8BITMIME: {why}", "5.6.3")
 
 
 class Step(enum.Enum):
@@ -279,7 +286,7 @@ class ClientSession:
             raise SessionUsageError("a message needs at least one recipient")
         self._queued.append(message)
         if not self._txns and not self._expected:
-            self._start(self._queued.popleft())
+            self._idle()
 
     def take_unsent(self) -> list[OutgoingMessage]:
         """Withdraw the queued messages that have not started (nothing of them was sent)."""
@@ -454,11 +461,11 @@ class ClientSession:
 
     # -- a transaction ----------------------------------------------------------------
 
-    def _mail_command(self, sender: str, size: int) -> bytes:
+    def _mail_command(self, sender: str, size: int, eight_bit: bool) -> bytes:
         params = ""
         if "SIZE" in self.extensions:  # RFC 1870
             params += f" SIZE={size}"
-        if "8BITMIME" in self.extensions:  # RFC 6152
+        if eight_bit:  # RFC 6152: only ever when the relay offers 8BITMIME
             params += " BODY=8BITMIME"
         return f"MAIL FROM:<{sender}>{params}\r\n".encode("utf-8", "surrogateescape")
 
@@ -466,15 +473,32 @@ class ClientSession:
     def _rcpt_command(recipient: str) -> bytes:
         return f"RCPT TO:<{recipient}>\r\n".encode("utf-8", "surrogateescape")
 
-    def _start(self, message: OutgoingMessage) -> None:
-        """Send a message's commands: all at once with PIPELINING (RFC 2920), else MAIL."""
-        wire = to_wire_data(message.data)
+    def _start_queued(self) -> None:
+        """Start the first queued message this relay can take; fail those before it."""
+        while self._queued:
+            if self._start(self._queued.popleft()):
+                return
+
+    def _start(self, message: OutgoingMessage) -> bool:
+        """Send a message's commands: all at once with PIPELINING (RFC 2920), else MAIL.
+
+        False, with its outcome already given, for data the relay cannot take.
+        """
+        try:
+            data, eight_bit = for_relay(message.data, "8BITMIME" in self.extensions)
+        except NotConvertible as err:
+            reply = CANNOT_CONVERT.format(why=str(err))
+            self._pending.append(
+                MessageDone(message.ref, tuple((r, reply) for r in message.recipients))
+            )
+            return False
+        wire = to_wire_data(data)
         txn = _Transaction(message, wire, self.policy.use_pipelining and self._pipelining)
         self._txns.append(txn)
-        mail = self._mail_command(message.sender, len(wire) - 3)
+        mail = self._mail_command(message.sender, len(wire) - 3, eight_bit)
         if not txn.pipelined:
             self._command(mail, Step.MAIL, txn)
-            return
+            return True
         commands = [mail]
         commands.extend(self._rcpt_command(r) for r in message.recipients)
         commands.append(b"DATA\r\n")
@@ -482,6 +506,7 @@ class ClientSession:
         self._expected.extend((Step.RCPT, txn) for _ in message.recipients)
         self._expected.append((Step.DATA, txn))
         self._send(b"".join(commands), Step.MAIL)
+        return True
 
     @property
     def _pipelining(self) -> bool:
@@ -489,9 +514,8 @@ class ClientSession:
 
     def _idle(self) -> None:
         """Nothing in flight: start the next queued message, or say Ready."""
-        if self._queued:
-            self._start(self._queued.popleft())
-        else:
+        self._start_queued()
+        if not self._txns:
             self.step = Step.READY
             self._pending.append(Ready())
 
@@ -542,8 +566,8 @@ class ClientSession:
                 body = b".\r\n"
             self._expected.append((Step.BODY, txn))
             self._send(body, Step.BODY, body=True)
-            if txn.pipelined and self._queued:  # §3.1: the next group follows the dot
-                self._start(self._queued.popleft())
+            if txn.pipelined:  # §3.1: the next group follows the dot
+                self._start_queued()
             return
         if reply.is_positive:
             raise ProtocolError(f"DATA answered {reply}")
