@@ -112,9 +112,6 @@ def main(config: Config) -> int:
         log.ok("exit", signal=stop.signal_name or "-", status=EXIT_OK)
         shutdown_logging()
         return EXIT_OK
-    recovered = reader.recover_abandoned()
-    if recovered:
-        log.info("recover", messages=len(recovered))
     cleaned = LocalDelivery(config.local.maildir).clean_stale_tmp(time.time())
     if cleaned:
         log.info("maildir-clean", removed=len(cleaned), maildir=config.local.maildir)
