@@ -38,12 +38,12 @@ class Reply:
 
     @property
     def is_success(self) -> bool:
-        """2xx: the command is done (RFC 5321 §4.2.1)."""
+        """2xx: the command did what was asked."""
         return 200 <= self.code < 300
 
     @property
     def is_intermediate(self) -> bool:
-        """3xx: accepted, more is expected (354 after DATA, 334 inside AUTH)."""
+        """3xx: accepted so far, more is expected (354 after DATA, 334 inside AUTH)."""
         return 300 <= self.code < 400
 
     @property
