@@ -197,7 +197,7 @@ class SharedFileSink:
         self._mutex = threading.Lock()
         self._events = EventLog(program, "-")
         self._outage: _Outage | None = None  # records are being dropped since ...
-        self._rotation_failed = False  # said on stderr once
+        self._rotation_failed = False  # said on stderr, once until a rotation works
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = -1
         self._ino = -1
@@ -245,6 +245,7 @@ class SharedFileSink:
             if self.rotate_bytes and size + len(data) >= self.rotate_bytes:
                 try:
                     self._rotate()
+                    self._rotation_failed = False
                 except OSError as err:  # the log grows past its size; records still go in
                     if not self._rotation_failed:
                         self._rotation_failed = True

@@ -1,5 +1,5 @@
 """The shared logfile when it cannot be written - a full disk (a real tiny tmpfs), a
-removed folder: whole lines or none, and one word about it.
+removed folder - or rotated: whole lines or none, and one word about it.
 
 - a record that does not fit is not written at all: no half line, nothing glued to
   the next record once space is back;
@@ -147,3 +147,20 @@ def test_a_log_whose_folder_is_gone_drops_records_and_closes_nothing_else(
         "line info n=1", "line info n=4"]
     assert " log fail lost=2 " in lines[1] and "No such file or directory" in lines[1]
     assert (tmp_path / "other").read_bytes() == b"still ours"
+
+
+def test_a_rotation_that_fails_is_said_once_and_records_still_go_in(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "mailbag.log"
+    (tmp_path / "mailbag.log.1").mkdir()  # in the way of the rename
+    (tmp_path / "mailbag.log.1" / "x").write_bytes(b"")
+    sink = SharedFileSink(log, 100, 1, "S-SMTP")
+    events = EventLog("S-SMTP", "-")
+    for n in range(5):
+        sink.write(events.render("line", "info", n=n, pad="x" * 60))
+    sink.close()
+    lines = records(log)
+    assert [line.split(" n=")[1][0] for line in lines] == ["0", "1", "2", "3", "4"]
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot rotate the log" in err[0], err
