@@ -256,7 +256,8 @@ class SharedFileSink:
         """One O_APPEND write of whole lines; OSError (nothing of them kept) if it fails."""
         written = os.write(self._fd, data)
         if written < len(data):
-            self._blank_out(written)
+            if written:
+                self._blank_out(written)
             raise OSError(errno.ENOSPC, f"No space left on device (wrote {written} of "
                           f"{len(data)} bytes)")
 
