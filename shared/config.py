@@ -230,6 +230,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    # The user supervisord switches to when `make run` starts it as root (its `-u`);
+    # "": whoever starts it. The systemd unit runs as its own User= from the start.
+    user: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     hostname: str = "mailbag.localdomain"
@@ -238,6 +245,7 @@ class Config:
     sender: SenderConfig = field(default_factory=SenderConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
 
 _SECTIONS: dict[str, type] = {
@@ -246,6 +254,7 @@ _SECTIONS: dict[str, type] = {
     "sender": SenderConfig,
     "local": LocalConfig,
     "log": LogConfig,
+    "service": ServiceConfig,
 }
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
@@ -435,6 +444,10 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(f"log.level: unknown level {log.level!r}")
     if log.retention < 0:
         raise ConfigError("log.retention: must be 0 or more")
+    # useradd's rule for a name (no leading digit or dash, no "/" or ":"), at most 32.
+    if config.service.user and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}",
+                                                config.service.user):
+        raise ConfigError(f"service.user: {config.service.user!r} is not a user name")
     try:
         log.rotation_bytes  # noqa: B018 - validates the size text
     except ValueError as err:

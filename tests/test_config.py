@@ -99,7 +99,15 @@ BAD_CONFIGS = [
     ("bad-tls-mode", "[sender]\ntls = \"maybe\"\n", "sender.tls"),
     ("bad-hostname", "hostname = \"mx example\"\n", "hostname"),
     ("invalid-toml", "[receiver\nlisten = \n", "invalid TOML"),
+    ("bad-service-user", "[service]\nuser = \"root:root\"\n", "service.user"),
+    ("service-user-number", "[service]\nuser = 1000\n", "service.user"),
 ]
+
+
+def test_service_user_is_empty_by_default_and_a_name_when_set(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "")).service.user == ""
+    assert load_config(_write(tmp_path, '[service]\nuser = "mailbag"\n')).service.user == (
+        "mailbag")
 
 
 @pytest.mark.parametrize(("text", "named"), [pytest.param(t, n, id=i) for i, t, n in BAD_CONFIGS])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable
 
 from services.sender.decision import Backoff
@@ -118,6 +119,9 @@ def main(config: Config, stop: StopFlag) -> int:
         log.ok("exit", signal=stop.signal_name or "-", status=EXIT_OK)
         shutdown_logging()
         return EXIT_OK
+    cleaned = LocalDelivery(config.local.maildir).clean_stale_tmp(time.time())
+    if cleaned:
+        log.info("maildir-clean", removed=len(cleaned), maildir=config.local.maildir)
     wake = threading.Event()
     # The runner waits on `wake`; a stop must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
