@@ -122,8 +122,10 @@ def parse_address_field(name: str, raw_value: bytes) -> ParsedAddresses:
         return ParsedAddresses(error=f"{name}: is not UTF-8")
     try:
         header = policy.SMTPUTF8.header_factory(name, text)
-    except (ValueError, IndexError, TypeError) as err:
-        return ParsedAddresses(error=f"{name}: cannot be parsed ({err})")
+    except Exception as err:
+        # Any exception: the stdlib parser crashes on some odd input (AttributeError,
+        # IndexError); for us each of them means "cannot be parsed".
+        return ParsedAddresses(error=f"{name}: cannot be parsed ({type(err).__name__})")
     if not isinstance(header, AddressHeader):
         return ParsedAddresses(error=f"{name}: is not an address field")
     invalid = [d for d in header.defects if isinstance(d, errors.InvalidHeaderDefect)]

@@ -5,9 +5,12 @@ from __future__ import annotations
 from email.headerregistry import Address, Group
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.sender.bounce import FAILED, FailedRecipient, build_notice
+from services.sender.rewrite import SenderRewriter
+from shared.dkim import DkimSigner, keygen, load_key
 from shared.headers import (
     format_address_field,
     header_section,
@@ -103,7 +106,8 @@ def test_parse_address_field(raw: bytes, addresses) -> None:
 
 
 @pytest.mark.parametrize("raw", [b" root", b" <>", b" a@b c@d", b" \xff@x.example",
-                                 b" Foo <a@b"])
+                                 b" Foo <a@b",
+                                 b".From: a@example.com"])  # AttributeError in the stdlib
 def test_parse_address_field_errors_are_one_line(raw: bytes) -> None:
     parsed = parse_address_field("Reply-To", raw)
     assert parsed.error is not None and parsed.error.startswith("Reply-To:")
@@ -126,3 +130,30 @@ def test_format_address_field() -> None:
     encoded = (Group(None, [Address("Zoë", "zoe", "x.example")]),)
     assert format_address_field("From", encoded, b"\r\n") == (
         b"From: =?utf-8?q?Zo=C3=AB?= <zoe@x.example>\r\n")
+
+
+_SOUP = st.lists(st.sampled_from([
+    b"From: a@example.com", b"Reply-To: ", b"Sender:", b"\r\n", b"\n", b"\r", b" ", b"\t",
+    b":", b"X", b"\xff", b"\xc3\xa9", b"\x00", b"To: b", b"From:", b"=?utf-8?q?x?=", b"<",
+    b">", b"@", b",", b'"', b"example.com", b".", b"(", b")", b";", b"\\", b"[", b"]",
+]), max_size=30).map(b"".join)
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory) -> DkimSigner:
+    generated = keygen("example.com", "s", tmp_path_factory.mktemp("key"), "ed25519")
+    return DkimSigner([load_key("example.com", "s", generated.path)])
+
+
+@settings(PROPERTY_SETTINGS, max_examples=100)  # a notice costs ~10 ms: the email package
+@given(data=_SOUP)
+def test_readers_of_header_fields_answer_for_any_bytes(signer: DkimSigner, data: bytes) -> None:
+    """Rewriting, signing and bouncing read header fields of data from anyone: no input
+    may make them raise (the stdlib's address parser crashes on some)."""
+    assert signer.sign(data).data.endswith(data)
+    rewriter = SenderRewriter("", {"@example.com": "@example.org"})
+    assert rewriter.message(data).data is not None
+    notice = build_notice(FAILED, hostname="mx.example", queue_id="1", sender="a@example.com",
+                          recipients=[FailedRecipient("x@example.net")], original=data,
+                          arrival=0, now=1)
+    assert notice is not None and notice.count(b"\n") == notice.count(b"\r\n")
