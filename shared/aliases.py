@@ -82,8 +82,12 @@ class AliasTable:
         self.local_domains = tuple(d.lower() for d in local_domains)
         self._domains = frozenset(self.local_domains)
         self._table: dict[str, tuple[str, ...]] = {POSTMASTER: (DEFAULT_POSTMASTER_TARGET,)}
-        self._twice = [k for k in table if k != k.lower() and k.lower() in table]
+        self._twice: list[str] = []  # keys that differ from an earlier one only by case
+        given: set[str] = set()
         for key, targets in table.items():
+            if key.lower() in given:
+                self._twice.append(key)
+            given.add(key.lower())
             listed = (targets,) if isinstance(targets, str) else tuple(targets)
             self._table[key.lower()] = tuple(t.strip() for t in listed if t.strip())
 

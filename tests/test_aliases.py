@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.aliases import MAX_DEPTH, AliasError, AliasTable, Expansion
+from tests.support import PROPERTY_SETTINGS
 
 DOMAINS = ("localhost", "mail.example.net")
 
@@ -113,7 +116,8 @@ CONFIG_ERRORS = [
     ("brackets-in-target", {"root": "<ops@example.org>"}, "'root'"),
     ("catch-all-as-target", {"root": "*"}, "'*' is not a target"),
     ("key-with-at", {"root@localhost": "ops@example.org"}, "'root@localhost'"),
-    ("key-twice-by-case", {"root": "a@example.org", "ROOT": "b@example.org"}, "given twice"),
+    ("key-twice-by-case", {"root": "a@example.org", "ROOT": "b@example.org"}, "'ROOT' is given"),
+    ("key-twice-both-upper", {"Root": "a@example.org", "ROOT": "b@example.org"}, "given twice"),
 ]
 
 
@@ -159,3 +163,33 @@ def test_expand_keeps_recipient_order_and_unknown_remote_first_wins() -> None:
     result = aliases.expand(["a@example.org", "root@localhost"])
     assert [(e.original, e.target) for e in result] == [
         ("a@example.org", "a@example.org"), ("root@localhost", "z@example.org")]
+
+
+_NAMES = st.sampled_from(["a", "b", "c", "root", "postmaster", "*"])
+_TARGETS = st.one_of(
+    _NAMES.filter(lambda n: n != "*"),
+    _NAMES.filter(lambda n: n != "*").map(lambda n: f"{n}@mail.example.net"),
+    st.sampled_from(["x@example.org", "X@Example.org", "y@example.com"]),
+)
+
+
+@PROPERTY_SETTINGS
+@given(st.dictionaries(_NAMES, st.lists(_TARGETS, max_size=3), max_size=6),
+       st.lists(st.one_of(_TARGETS, st.just("*@localhost")), min_size=1, max_size=5))
+def test_expand_never_raises_and_gives_each_mailbox_once(table, recipients) -> None:
+    """Any table, loops and empty aliases included: expand answers, and the answer is sane."""
+    aliases = AliasTable(table, DOMAINS)
+    result = aliases.expand(recipients)
+    targets = [e.target.rpartition("@") for e in result if e.target is not None]
+    # a local mailbox is its name in any case; a remote local part keeps its case
+    mailboxes = [(local.lower(), "local") if domain.lower() in DOMAINS else (local, domain.lower())
+                 for local, _, domain in targets]
+    assert len(mailboxes) == len(set(mailboxes))
+    for expansion in result:
+        assert (expansion.target is None) == (expansion.error is not None)
+        assert expansion.original in recipients
+    try:
+        aliases.check()
+    except AliasError:
+        return
+    assert all(e.error is None for e in result)  # a checked table never errs at run time
