@@ -211,7 +211,7 @@ class Config:
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     bounce: BounceConfig = field(default_factory=BounceConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
-    # [aliases]: lower-cased local part -> its targets (shared/aliases.py reads them)
+    # [aliases]: local part (any case) -> its targets; shared/aliases.py resolves them
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
@@ -297,12 +297,12 @@ def parse_config(raw: dict[str, typing.Any], path: Path) -> Config:
         values.setdefault(name, _build_section(name, cls, {}, base))
     config = Config(**values)
     _check_ranges(config)
-    _check_addresses(config)
+    _check_mail_sections(config)
     return config
 
 
 def _parse_aliases(raw: typing.Any) -> Mapping[str, tuple[str, ...]]:
-    """[aliases]: each value a string or a list of strings (checked in _check_addresses)."""
+    """[aliases]: each value a string or a list of strings (checked in _check_mail_sections)."""
     if not isinstance(raw, dict):
         raise ConfigError("[aliases] must be a table")
     table: dict[str, tuple[str, ...]] = {}
@@ -438,8 +438,8 @@ _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 
-def _check_addresses(config: Config) -> None:
-    """[aliases], [rewrite] and [dkim] name addresses and domains: check their syntax."""
+def _check_mail_sections(config: Config) -> None:
+    """[aliases], [rewrite] and [dkim] name addresses and domains: check them."""
     try:
         AliasTable.from_config(config.aliases, config.local.domains)
     except AliasError as err:
@@ -450,9 +450,12 @@ def _check_addresses(config: Config) -> None:
     for key, value in rewrite.senders.items():
         _check_address(f"rewrite.senders.{key!r}", key, domain_ok=True)
         _check_address(f"rewrite.senders.{key!r}", value, domain_ok=True)
+    dkim = config.dkim
+    entries = [(f"dkim.keys[{index}]", key) for index, key in enumerate(dkim.keys)]
+    if dkim.domain or dkim.selector or dkim.key_file:
+        entries.insert(0, ("dkim", DkimKeyConfig(dkim.domain, dkim.selector, dkim.key_file)))
     domains: set[str] = set()
-    for index, key in enumerate(config.dkim.all_keys):
-        where = "dkim" if index == 0 and config.dkim.domain else f"dkim.keys[{index}]"
+    for where, key in entries:
         if not (key.domain and key.selector and key.key_file):
             raise ConfigError(f"{where}: domain, selector and key_file must be set together")
         for name, value in (("domain", key.domain), ("selector", key.selector)):
@@ -461,8 +464,6 @@ def _check_addresses(config: Config) -> None:
         if key.domain.lower() in domains:
             raise ConfigError(f"{where}.domain: {key.domain!r} has a key already")
         domains.add(key.domain.lower())
-    if not config.dkim.domain and (config.dkim.selector or config.dkim.key_file):
-        raise ConfigError("dkim: domain, selector and key_file must be set together")
 
 
 def _check_address(key: str, value: str, domain_ok: bool = False) -> None:

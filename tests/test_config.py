@@ -136,7 +136,10 @@ BAD_CONFIGS = [
     ("dkim-keys-not-list", "[dkim]\nkeys = 1\n", "dkim.keys"),
     ("dkim-duplicate-domain", "[dkim]\ndomain = \"a.org\"\nselector = \"s\"\n"
      "key_file = \"k\"\n[[dkim.keys]]\ndomain = \"A.org\"\nselector = \"t\"\n"
-     "key_file = \"k2\"\n", "has a key already"),
+     "key_file = \"k2\"\n", "dkim.keys[0].domain: 'A.org' has a key already"),
+    ("dkim-keys-bad-selector", "[dkim]\ndomain = \"a.org\"\nselector = \"s\"\n"
+     "key_file = \"k\"\n[[dkim.keys]]\ndomain = \"b.org\"\nselector = \"t t\"\n"
+     "key_file = \"k2\"\n", "dkim.keys[0].selector"),
 ]
 
 
