@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from shared.config import ConfigError, DkimConfig
-from shared.headers import header_section, parse_address_field
+from shared.headers import parse_address_field, scan_headers
 
 # RFC 6376 §5.4.1: the fields a signature should cover (when present).
 SIGNED_FIELDS = (
@@ -116,7 +116,7 @@ class DkimSigner:
 
     def sign(self, data: bytes) -> SignResult:
         """Prepend a DKIM-Signature for the From: domain, or say why there is none."""
-        section = header_section(data)
+        section = scan_headers(data)
         domains: set[str] = set()
         for header in section.named("from"):
             parsed = parse_address_field(header.name, header.raw_value(data))
@@ -136,7 +136,7 @@ class DkimSigner:
         fields = [name for name in present if name in SIGNED_FIELDS]
         fields += [name for name in OVERSIGNED if name in present]
         try:
-            signer = dkim.DKIM(data, signature_algorithm=key.algorithm, linesep=section.linesep)
+            signer = dkim.DKIM(data, signature_algorithm=key.algorithm, linesep=section.eol)
             signature = signer.sign(
                 key.selector.encode(), key.domain.encode(), key.private,
                 canonicalize=(b"relaxed", b"relaxed"),

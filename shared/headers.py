@@ -1,34 +1,44 @@
-"""The header section of queued message data: where each field is, and its addresses.
+"""The header section of a message: reading it, and the fields mailbag adds to it.
 
-Queued data is the message exactly as received (SPEC §3): bytes, normally CRLF line
-ends, LF-only from some local programs. The sender's rewriting, DKIM signing and
-bounces read a few header fields from it and must leave every other byte alone, so
-this module finds fields by their byte offsets instead of re-serialising a parsed
-message. No I/O; nothing here copies the body.
+Shared by the receiver (SMTP), `mailbag-sendmail` (local submission) and the sender
+(rewriting, DKIM, bounces), so that all of them read a header section the same way
+and write the same trace (SPEC §3, §7, §8):
 
-The header section (RFC 5322 §2.2) is the lines up to the first empty line. A line
-that is neither a field (`name:` with RFC 5322 ftext in the name) nor a continuation
-(leading space or tab) also ends it, as the stdlib parser does; such a line belongs
-to the body.
+- one `Received:` field at the very start (RFC 5321 §4.4; RFC 3848 for the
+  ESMTPS / ESMTPA protocol names), folded as Postfix folds it;
+- a missing `Date:` or `Message-ID:` at the END of the header section (RFC 6409 §8:
+  a submission server may add them), never anywhere else;
+- `scan_headers` reads only the header section, line by line, and reports where it
+  ends, its line ending, where each field is (byte offsets) and how many
+  `Received:` fields (the hop count against mail loops). The body is never looked
+  at or copied: callers write `[trace, data[:end], added, data[end:]]` as chunks,
+  and the sender replaces one field by `data[:field.start]`, new bytes,
+  `data[field.end:]`, every other byte as it was;
+- address fields (From:, Sender:, Reply-To:, ...) are parsed by the `email`
+  package's header registry, never by a regex: folded lines, RFC 2047 display names,
+  quoted commas and groups are its job.
 
-Address fields are parsed by the `email` package's header registry, never by a
-regex: folded lines, RFC 2047 display names, quoted commas and groups are its job.
+Pure functions: the time, the names and the ids are passed in.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from email import errors, policy
 from email.headerregistry import Address, AddressHeader, Group
+from email.utils import format_datetime
+from functools import cached_property
+from typing import NamedTuple
 
-_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 §3.6.8 field name, ':'
+_UNSAFE_TEXT = re.compile(r"[^\x21-\x27\x2a-\x7e]")  # no controls, spaces or ( ) in comments
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
-@dataclass(frozen=True)
-class HeaderField:
-    """One header field of `data`: `data[start:end]` is the field with its line end(s)."""
+class HeaderField(NamedTuple):
+    """One header field: `data[start:end]` is the field with its line end(s)."""
 
     name: str  # as written; compare with .lower()
     start: int
@@ -42,53 +52,135 @@ class HeaderField:
 
 @dataclass(frozen=True)
 class HeaderSection:
-    """Where the fields are, and where the body starts."""
+    """What `scan_headers` found in a message's header section."""
 
-    fields: tuple[HeaderField, ...]
-    end: int  # offset just after the last field (before the empty line, if any)
-    body_start: int  # offset of the body's first byte
-    linesep: bytes  # b"\r\n" or b"\n": the data's own line end
+    end: int  # offset after the last header line: where fields are added
+    eol: bytes  # the line ending the message uses (b"\r\n", or b"\n")
+    names: frozenset[str]  # field names present, lower-cased
+    received: int  # how many Received: fields (hops)
+    # (name as written, start, value start) of every field, in order: `fields` makes
+    # HeaderField objects of them only for a caller that asks (the receiver does not)
+    starts: tuple[tuple[str, int, int], ...] = ()
+
+    def has(self, name: str) -> bool:
+        return name.lower() in self.names
+
+    @cached_property
+    def fields(self) -> tuple[HeaderField, ...]:
+        """Every field, in order; the last one ends where the header section ends."""
+        ends = [start for _, start, _ in self.starts[1:]] + [self.end]
+        return tuple(HeaderField(name, start, end, value)
+                     for (name, start, value), end in zip(self.starts, ends, strict=False))
 
     def named(self, name: str) -> list[HeaderField]:
+        """The fields called `name` (any case), in order."""
         lowered = name.lower()
         return [f for f in self.fields if f.name.lower() == lowered]
 
 
-def line_ending(data: bytes) -> bytes:
-    """The line end the data uses (its first line's); CRLF if it has no line end."""
-    newline = data.find(b"\n")
-    if newline > 0 and data[newline - 1:newline] == b"\r":
-        return b"\r\n"
-    return b"\n" if newline >= 0 else b"\r\n"
+def scan_headers(raw: bytes | bytearray) -> HeaderSection:
+    """Read the header section of `data` (RFC 5322 §2.1).
 
-
-def header_section(data: bytes) -> HeaderSection:
-    """Find every header field of `data` by offset, in one pass over the lines."""
-    fields: list[HeaderField] = []
-    pos, size = 0, len(data)
-    name: str | None = None
-    start = value_start = 0
-    while pos < size:
-        newline = data.find(b"\n", pos)
+    It ends at the first empty line, or at the first line that is neither a field
+    nor a continuation of one (a message without headers starts with its body).
+    Only the header section's lines are visited; no copy of the data is made.
+    """
+    size = len(raw)
+    first_newline = raw.find(b"\n")
+    eol = b"\r\n" if first_newline > 0 and raw[first_newline - 1] == 0x0D else b"\n"
+    names: set[str] = set()
+    starts: list[tuple[str, int, int]] = []  # (name as written, start, value start)
+    received = 0
+    position = 0
+    in_field = False
+    while position < size:
+        newline = raw.find(b"\n", position)
         line_end = size if newline < 0 else newline + 1
-        first = data[pos:pos + 1]
-        if first in (b" ", b"\t") and name is not None:
-            pos = line_end  # a continuation of the current field
+        line = raw[position:min(line_end, position + 1000)]
+        if line[:1] in (b" ", b"\t") and in_field:
+            position = line_end  # a continuation of the field before
             continue
-        if name is not None:
-            fields.append(HeaderField(name, start, pos, value_start))
-            name = None
-        if data.startswith(b"\n", pos) or data.startswith(b"\r\n", pos):
-            return HeaderSection(tuple(fields), pos, line_end, line_ending(data))
-        match = _FIELD_NAME.match(data, pos, line_end)
-        if not match:
-            break  # not a field: the body starts here, without an empty line
-        name = data[pos:match.end() - 1].decode("ascii")
-        start, value_start = pos, match.end()
-        pos = line_end
-    if name is not None:
-        fields.append(HeaderField(name, start, pos, value_start))
-    return HeaderSection(tuple(fields), pos, pos, line_ending(data))
+        match = _FIELD.match(line)
+        if match is None:
+            break  # an empty line or body text: the header section is over
+        written = line[: match.end() - 1].rstrip(b" \t").decode("ascii")
+        name = written.lower()
+        names.add(name)
+        received += name == "received"
+        starts.append((written, position, position + match.end()))
+        in_field = True
+        position = line_end
+    return HeaderSection(position, eol, frozenset(names), received, tuple(starts))
+
+
+def rfc5322_date(now: datetime) -> str:
+    """`Tue, 01 Dec 2026 14:50:33 +0000` (RFC 5322 §3.3); `now` must be aware."""
+    return format_datetime(now)
+
+
+def message_id(queue_id: str, hostname: str) -> str:
+    return f"<{queue_id}@{hostname}>"
+
+
+def missing_fields(section: HeaderSection, *, queue_id: str, hostname: str,
+                   now: datetime) -> bytes:
+    """`Date:` and `Message-ID:` lines for those the header section lacks (RFC 6409 §8),
+    to be written at `section.end`; b"" when nothing is missing."""
+    lines = []
+    if not section.has("date"):
+        lines.append(f"Date: {rfc5322_date(now)}")
+    if not section.has("message-id"):
+        lines.append(f"Message-ID: {message_id(queue_id, hostname)}")
+    eol = section.eol.decode()
+    return "".join(line + eol for line in lines).encode()
+
+
+def smtp_received(*, helo: str, client_ip: str, hostname: str, protocol: str,
+                  queue_id: str, recipient: str | None, now: datetime,
+                  eol: bytes = b"\r\n") -> bytes:
+    """The receiver's trace field (RFC 5321 §4.4), as Postfix writes it::
+
+        Received: from HELO ([IP])
+                by HOSTNAME (mailbag) with ESMTPS id ID
+                for <RCPT>; DATE
+
+    No reverse DNS is looked up, so TCP-info is the address literal alone.
+    `protocol` is SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848); `recipient`
+    only when the message has exactly one (naming several would disclose Bcc's).
+    """
+    literal = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
+    fold = eol.decode() + "\t"
+    text = f"Received: from {_comment_safe(helo) or 'unknown'} ([{literal}])"
+    text += f"{fold}by {hostname} (mailbag) with {protocol} id {queue_id}"
+    if recipient is not None:
+        text += f"{fold}for <{_address_safe(recipient)}>"
+    text += f"; {rfc5322_date(now)}{eol.decode()}"
+    return text.encode("utf-8")
+
+
+def local_received(*, uid: int, hostname: str, queue_id: str, recipient: str | None,
+                   now: datetime, eol: bytes = b"\r\n") -> bytes:
+    """The trace field of a locally submitted message (no network hop), as Postfix's
+    sendmail writes it: `Received: by HOSTNAME (mailbag, from userid UID) id ID; DATE`."""
+    fold = eol.decode() + "\t"
+    text = f"Received: by {hostname} (mailbag, from userid {uid}){fold}id {queue_id}"
+    if recipient is not None:
+        text += f"{fold}for <{_address_safe(recipient)}>"
+    text += f"; {rfc5322_date(now)}{eol.decode()}"
+    return text.encode("utf-8")
+
+
+def _comment_safe(text: str) -> str:
+    """A client-chosen name, made harmless inside a Received: field (no spaces,
+    controls or parentheses that would end the comment or the field)."""
+    return _UNSAFE_TEXT.sub("?", text)[:255]
+
+
+def _address_safe(address: str) -> str:
+    return re.sub(r"[\x00-\x1f\x7f<>]", "?", address)
+
+
+# ---------------------------------------------------------------------------- addresses
 
 
 def unfold(value: str) -> str:
@@ -138,13 +230,13 @@ def parse_address_field(name: str, raw_value: bytes) -> ParsedAddresses:
     return ParsedAddresses(groups=groups)
 
 
-def format_address_field(name: str, groups: tuple[Group, ...], linesep: bytes) -> bytes:
-    """A complete field line (folded, ending in `linesep`) holding `groups`.
+def format_address_field(name: str, groups: tuple[Group, ...], eol: bytes) -> bytes:
+    """A complete field line (folded, ending in `eol`) holding `groups`.
 
     Non-ASCII display names become RFC 2047 encoded words; a non-ASCII address can
     only be written as UTF-8 (RFC 6532), so then the whole field is UTF-8.
     """
     utf8 = any(not a.addr_spec.isascii() for g in groups for a in g.addresses)
-    fold_policy = (policy.SMTPUTF8 if utf8 else policy.SMTP).clone(linesep=linesep.decode())
+    fold_policy = (policy.SMTPUTF8 if utf8 else policy.SMTP).clone(linesep=eol.decode())
     header = fold_policy.header_factory(name, list(groups))
     return header.fold(policy=fold_policy).encode("utf-8")

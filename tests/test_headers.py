@@ -1,7 +1,10 @@
-"""shared/headers.py: header fields by offset, and address fields by the `email` package."""
+"""shared/headers.py: the trace field, the fields added when missing, fields by offset and
+address fields (SPEC §3, §8)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
+from email import message_from_bytes, policy
 from email.headerregistry import Address, Group
 
 import pytest
@@ -13,56 +16,111 @@ from services.sender.rewrite import SenderRewriter
 from shared.dkim import DkimSigner, keygen, load_key
 from shared.headers import (
     format_address_field,
-    header_section,
-    line_ending,
+    local_received,
+    missing_fields,
     parse_address_field,
+    scan_headers,
+    smtp_received,
 )
 from tests.support import PROPERTY_SETTINGS
 
-# (case, data, [(name, field bytes)], body)
-SECTIONS = [
-    ("simple", b"A: 1\r\nB: 2\r\n\r\nbody\r\n", [("A", b"A: 1\r\n"), ("B", b"B: 2\r\n")],
-     b"body\r\n"),
+NOW = datetime(2026, 12, 1, 14, 50, 33, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("data", "end", "eol", "names", "received"),
+    [
+        (b"Subject: hi\r\nFrom: a@b\r\n\r\nbody\r\n", 24, b"\r\n", {"subject", "from"}, 0),
+        (b"Subject: hi\nX: folded\n  more\n\nbody\n", 29, b"\n", {"subject", "x"}, 0),
+        (b"Received: a\r\nreceived : b\r\n\tc\r\n\r\n", 31, b"\r\n", {"received"}, 2),
+        (b"\r\nbody only\r\n", 0, b"\r\n", set(), 0),
+        (b"just a body line\r\n", 0, b"\r\n", set(), 0),
+        (b"Subject: no body\r\n", 18, b"\r\n", {"subject"}, 0),
+        (b"Subject: x\r\nnot a field\r\n", 12, b"\r\n", {"subject"}, 0),
+        (b"", 0, b"\n", set(), 0),
+    ],
+    ids=["crlf", "lf-folded", "received-count", "no-headers", "body-first", "no-body",
+         "stray-line", "empty"],
+)
+def test_scan_headers(data: bytes, end: int, eol: bytes, names: set[str], received: int) -> None:
+    section = scan_headers(data)
+    assert (section.end, section.eol, set(section.names), section.received) == (
+        end, eol, names, received)
+
+
+def test_a_huge_header_section_is_scanned_to_its_end() -> None:
+    data = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"y" * 80) for n in range(12_000))
+    section = scan_headers(data + b"\r\nbody\r\n")
+    assert section.end == len(data) and len(data) > 1_000_000
+
+
+def test_missing_fields_are_added_at_the_end_of_the_header_section() -> None:
+    data = b"Subject: hi\r\n\r\nbody\r\n"
+    section = scan_headers(data)
+    added = missing_fields(section, queue_id="0123", hostname="mb.example", now=NOW)
+    assert added == (b"Date: Tue, 01 Dec 2026 14:50:33 +0000\r\n"
+                     b"Message-ID: <0123@mb.example>\r\n")
+    message = message_from_bytes(data[:section.end] + added + data[section.end:],
+                                 policy=policy.default)
+    assert message["Subject"] == "hi" and message["Message-ID"] == "<0123@mb.example>"
+    assert message.get_content() == "body\r\n"
+    complete = scan_headers(b"Date: x\nMessage-ID: <y>\n\n")
+    assert missing_fields(complete, queue_id="1", hostname="h", now=NOW) == b""
+
+
+def test_smtp_received_is_folded_like_postfix_and_parses() -> None:
+    field = smtp_received(helo="client.example", client_ip="192.0.2.7", hostname="mb.example",
+                          protocol="ESMTPS", queue_id="18ec5", recipient="bob@example.org",
+                          now=NOW.astimezone(timezone(timedelta(hours=1))))
+    assert field == (b"Received: from client.example ([192.0.2.7])\r\n"
+                     b"\tby mb.example (mailbag) with ESMTPS id 18ec5\r\n"
+                     b"\tfor <bob@example.org>; Tue, 01 Dec 2026 15:50:33 +0100\r\n")
+    message = message_from_bytes(field + b"\r\n", policy=policy.default)
+    assert "by mb.example (mailbag) with ESMTPS id 18ec5" in str(message["Received"])
+
+
+def test_smtp_received_neutralises_a_hostile_helo_and_names_ipv6() -> None:
+    field = smtp_received(helo="x)(evil;\u00e9", client_ip="::1", hostname="h",
+                          protocol="ESMTP", queue_id="1", recipient=None, now=NOW)
+    assert field.startswith(b"Received: from x??evil;? ([IPv6:::1])\r\n\tby h (mailbag)")
+    assert b"for <" not in field
+
+
+def test_local_received() -> None:
+    assert local_received(uid=1000, hostname="h", queue_id="9", recipient=None, now=NOW) == (
+        b"Received: by h (mailbag, from userid 1000)\r\n"
+        b"\tid 9; Tue, 01 Dec 2026 14:50:33 +0000\r\n")
+
+
+# (case, data, [(name as written, field bytes)])
+FIELDS = [
+    ("simple", b"A: 1\r\nB: 2\r\n\r\nbody\r\n", [("A", b"A: 1\r\n"), ("B", b"B: 2\r\n")]),
     ("folded", b"A: 1\r\n 1b\r\n\tc\r\nB:2\r\n\r\n", [("A", b"A: 1\r\n 1b\r\n\tc\r\n"),
-                                                      ("B", b"B:2\r\n")], b""),
-    ("lf-only", b"A: 1\n 2\nB: 3\n\nbody\n", [("A", b"A: 1\n 2\n"), ("B", b"B: 3\n")],
-     b"body\n"),
-    ("no-header-section", b"\r\nA: not a header\r\n", [], b"A: not a header\r\n"),
-    ("body-without-empty-line", b"A: 1\r\nthis is body\r\nB: 2\r\n", [("A", b"A: 1\r\n")],
-     b"this is body\r\nB: 2\r\n"),
-    ("leading-continuation-is-body", b" A: 1\r\n\r\n", [], b" A: 1\r\n\r\n"),
-    ("mbox-from-line-is-body", b"From x@y Mon\r\nA: 1\r\n", [], b"From x@y Mon\r\nA: 1\r\n"),
-    ("no-line-end", b"A: 1", [("A", b"A: 1")], b""),
-    ("empty", b"", [], b""),
-    ("empty-value", b"A:\r\nB: \r\n\r\n", [("A", b"A:\r\n"), ("B", b"B: \r\n")], b""),
-    ("8bit-value", "Subject: café\r\n\r\nx".encode(), [("Subject", "Subject: café\r\n".encode())],
-     b"x"),
-    ("space-before-colon-is-body", b"A : 1\r\n\r\n", [], b"A : 1\r\n\r\n"),
+                                                      ("B", b"B:2\r\n")]),
+    ("lf-only", b"A: 1\n 2\nB: 3\n\nbody\n", [("A", b"A: 1\n 2\n"), ("B", b"B: 3\n")]),
+    ("no-header-section", b"\r\nA: not a header\r\n", []),
+    ("body-without-empty-line", b"A: 1\r\nthis is body\r\nB: 2\r\n", [("A", b"A: 1\r\n")]),
+    ("leading-continuation-is-body", b" A: 1\r\n\r\n", []),
+    ("mbox-from-line-is-body", b"From x@y Mon\r\nA: 1\r\n", []),
+    ("no-line-end", b"A: 1", [("A", b"A: 1")]),
+    ("empty-value", b"A:\r\nB: \r\n\r\n", [("A", b"A:\r\n"), ("B", b"B: \r\n")]),
+    ("8bit-value", "Subject: café\r\n\r\nx".encode(), [("Subject", "Subject: café\r\n".encode())]),
+    ("space-before-colon", b"FROM : 1\r\n\r\n", [("FROM", b"FROM : 1\r\n")]),
 ]
 
 
-@pytest.mark.parametrize(("data", "fields", "body"),
-                         [pytest.param(d, f, b, id=i) for i, d, f, b in SECTIONS])
-def test_header_section(data: bytes, fields, body: bytes) -> None:
-    section = header_section(data)
+@pytest.mark.parametrize(("data", "fields"), [pytest.param(d, f, id=i) for i, d, f in FIELDS])
+def test_fields_by_offset(data: bytes, fields) -> None:
+    section = scan_headers(data)
     assert [(f.name, data[f.start:f.end]) for f in section.fields] == fields
-    assert data[section.body_start:] == body
     assert section.end == (section.fields[-1].end if section.fields else 0)
 
 
 def test_raw_value_and_named() -> None:
     data = b"From: a@b.example\r\nfrom:\r\n c@d.example\r\nTo: x\r\n\r\n"
-    section = header_section(data)
+    section = scan_headers(data)
     assert [f.raw_value(data) for f in section.named("FROM")] == [b" a@b.example",
                                                                   b"\r\n c@d.example"]
-
-
-@pytest.mark.parametrize(("data", "linesep"), [
-    (b"A: 1\r\n", b"\r\n"), (b"A: 1\n", b"\n"), (b"A: 1", b"\r\n"), (b"\n", b"\n"),
-    (b"\r\n", b"\r\n"), (b"", b"\r\n"),
-])
-def test_line_ending(data: bytes, linesep: bytes) -> None:
-    assert line_ending(data) == linesep
 
 
 _NAMES = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E,
@@ -79,10 +137,10 @@ def test_fields_cover_the_header_section_exactly(fields, body, linesep) -> None:
     raw = [(name + ":" + (linesep.decode() + " ").join(values) + linesep.decode()).encode()
            for name, values in fields]
     data = b"".join(raw) + linesep + body
-    section = header_section(data)
+    section = scan_headers(data)
     assert [data[f.start:f.end] for f in section.fields] == raw
     assert [f.name for f in section.fields] == [name for name, _ in fields]
-    assert data[section.body_start:] == body
+    assert data[section.end:] == linesep + body
 
 
 PARSED = [

@@ -184,8 +184,9 @@ def test_no_header_section() -> None:
 
 
 def test_header_only_message_without_line_end() -> None:
+    """Data without any line end counts as LF data (scan_headers' rule)."""
     result = rewriter().message(b"From: root@localhost")
-    assert result.data == b"From: alerts@example.com\r\n"
+    assert result.data == b"From: alerts@example.com\n"
 
 
 UNPARSEABLE = [

@@ -64,7 +64,7 @@ class Setup:
                                   connect=connect)
 
     def queued(self) -> list[str]:
-        return [e.name for e in self.reader.list_ready()]
+        return [e.name for e in self.reader.scan().ready]
 
     def queue_file(self, name: str) -> bytes:
         return (self.config.queue.dir / name).read_bytes()

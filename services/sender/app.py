@@ -111,9 +111,6 @@ def main(config: Config) -> int:
         log.ok("exit", signal=stop.signal_name or "-", status=EXIT_OK)
         shutdown_logging()
         return EXIT_OK
-    recovered = reader.recover_abandoned()
-    if recovered:
-        log.info("recover", messages=len(recovered))
     wake = threading.Event()
     # The runner waits on `wake`; a stop must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()

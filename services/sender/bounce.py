@@ -37,7 +37,7 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.utils import format_datetime
 from typing import Literal
 
-from shared.headers import header_section
+from shared.headers import scan_headers
 from shared.smtp import Reply
 
 Action = Literal["failed", "delayed"]
@@ -187,7 +187,7 @@ def _headers_part(headers: str) -> MIMEPart:
 
 def _returned_headers(data: bytes) -> tuple[str, bool]:
     """The original header section as text (bad UTF-8 replaced), and whether it was cut."""
-    section = header_section(data)
+    section = scan_headers(data)
     end, cut = section.end, False
     if end > MAX_RETURNED_HEADERS:
         fitting = [f.end for f in section.fields if f.end <= MAX_RETURNED_HEADERS]

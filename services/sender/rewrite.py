@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address, Group
 
 from shared.config import RewriteConfig
-from shared.headers import format_address_field, header_section, parse_address_field
+from shared.headers import format_address_field, parse_address_field, scan_headers
 from shared.smtp import domain_of, local_part_of
 
 REWRITTEN_FIELDS = ("from", "sender", "reply-to")
@@ -78,7 +78,7 @@ class SenderRewriter:
 
     def message(self, data: bytes) -> RewriteResult:
         """Rewrite the addresses of From:, Sender: and Reply-To: in `data`."""
-        section = header_section(data)
+        section = scan_headers(data)
         pieces: list[bytes] = []
         changed: list[tuple[str, str, str]] = []
         warnings: list[str] = []
@@ -94,7 +94,7 @@ class SenderRewriter:
             if not field_changes:
                 continue
             pieces += [data[copied_to:header.start],
-                       format_address_field(header.name, groups, section.linesep)]
+                       format_address_field(header.name, groups, section.eol)]
             copied_to = header.end
             changed += [(header.name, old, new) for old, new in field_changes]
         if not pieces:

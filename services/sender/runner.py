@@ -55,7 +55,7 @@ from services.sender.local import LocalDelivery, is_local
 from services.sender.relay import RelayConnection, RelayError
 from shared.config import Config
 from shared.log import EventLog
-from shared.queue import QueueEntry, QueueFile, QueueFormatError, QueueReader
+from shared.queue import QueueEntry, QueueFile, QueueFormatError, QueueReader, arrival_time
 from shared.smtp import Reply
 
 PROGRAM = "S-SMTP"
@@ -66,14 +66,6 @@ def format_time(when: float) -> str:
     if math.isinf(when):
         return "never"
     return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
-
-
-def arrival_time(queue_id: str, fallback: float) -> float:
-    """The arrival time encoded in a queue id (16 hex digits of time_ns), else `fallback`."""
-    try:
-        return int(queue_id[:16], 16) / 1e9 if len(queue_id) >= 16 else fallback
-    except ValueError:
-        return fallback
 
 
 class Backoff:
@@ -255,7 +247,7 @@ class QueueRunner:
 
     def run_pass(self, now: float) -> bool:
         """One pass over the whole queue, oldest first. True if any message was handled."""
-        entries = self.reader.list_ready()
+        entries = self.reader.scan().ready
         present = {e.name for e in entries}
         self.schedule.prune(present)
         with self._own_moves_lock:
