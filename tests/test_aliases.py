@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.aliases import MAX_DEPTH, AliasError, AliasTable, Expansion
@@ -173,7 +173,7 @@ _TARGETS = st.one_of(
 )
 
 
-@PROPERTY_SETTINGS
+@settings(PROPERTY_SETTINGS, max_examples=100)
 @given(st.dictionaries(_NAMES, st.lists(_TARGETS, max_size=3), max_size=6),
        st.lists(st.one_of(_TARGETS, st.just("*@localhost")), min_size=1, max_size=5))
 def test_expand_never_raises_and_gives_each_mailbox_once(table, recipients) -> None:

@@ -129,7 +129,7 @@ _VALUES = st.lists(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepo
                            max_size=20), min_size=1, max_size=3)
 
 
-@PROPERTY_SETTINGS
+@settings(PROPERTY_SETTINGS, max_examples=100)
 @given(st.lists(st.tuples(_NAMES, _VALUES), max_size=8), st.binary(max_size=40),
        st.sampled_from([b"\r\n", b"\n"]))
 def test_fields_cover_the_header_section_exactly(fields, body, linesep) -> None:
