@@ -240,6 +240,9 @@ class ServiceConfig:
     # The user supervisord switches to when `make run` starts it as root (its `-u`);
     # "": whoever starts it. The systemd unit runs as its own User= from the start.
     user: str = ""
+
+
+@dataclass(frozen=True)
 class RewriteConfig:
     """How relayed mail names its sender (services/sender/rewrite.py, SPEC §8)."""
 
