@@ -8,10 +8,13 @@ from email import message_from_bytes, policy
 import pytest
 
 from shared.headers import (
+    body_separator,
+    from_field,
     local_received,
     missing_fields,
     scan_headers,
     smtp_received,
+    without_fields,
 )
 
 NOW = datetime(2026, 12, 1, 14, 50, 33, tzinfo=UTC)
@@ -80,3 +83,37 @@ def test_local_received() -> None:
     assert local_received(uid=1000, hostname="h", queue_id="9", recipient=None, now=NOW) == (
         b"Received: by h (mailbag, from userid 1000)\r\n"
         b"\tid 9; Tue, 01 Dec 2026 14:50:33 +0000\r\n")
+
+
+@pytest.mark.parametrize(("data", "kept"), [
+    (b"Bcc: a@b\r\nSubject: s\r\n\r\nbody\r\n", b"Subject: s\r\n"),
+    (b"To: x\r\nBCC : a@b,\r\n c@d\r\n\tmore\r\nCc: y\r\n\r\n", b"To: x\r\nCc: y\r\n"),
+    (b"Subject: s\nbcc:\n\nBcc: in the body\n", b"Subject: s\n"),
+    (b"Subject: s\r\n\r\n", b"Subject: s\r\n"),
+    (b"X-Bcc: kept\r\nBcc-Like: kept\r\n", b"X-Bcc: kept\r\nBcc-Like: kept\r\n"),
+], ids=["first", "folded", "empty-value", "none", "look-alikes"])
+def test_without_fields_drops_whole_fields_of_the_header_section(data: bytes, kept: bytes) -> None:
+    assert without_fields(data, {"bcc"}) == kept
+
+
+@pytest.mark.parametrize(("data", "separator"), [
+    (b"Subject: s\r\n\r\nbody\r\n", b""),
+    (b"Subject: s\r\n", b""),
+    (b"", b""),
+    (b"body only\r\n", b"\r\n"),
+    (b"Subject: s\nnot a field\n", b"\n"),
+    (b"\r\nbody after an empty header section\r\n", b""),
+], ids=["has-empty-line", "no-body", "empty", "body-first", "stray-line", "empty-header"])
+def test_body_separator(data: bytes, separator: bytes) -> None:
+    assert body_separator(data, scan_headers(data)) == separator
+
+
+@pytest.mark.parametrize(("address", "name", "field"), [
+    ("root@localhost", None, b"From: root@localhost\r\n"),
+    ("root@localhost", "Cron Daemon", b"From: Cron Daemon <root@localhost>\r\n"),
+    ("a@x.org", "Smith, Bob", b'From: "Smith, Bob" <a@x.org>\r\n'),
+    ("a@x.org", "J\u00f6rg", b"From: =?utf-8?b?SsO2cmc=?= <a@x.org>\r\n"),
+    ("j\u00f6rg@x.org", "J\u00f6rg", "From: j\u00f6rg@x.org\r\n".encode()),
+], ids=["bare", "name", "quoted", "rfc2047", "utf8-address"])
+def test_from_field(address: str, name: str | None, field: bytes) -> None:
+    assert from_field(address, name) == field
