@@ -10,7 +10,7 @@ PIDFILE := var/supervisord.pid
 MAILBAG_CONFIG ?= $(CURDIR)/mailbag.toml
 run: export MAILBAG_CONFIG := $(abspath $(MAILBAG_CONFIG))
 
-.PHONY: venv run stop status test lint
+.PHONY: venv run stop status test lint install-sendmail
 
 venv: $(STAMP)
 
@@ -51,3 +51,11 @@ stop:
 status:
 	@if $(CTL) pid >/dev/null 2>&1; then $(CTL) status || true; \
 	else echo "mailbag is not running (make run starts it)"; fi
+
+# Make mailbag-sendmail the machine's sendmail and mailq: symlinks $(PREFIX)/sbin/sendmail
+# and $(PREFIX)/bin/mailq into .venv. Another MTA's files there are refused unless FORCE=1
+# (then kept as <name>.before-mailbag). DESTDIR installs under another root folder.
+PREFIX ?= /usr
+install-sendmail: venv
+	@$(PY) tools/install_sendmail.py --target "$(CURDIR)/$(VENV)/bin/mailbag-sendmail" \
+		--root "$(DESTDIR)" --prefix "$(PREFIX)" $(if $(filter 1 yes true,$(FORCE)),--force)
