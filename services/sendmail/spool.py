@@ -46,7 +46,7 @@ def store(config: Config, submission: Submission, queue_id: str) -> None:
 
 
 def _write_error(err: OSError, folder: Path) -> SubmissionError:
-    why = err.strerror or str(err)
+    why = os.strerror(err.errno) if err.errno else str(err)
     if isinstance(err, QueueWriteError) and err.no_space:
         return SubmissionError(os.EX_TEMPFAIL, f"queue {folder} is full ({why}); "
                                                f"nothing was queued, try again later")
