@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     try:
         return _MODES[options.mode](options, config)
     except KeyboardInterrupt:
-        return fail(os.EX_TEMPFAIL, "interrupted; nothing was queued")
+        return fail(os.EX_TEMPFAIL, "interrupted")
 
 
 def fail(code: int, message: str) -> int:
