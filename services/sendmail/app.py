@@ -130,7 +130,10 @@ def smtp_mode(options: Options, config: Config) -> int:
 
     os.umask(SUBMIT_UMASK)
     submitter = current_submitter(config)
-    return serve_stdio(config, submitter, SubmitLog(config, submitter.uid))
+    try:
+        return serve_stdio(config, submitter, SubmitLog(config, submitter.uid))
+    except OSError as err:  # the client's end of stdin/stdout went away
+        return fail(os.EX_IOERR, f"-bs: {err.strerror or err}")
 
 
 _MODES: dict[Mode, Callable[[Options, Config], int]] = {
