@@ -36,8 +36,15 @@ class Reply:
     def format(self, **values: object) -> Reply:
         return Reply(self.code, self.text.format(**values), self.enhanced)
 
-    def with_text(self, text: str) -> Reply:
-        return Reply(self.code, text, self.enhanced)
+    @property
+    def is_success(self) -> bool:
+        """2xx: the command did what was asked."""
+        return 200 <= self.code < 300
+
+    @property
+    def is_intermediate(self) -> bool:
+        """3xx: accepted so far, more is expected (354 after DATA, 334 inside AUTH)."""
+        return 300 <= self.code < 400
 
     @property
     def is_positive(self) -> bool:

@@ -17,16 +17,18 @@ from __future__ import annotations
 import os
 import ssl
 import threading
-from collections.abc import Callable
 
+from services.sender.decision import Backoff
 from services.sender.local import LocalDelivery
 from services.sender.relay import RelayConnection, RelaySettings, build_tls_context
+from services.sender.relays import RelayPool, RelayRoute, RelayState
 from services.sender.runner import PROGRAM, QueueRunner
 from services.sender.watch import watch_queue
-from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, StopFlag, open_log
+from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, open_log
 from shared.config import Config, SenderConfig
 from shared.log import EventLog, shutdown_logging
 from shared.queue import QueueReader
+from shared.signals import StopFlag
 
 
 def build_reader(config: Config) -> QueueReader:
@@ -56,15 +58,12 @@ def read_password(sender: SenderConfig) -> str:
     return password
 
 
-def build_connect(
-    config: Config, log: EventLog, stop: threading.Event
-) -> Callable[[], RelayConnection] | None:
-    """A factory of relay sessions, or None when no relay is configured."""
-    if config.sender.relay is None:
-        return None
-    settings = RelaySettings.from_config(
-        config.sender, config.hostname, read_password(config.sender)
-    )
+def build_relays(config: Config, log: EventLog, stop: threading.Event) -> RelayPool:
+    """The configured relays with a session factory each (none: no relay configured)."""
+    snd = config.sender
+    if snd.relay is None:
+        return RelayPool([])
+    settings = RelaySettings.from_config(snd, config.hostname, read_password(snd))
     context = None
     if settings.tls != "none":
         try:
@@ -73,7 +72,10 @@ def build_connect(
             raise StartupError(
                 f"cannot load sender.ca_file {settings.ca_file}: {getattr(err, 'strerror', err)}"
             ) from None
-    return lambda: RelayConnection(settings, log, stop, context)
+    backoff = Backoff(snd.retry_initial, snd.retry_max)
+    return RelayPool([RelayRoute(str(settings.address),
+                                 lambda: RelayConnection(settings, log, stop, context),
+                                 RelayState(backoff))])
 
 
 LOCK_RETRY = 1.0  # seconds between tries of a standby sender, at most
@@ -92,11 +94,10 @@ def wait_for_queue(reader: QueueReader, log: EventLog, stop: threading.Event,
     return False
 
 
-def main(config: Config) -> int:
+def main(config: Config, stop: StopFlag) -> int:
     reader = build_reader(config)
-    stop = StopFlag()
     try:
-        connect = build_connect(config, EventLog(PROGRAM, "-"), stop.event)
+        relays = build_relays(config, EventLog(PROGRAM, "-"), stop.event)
     except StartupError:
         reader.close()
         raise
@@ -105,7 +106,6 @@ def main(config: Config) -> int:
     except StartupError:
         reader.close()
         raise
-    stop.install()
     if not wait_for_queue(reader, log, stop.event, min(LOCK_RETRY, config.sender.poll_interval)):
         reader.close()  # stopped while on standby: nothing was ours
         log.ok("exit", signal=stop.signal_name or "-", status=EXIT_OK)
@@ -115,7 +115,7 @@ def main(config: Config) -> int:
     # The runner waits on `wake`; a stop must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
     runner = QueueRunner(
-        config, reader, log, connect=connect,
+        config, reader, log, relays=relays,
         local=LocalDelivery(config.local.maildir), stop=stop.event,
     )
     observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)
@@ -137,6 +137,9 @@ def main(config: Config) -> int:
         observer.stop()
         observer.join(timeout=5)
         runner.report_unfinished(reader.close())
-    log.ok("exit", signal=stop.signal_name or "-", status=status)
+    if status == EXIT_OK:
+        log.ok("exit", signal=stop.signal_name or "-", status=status)
+    else:
+        log.error("exit", signal=stop.signal_name or "-", status=status)
     shutdown_logging()
     return status

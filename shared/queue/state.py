@@ -20,11 +20,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from shared.queue.files import fsync_dir, read_file, unlink_quietly, write_durably_replacing
+from shared.queue.files import (
+    fsync_dir,
+    read_file,
+    unlink_quietly,
+    write_durably,
+    write_durably_replacing,
+)
 
 STATE_DIRNAME = ".state"
 
@@ -106,15 +113,25 @@ class StateStore:
     def save(self, queue_id: str, state: DeliveryState, *, durable: bool = False) -> None:
         """Replace the message's state atomically (a blank state removes the file).
 
-        `durable`: also fsync the folder, so that the change survives a power cut
-        (an operator's hold); a deferral's next attempt may be lost to one (the
-        message is then simply tried again)."""
+        `durable`: fsync the file and the folder, so that the change survives a
+        power cut (an operator's hold). Otherwise the rename alone makes it atomic:
+        a power cut may lose a deferral's next attempt, and the message is then
+        simply tried once more (a file it leaves unreadable counts as no state)."""
         if state.is_blank:
             self.remove(queue_id, durable=durable)
             return
-        write_durably_replacing(self.path(queue_id), state.to_json())
+        path = self.path(queue_id)
         if durable:
+            write_durably_replacing(path, state.to_json())
             fsync_dir(self.dir)
+            return
+        tmp = self.dir / f".{queue_id}.{secrets.token_hex(4)}"
+        try:
+            write_durably(tmp, (state.to_json(),), sync=False)
+            os.rename(tmp, path)
+        except OSError:
+            unlink_quietly(tmp)
+            raise
 
     def remove(self, queue_id: str, *, durable: bool = False) -> None:
         unlink_quietly(self.path(queue_id))

@@ -60,7 +60,7 @@ class QueueWriter:
         # One descriptor of the folder for every session's fsync (no open/close each).
         self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         # Plain strings for the per-message paths: pathlib's joins cost more CPU than
-        # the syscalls they name (py-spy, bench/README.md).
+        # the syscalls they name (bench/README.md).
         self._dir_prefix = f"{self.dir}{os.sep}"
         self._tmp_prefix = f"{self.tmp_dir}{os.sep}"
 
