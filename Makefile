@@ -12,7 +12,7 @@ PIDFILE := var/supervisord.pid
 MAILBAG_CONFIG ?= $(CURDIR)/mailbag.toml
 run install-service: export MAILBAG_CONFIG := $(abspath $(MAILBAG_CONFIG))
 
-.PHONY: venv run stop status test lint install-service install-service-as
+.PHONY: venv run stop status test lint install-service install-service-as install-sendmail
 
 venv: $(STAMP)
 
@@ -99,3 +99,11 @@ install-service-as:
 	mv $(UNIT_DIR)/.mailbag.service.new $(UNIT_DIR)/mailbag.service
 	@if [ -d /run/systemd/system ]; then echo "systemctl daemon-reload"; systemctl daemon-reload; \
 	else echo "(systemd is not running here: no daemon-reload)"; fi
+
+# Make mailbag-sendmail the machine's sendmail and mailq: symlinks $(PREFIX)/sbin/sendmail
+# and $(PREFIX)/bin/mailq into .venv. Another MTA's files there are refused unless FORCE=1
+# (then kept as <name>.before-mailbag). DESTDIR installs under another root folder.
+PREFIX ?= /usr
+install-sendmail: venv
+	@$(PY) tools/install_sendmail.py --target "$(CURDIR)/$(VENV)/bin/mailbag-sendmail" \
+		--root "$(DESTDIR)" --prefix "$(PREFIX)" $(if $(filter 1 yes true,$(FORCE)),--force)

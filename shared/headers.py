@@ -6,8 +6,11 @@ and write the same trace (SPEC §3, §7, §8):
 
 - one `Received:` field at the very start (RFC 5321 §4.4; RFC 3848 for the
   ESMTPS / ESMTPA protocol names), folded as Postfix folds it;
-- a missing `Date:` or `Message-ID:` at the END of the header section (RFC 6409 §8:
-  a submission server may add them), never anywhere else;
+- a missing `Date:` or `Message-ID:` (and, for `mailbag-sendmail`, `From:`) at the
+  END of the header section (RFC 6409 §8: a submission server may add them), never
+  anywhere else; `body_separator` supplies the empty line when the data has none;
+- `without_fields` drops fields (the `Bcc:` of a local submission) with their
+  continuation lines, touching nothing else;
 - `scan_headers` reads only the header section, line by line, and reports where it
   ends, its line ending, where each field is (byte offsets) and how many
   `Received:` fields (the hop count against mail loops). The body is never looked
@@ -24,11 +27,12 @@ Pure functions: the time, the names and the ids are passed in.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from email import errors, policy
 from email.headerregistry import Address, AddressHeader, Group
-from email.utils import format_datetime
+from email.utils import format_datetime, formataddr
 from functools import cached_property
 from typing import NamedTuple
 
@@ -113,6 +117,30 @@ def scan_headers(raw: bytes | bytearray) -> HeaderSection:
     return HeaderSection(position, eol, frozenset(names), received, tuple(starts))
 
 
+def without_fields(raw: bytes, names: Collection[str]) -> bytes:
+    """The header section of `raw` (up to its end) without the fields named (lower
+    case), continuation lines included: `Bcc:` must never reach a recipient."""
+    section = scan_headers(raw)
+    kept: list[bytes] = []
+    position = 0
+    for field in section.fields:
+        if field.name.lower() in names:
+            kept.append(raw[position:field.start])
+            position = field.end
+    kept.append(raw[position:section.end])
+    return b"".join(kept)
+
+
+def body_separator(raw: bytes | bytearray, section: HeaderSection) -> bytes:
+    """The empty line to write after fields added at `section.end` when the data has
+    none there: a message that starts with body text (no header section, or a line
+    that is no field) would otherwise have its first line read as a header."""
+    rest = raw[section.end:section.end + 2]
+    if not rest or rest[:1] == b"\n" or rest == b"\r\n":
+        return b""
+    return section.eol
+
+
 def rfc5322_date(now: datetime) -> str:
     """`Tue, 01 Dec 2026 14:50:33 +0000` (RFC 5322 §3.3); `now` must be aware."""
     return format_datetime(now)
@@ -178,6 +206,15 @@ def _comment_safe(text: str) -> str:
 
 def _address_safe(address: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f<>]", "?", address)
+
+
+def from_field(address: str, full_name: str | None, eol: bytes = b"\r\n") -> bytes:
+    """A `From:` field for a message that has none: `Full Name <address>` (RFC 5322
+    §3.4; a name outside ASCII encoded as RFC 2047 words), or the bare address."""
+    # formataddr refuses an address outside ASCII (RFC 6532): then the address alone.
+    named = full_name and address.isascii()
+    text = formataddr((full_name, address), charset="utf-8") if named else address
+    return f"From: {text}".encode("utf-8", "surrogateescape") + eol
 
 
 # ---------------------------------------------------------------------------- addresses

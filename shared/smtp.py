@@ -304,6 +304,18 @@ def dot_unstuff(content: bytes) -> bytes:
     return content
 
 
+def crlf_lines(data: bytes) -> bytes:
+    """Every CR, LF or CRLF as one CRLF, and a CRLF after the last line (RFC 5321
+    §2.3.8: SMTP data is lines ending in CRLF). Data already in that form is
+    returned as is, without a copy."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
 def to_wire_data(data: bytes) -> bytes:
     """Queued data -> what goes after DATA: CRLF lines, dot-stuffed, then `.<CRLF>`.
 
@@ -313,11 +325,7 @@ def to_wire_data(data: bytes) -> bytes:
     """
     if b"\0" in data:
         data = data.replace(b"\0", b"")
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
+    data = crlf_lines(data)
     if data.startswith(b"."):
         data = b"." + data
     if b"\r\n." in data:

@@ -15,12 +15,15 @@ from services.sender.bounce import FAILED, FailedRecipient, build_notice
 from services.sender.rewrite import SenderRewriter
 from shared.dkim import DkimSigner, keygen, load_key
 from shared.headers import (
+    body_separator,
     format_address_field,
+    from_field,
     local_received,
     missing_fields,
     parse_address_field,
     scan_headers,
     smtp_received,
+    without_fields,
 )
 from tests.support import PROPERTY_SETTINGS
 
@@ -215,3 +218,35 @@ def test_readers_of_header_fields_answer_for_any_bytes(signer: DkimSigner, data:
                           recipients=[FailedRecipient("x@example.net")], original=data,
                           arrival=0, now=1)
     assert notice is not None and notice.count(b"\n") == notice.count(b"\r\n")
+@pytest.mark.parametrize(("data", "kept"), [
+    (b"Bcc: a@b\r\nSubject: s\r\n\r\nbody\r\n", b"Subject: s\r\n"),
+    (b"To: x\r\nBCC : a@b,\r\n c@d\r\n\tmore\r\nCc: y\r\n\r\n", b"To: x\r\nCc: y\r\n"),
+    (b"Subject: s\nbcc:\n\nBcc: in the body\n", b"Subject: s\n"),
+    (b"Subject: s\r\n\r\n", b"Subject: s\r\n"),
+    (b"X-Bcc: kept\r\nBcc-Like: kept\r\n", b"X-Bcc: kept\r\nBcc-Like: kept\r\n"),
+], ids=["first", "folded", "empty-value", "none", "look-alikes"])
+def test_without_fields_drops_whole_fields_of_the_header_section(data: bytes, kept: bytes) -> None:
+    assert without_fields(data, {"bcc"}) == kept
+
+
+@pytest.mark.parametrize(("data", "separator"), [
+    (b"Subject: s\r\n\r\nbody\r\n", b""),
+    (b"Subject: s\r\n", b""),
+    (b"", b""),
+    (b"body only\r\n", b"\r\n"),
+    (b"Subject: s\nnot a field\n", b"\n"),
+    (b"\r\nbody after an empty header section\r\n", b""),
+], ids=["has-empty-line", "no-body", "empty", "body-first", "stray-line", "empty-header"])
+def test_body_separator(data: bytes, separator: bytes) -> None:
+    assert body_separator(data, scan_headers(data)) == separator
+
+
+@pytest.mark.parametrize(("address", "name", "field"), [
+    ("root@localhost", None, b"From: root@localhost\r\n"),
+    ("root@localhost", "Cron Daemon", b"From: Cron Daemon <root@localhost>\r\n"),
+    ("a@x.org", "Smith, Bob", b'From: "Smith, Bob" <a@x.org>\r\n'),
+    ("a@x.org", "J\u00f6rg", b"From: =?utf-8?b?SsO2cmc=?= <a@x.org>\r\n"),
+    ("j\u00f6rg@x.org", "J\u00f6rg", "From: j\u00f6rg@x.org\r\n".encode()),
+], ids=["bare", "name", "quoted", "rfc2047", "utf8-address"])
+def test_from_field(address: str, name: str | None, field: bytes) -> None:
+    assert from_field(address, name) == field
