@@ -125,6 +125,8 @@ class Rate:
     def __str__(self) -> str:
         unit = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "d"}[self.seconds]
         return f"{self.count}/{unit}"
+
+
 class OptionalDuration(float):
     """Seconds written as "30m", "4h", "2d" or a number; "" means: off (None)."""
 
