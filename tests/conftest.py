@@ -50,8 +50,9 @@ def setup(tmp_path: Path):
     """`env = setup(relay_address, **sender_keys)`: a runner on a real queue, fake clock."""
     made: list[Setup] = []
 
-    def make(relay_address: str | None, **sender) -> Setup:
-        made.append(Setup(tmp_path, relay_address, **sender))
+    def make(relay_address: str | list[str] | None, sections: dict | None = None,
+             **sender) -> Setup:
+        made.append(Setup(tmp_path, relay_address, sections, **sender))
         return made[-1]
 
     yield make

@@ -25,8 +25,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from services.sender.app import build_relays
 from services.sender.runner import QueueRunner
 from shared.config import load_config
+from shared.dkim import DkimSigner
 from shared.log import EventLog
-from shared.queue import QueueReader, QueueWriter
+from shared.queue import QueueFile, QueueReader, QueueWriter
 from tests.support import free_port, write_config
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -319,10 +320,11 @@ class FakeClock:
 class Setup:
     """A config, a queue writer (the receiver's side) and a runner on it."""
 
-    def __init__(self, folder: Path, relay_address: str | None, **sender) -> None:
+    def __init__(self, folder: Path, relay_address: str | list[str] | None,
+                 sections: dict | None = None, **sender) -> None:
         values = {"retry_initial": 10, "retry_max": 40, "max_queue_lifetime": 1000,
                   "poll_interval": 60, "relay": relay_address or "", **sender}
-        self.config = load_config(write_config(folder, sender=values))
+        self.config = load_config(write_config(folder, sender=values, **(sections or {})))
         self.writer = QueueWriter(self.config.queue.dir)
         self.reader = QueueReader(self.config.queue.dir, self.config.queue.failed,
                                   self.config.queue.quarantine)
@@ -335,7 +337,8 @@ class Setup:
     def make_runner(self) -> QueueRunner:
         log = EventLog("S-SMTP", "-")
         return QueueRunner(self.config, self.reader, log, clock=self.clock, stop=self.stop,
-                           relays=build_relays(self.config, log, self.stop))
+                           relays=build_relays(self.config, log, self.stop),
+                           signer=DkimSigner.from_config(self.config.dkim))
 
     def use_real_clock(self) -> None:
         """From now on the runner lives in real time (failover, rate limits)."""
@@ -353,7 +356,23 @@ class Setup:
         return self.runner.relays.routes[0].state
 
     def queued(self) -> list[str]:
+        """The messages queued, but the notices the runner queued itself (from <>)."""
+        return [name for name in self.all_queued() if name not in self.notices()]
+
+    def all_queued(self) -> list[str]:
         return [e.name for e in self.reader.scan().ready]
+
+    def notices(self) -> dict[str, QueueFile]:
+        """The delivery status notices queued (null sender), by id."""
+        found = {}
+        for name in self.all_queued():
+            try:
+                message = QueueFile.from_bytes(self.queue_file(name))
+            except (OSError, ValueError):
+                continue
+            if message.sender == "":
+                found[name] = message
+        return found
 
     def queue_file(self, name: str) -> bytes:
         return (self.config.queue.dir / name).read_bytes()

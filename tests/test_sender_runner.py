@@ -92,14 +92,14 @@ def test_local_routing() -> None:
 def test_relayed_message_leaves_the_queue_byte_identical(setup, relay) -> None:
     env = setup(relay.address)
     queue_id = env.writer.store("alice@example.com", ["bob@example.org"], DATA)
-    assert env.pass_at(1e12) is True
+    assert env.pass_at(2e9) is True
     env.runner.close_relay()
     (got,) = relay.handler.wait_for(1)
     assert got.content == DATA and got.rcpt_tos == ["bob@example.org"]
     assert env.queued() == [] and env.failed() == []
     assert queue_id not in os.listdir(env.config.queue.dir)
     relay.handler.wait_quits(1)
-    assert env.pass_at(1e12) is False
+    assert env.pass_at(2e9) is False
 
 
 def _immutable(path: Path, on: bool) -> None:
@@ -119,16 +119,16 @@ def test_a_delivered_message_that_cannot_be_unlinked_is_not_sent_again(
     path = env.config.queue.dir / queue_id
     _immutable(path, True)
     try:
-        assert env.pass_at(1e12) is True
+        assert env.pass_at(2e9) is True
         relay.handler.wait_for(1)
-        assert env.pass_at(1e12) is False  # not delivered twice
-        assert env.pass_at(1e12) is False
+        assert env.pass_at(2e9) is False  # not delivered twice
+        assert env.pass_at(2e9) is False
         env.runner.close_relay()
         assert len(relay.handler.messages) == 1 and env.queued() == [queue_id]
         assert len([x for x in log_lines if " finish fail " in x]) == 1
     finally:
         _immutable(path, False)
-    env.pass_at(1e12)  # the unlink is retried, and now succeeds
+    env.pass_at(2e9)  # the unlink is retried, and now succeeds
     assert env.queued() == [] and len(relay.handler.messages) == 1
 
 
@@ -137,7 +137,7 @@ def test_all_recipients_sent_is_one_line_and_the_file_goes(setup, relay, log_lin
     moves exactly as the general one: one `sent ok` line naming every recipient."""
     env = setup(relay.address)
     queue_id = env.writer.store("a@example.com", ["b@example.org", "c@example.net"], DATA)
-    assert env.pass_at(1e12) is True
+    assert env.pass_at(2e9) is True
     env.runner.close_relay()
     (got,) = relay.handler.wait_for(1)
     assert got.rcpt_tos == ["b@example.org", "c@example.net"]
@@ -152,7 +152,7 @@ def test_one_connection_carries_the_whole_pass(setup, relay) -> None:
     env = setup(relay.address)
     for number in range(5):
         env.writer.store("a@example.com", ["b@example.org"], b"n %d\r\n" % number)
-    env.pass_at(1e12)
+    env.pass_at(2e9)
     env.runner.close_relay()
     got = relay.handler.wait_for(5)
     assert [m.content for m in got] == [b"n %d\r\n" % n for n in range(5)]  # oldest first
@@ -161,11 +161,13 @@ def test_one_connection_carries_the_whole_pass(setup, relay) -> None:
 
 
 def test_local_delivery_to_maildir(setup) -> None:
+    """A bare `postmaster` reaches the postmaster alias, `root` unless configured."""
     env = setup(None)
     env.writer.store("alice@example.com", ["you@localhost", "postmaster"], DATA)
-    assert env.pass_at(1e12)
+    assert env.pass_at(2e9)
     assert env.queued() == []
-    for name in ("you", "postmaster"):
+    assert not (env.config.local.maildir / "postmaster").exists()
+    for name in ("you", "root"):
         folder = env.config.local.maildir / name
         (file,) = list((folder / "new").iterdir())
         content = file.read_bytes()
@@ -179,7 +181,7 @@ def test_unparseable_file_is_quarantined(setup, log_lines) -> None:
     bad = env.config.queue.dir / new_queue_id()
     bad.write_bytes(b"this is not a queue file")
     good = env.writer.store("a@example.com", ["you@localhost"], b"x\r\n")
-    assert env.pass_at(1e12)
+    assert env.pass_at(2e9)
     quarantine = env.config.queue.quarantine
     assert (quarantine / bad.name).read_bytes() == b"this is not a queue file"
     assert (quarantine / (bad.name + REASON_SUFFIX)).read_text().strip()
@@ -193,7 +195,7 @@ def test_5xx_goes_to_failed_with_the_reply(setup, log_lines) -> None:
     try:
         env = setup(server.address)
         queue_id = env.writer.store("a@example.com", ["gone@example.org"], DATA)
-        env.pass_at(1e12)
+        env.pass_at(2e9)
         env.runner.close_relay()
     finally:
         server.stop()
@@ -214,18 +216,24 @@ def test_mixed_results_rewrite_the_file_and_retry_with_backoff(setup, log_lines)
     try:
         env = setup(server.address)
         recipients = ["ok@example.org", "gone@example.org", "later@example.org", "me@localhost"]
-        queue_id = env.writer.store("a@example.com", recipients, DATA)
+        queue_id = env.writer.store("a@localhost", recipients, DATA)
         env.pass_at(1000.0)
-        # Delivered ones are gone from the file, the failed one is recorded apart.
+        # Delivered ones are gone from the file, the failed one is recorded apart and
+        # bounced to the sender (a local mailbox here).
         assert env.queued() == [queue_id]
         assert env.queue_file(queue_id).startswith(
-            b"From: <a@example.com>\nTo: <later@example.org>\n\n")
+            b"From: <a@localhost>\nTo: <later@example.org>\n\n")
         assert env.failed() == [f"{queue_id}.1", f"{queue_id}.1{REASON_SUFFIX}"]
         assert any("deferred defer" in line and "later@example.org" in line and "451" in line
                    for line in log_lines)
+        (notice,) = env.notices().values()
+        assert notice.recipients == ("a@localhost",)
+        assert b"Final-Recipient: rfc822; gone@example.org" in notice.data
         # Not due before retry_initial (10 s), due after; the relay accepts now.
         assert env.runner.sleep_time(1000.0) == pytest.approx(10.0)
-        assert env.pass_at(1005.0) is False
+        env.pass_at(1005.0)  # delivers the notice, not the deferred message
+        assert len(handler.messages) == 1 and env.notices() == {}
+        assert len(list((env.config.local.maildir / "a" / "new").iterdir())) == 1
         handler.rcpt_replies.clear()
         assert env.pass_at(1010.0) is True
         env.runner.close_relay()
@@ -350,7 +358,7 @@ def test_messages_per_connection_opens_a_new_session(setup, relay) -> None:
     env = setup(relay.address, messages_per_connection=2)
     for number in range(5):
         env.writer.store("a@example.com", ["b@example.org"], b"n %d\r\n" % number)
-    env.pass_at(1e12)
+    env.pass_at(2e9)
     env.runner.close_relay()
     relay.handler.wait_for(5)
     relay.handler.wait_quits(3)
@@ -399,7 +407,7 @@ def test_a_pipelined_pass_attributes_every_outcome_to_its_message(
     assert env.failed() == [ids[2], ids[2] + REASON_SUFFIX]
     assert logged(log_lines, ids[0]) == ["sent ok"]
     assert logged(log_lines, ids[1]) == ["deferred defer"]
-    assert logged(log_lines, ids[2]) == ["failed fail"]
+    assert logged(log_lines, ids[2]) == ["failed fail", "bounce ok"]
     assert logged(log_lines, ids[3]) == logged(log_lines, ids[4]) == ["sent ok"]
 
 

@@ -27,7 +27,8 @@ from services.sender.relays import RelayPool, RelayRoute, RelayState
 from services.sender.runner import PROGRAM, QueueRunner
 from services.sender.watch import watch_queue
 from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, open_log
-from shared.config import Config, RouteConfig
+from shared.config import Config, ConfigError, RouteConfig
+from shared.dkim import DkimSigner
 from shared.log import EventLog, shutdown_logging
 from shared.queue import QueueReader
 from shared.signals import StopFlag
@@ -106,7 +107,8 @@ def main(config: Config, stop: StopFlag) -> int:
     reader = build_reader(config)
     try:
         relays = build_relays(config, EventLog(PROGRAM, "-"), stop.event)
-    except StartupError:
+        signer = DkimSigner.from_config(config.dkim)  # ConfigError: one line, exit 2
+    except (StartupError, ConfigError):
         reader.close()
         raise
     try:
@@ -126,7 +128,7 @@ def main(config: Config, stop: StopFlag) -> int:
     # The runner waits on `wake`; a stop must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
     runner = QueueRunner(
-        config, reader, log, relays=relays,
+        config, reader, log, relays=relays, signer=signer,
         local=LocalDelivery(config.local.maildir), stop=stop.event,
     )
     observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)

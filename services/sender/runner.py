@@ -62,11 +62,17 @@ from services.sender.decision import (
     decide,
     expires_at,
 )
-from services.sender.local import LocalDelivery, is_local
+from services.sender.local import LocalDelivery
+from services.sender.notices import Notifier
+from services.sender.outbound import Outbound
 from services.sender.rate import TokenBucket
 from services.sender.relay import RelayConnection, RelayError
 from services.sender.relays import RelayPool
+from services.sender.rewrite import SenderRewriter
+from services.sender.routing import Router
+from shared.aliases import AliasTable
 from shared.config import Config
+from shared.dkim import DkimSigner
 from shared.log import EventLog
 from shared.queue import (
     BLANK,
@@ -75,6 +81,7 @@ from shared.queue import (
     QueueFile,
     QueueFormatError,
     QueueReader,
+    QueueWriter,
     StateStore,
     arrival_time,
     operations,
@@ -98,16 +105,18 @@ class _Job:
 
     A plain slotted class, not a dataclass: one is made per message."""
 
-    __slots__ = ("queue_id", "path", "message", "arrival", "outcomes", "remote")
+    __slots__ = ("queue_id", "path", "message", "arrival", "outcomes", "remote", "origins")
 
     def __init__(self, queue_id: str, path: str, message: QueueFile, arrival: float,
-                 outcomes: list[Outcome], remote: tuple[str, ...]) -> None:
+                 outcomes: list[Outcome], remote: tuple[str, ...],
+                 origins: dict[str, str] | None = None) -> None:
         self.queue_id = queue_id
         self.path = path  # in queue.dir (a plain string: see QueueReader.path_of)
         self.message = message
         self.arrival = arrival
         self.outcomes = outcomes  # decided so far (the local recipients)
         self.remote = remote  # for the relay
+        self.origins = origins or {}  # alias target -> the recipient as queued
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,7 @@ class QueueRunner:
         *,
         relays: RelayPool,
         local: LocalDelivery | None = None,
+        signer: DkimSigner | None = None,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -157,12 +167,17 @@ class QueueRunner:
         self.reader = reader
         self.log = log
         self.relays = relays
-        self.local = local or LocalDelivery(config.local.maildir)
-        self.local_domains = frozenset(config.local.domains)
+        self.router = Router(AliasTable(config.aliases, config.local.domains),
+                             local or LocalDelivery(config.local.maildir),
+                             frozenset(config.local.domains), log)
+        self.outbound = Outbound(SenderRewriter.from_config(config.rewrite),
+                                 signer or DkimSigner([]))
+        self.notifier = Notifier(QueueWriter(reader.dir), config.hostname,
+                                 snd.max_queue_lifetime, log)
         self.stop = stop or threading.Event()
         self.clock = clock
         self.policy = RetryPolicy(Backoff(snd.retry_initial, snd.retry_max),
-                                  snd.max_queue_lifetime)
+                                  snd.max_queue_lifetime, config.bounce.delay_warning)
         self.poll_interval = snd.poll_interval
         self.per_connection = snd.messages_per_connection
         self.store = StateStore(reader.dir)
@@ -351,8 +366,11 @@ class QueueRunner:
             if conn is None:
                 self._hold(job, why)
                 continue
-            conn.submit(OutgoingMessage(job.queue_id, job.message.sender, job.remote,
-                                        job.message.data))
+            sender, data = job.message.sender, job.message.data
+            if self.outbound.active:
+                sender, data = self.outbound.prepare(job.queue_id, sender, data,
+                                                     conn.client.extensions, conn.log)
+            conn.submit(OutgoingMessage(job.queue_id, sender, job.remote, data))
             self._flight[job.queue_id] = job
             if self.bucket is not None:
                 self.bucket.take(self.clock())
@@ -587,18 +605,9 @@ class QueueRunner:
         except OSError as err:
             self._unreadable(entry, err)
             return None
-        arrival = arrival_time(queue_id, entry.mtime_ns / 1e9)
-        outcomes: list[Outcome] = []
-        if not self.local_domains:  # no local delivery configured: all for the relay
-            return _Job(queue_id, path, message, arrival, outcomes, message.recipients)
-        remote = []
-        for recipient in message.recipients:
-            if is_local(recipient, self.local_domains):
-                reply = self.local.deliver(message.sender, recipient, message.data)
-                outcomes.append(Outcome.of_reply(recipient, reply, "local"))
-            else:
-                remote.append(recipient)
-        return _Job(queue_id, path, message, arrival, outcomes, tuple(remote))
+        routes = self.router.route(queue_id, message)
+        return _Job(queue_id, path, message, arrival_time(queue_id, entry.mtime_ns / 1e9),
+                    routes.local, routes.remote, routes.origins)
 
     def _unreadable(self, entry: QueueEntry, err: OSError) -> None:
         """A file that cannot be read (EACCES, EIO): retried with backoff like a
@@ -662,6 +671,9 @@ class QueueRunner:
                           state=state, at=at, arrival=job.arrival, policy=self.policy,
                           waiting_until=waiting_until)
         self._log_outcomes(job.queue_id, decision)
+        if decision.bounce or decision.warn:  # queued before the move: never lost
+            self.notifier.notify(job.queue_id, job.message, decision, job.origins,
+                                 job.arrival, at)
         try:
             self._carry_out(job, decision)
         except (OSError, QueueFormatError) as err:  # e.g. a full disk: keep it, retry
