@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
 from services.sender.app import build_relays
 from services.sender.control import RunnerEnded
@@ -34,19 +33,17 @@ from shared.queue import (
     arrival_time,
     new_queue_id,
 )
-from tests.sender_support import LoopbackRelay, PipeliningRelay, RecordingHandler, Relay
+from tests.sender_support import (
+    FakeClock,
+    LoopbackRelay,
+    PipeliningRelay,
+    RecordingHandler,
+    Relay,
+    Setup,
+)
 from tests.support import free_port, tiny_tmpfs, write_config
 
 DATA = b"Subject: hello\r\n\r\nbody\r\n.dot line\r\n"
-
-
-@pytest.fixture
-def log_lines():
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")),
-                      format="{extra[program]} {extra[peer]} {message}")
-    yield lines
-    logger.remove(sink)
 
 
 @pytest.fixture
@@ -54,83 +51,6 @@ def relay():
     server = Relay().start()
     yield server
     server.stop()
-
-
-class FakeClock:
-    """The runner's clock: moved by the test, or by a relay in the middle of an exchange."""
-
-    def __init__(self, now: float = 1e9) -> None:
-        self.now = now
-        self.lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self.lock:
-            return self.now
-
-    def set(self, now: float) -> None:
-        with self.lock:
-            self.now = now
-
-    def advance(self, seconds: float) -> None:
-        with self.lock:
-            self.now += seconds
-
-
-class Setup:
-    """A config, a queue writer (the receiver's side) and a runner on it."""
-
-    def __init__(self, folder: Path, relay_address: str | None, **sender) -> None:
-        values = {"retry_initial": 10, "retry_max": 40, "max_queue_lifetime": 1000,
-                  "poll_interval": 60, "relay": relay_address or "", **sender}
-        self.config = load_config(write_config(folder, sender=values))
-        self.writer = QueueWriter(self.config.queue.dir)
-        self.reader = QueueReader(self.config.queue.dir, self.config.queue.failed,
-                                  self.config.queue.quarantine)
-        assert self.reader.try_lock()  # the runner delivers only as the queue's owner
-        self.clock = FakeClock()
-        self.stop = threading.Event()
-        self.runner = self.make_runner()
-        self.runner.load_states()
-
-    def make_runner(self) -> QueueRunner:
-        log = EventLog("S-SMTP", "-")
-        return QueueRunner(self.config, self.reader, log, clock=self.clock, stop=self.stop,
-                           relays=build_relays(self.config, log, self.stop))
-
-    def pass_at(self, now: float) -> bool:
-        """One pass that starts at `now` (the clock may move on during it)."""
-        self.clock.set(now)
-        return self.runner.run_pass()
-
-    @property
-    def relay_state(self):
-        return self.runner.relays.routes[0].state
-
-    def queued(self) -> list[str]:
-        return [e.name for e in self.reader.scan().ready]
-
-    def queue_file(self, name: str) -> bytes:
-        return (self.config.queue.dir / name).read_bytes()
-
-    def failed(self) -> list[str]:
-        return sorted(p.name for p in self.config.queue.failed.iterdir())
-
-    def close(self) -> None:
-        self.runner.close_relay()
-        self.reader.close()
-
-
-@pytest.fixture
-def setup(tmp_path: Path):
-    made: list[Setup] = []
-
-    def make(relay_address: str | None, **sender) -> Setup:
-        made.append(Setup(tmp_path, relay_address, **sender))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.close()
 
 
 # ---------------------------------------------------------------------------- pure parts
@@ -175,14 +95,14 @@ def test_local_routing() -> None:
 def test_relayed_message_leaves_the_queue_byte_identical(setup, relay) -> None:
     env = setup(relay.address)
     queue_id = env.writer.store("alice@example.com", ["bob@example.org"], DATA)
-    assert env.pass_at(1e12) is True
+    assert env.pass_at(2e9) is True
     env.runner.close_relay()
     (got,) = relay.handler.wait_for(1)
     assert got.content == DATA and got.rcpt_tos == ["bob@example.org"]
     assert env.queued() == [] and env.failed() == []
     assert queue_id not in os.listdir(env.config.queue.dir)
     relay.handler.wait_quits(1)
-    assert env.pass_at(1e12) is False
+    assert env.pass_at(2e9) is False
 
 
 def _immutable(path: Path, on: bool) -> None:
@@ -202,16 +122,16 @@ def test_a_delivered_message_that_cannot_be_unlinked_is_not_sent_again(
     path = env.config.queue.dir / queue_id
     _immutable(path, True)
     try:
-        assert env.pass_at(1e12) is True
+        assert env.pass_at(2e9) is True
         relay.handler.wait_for(1)
-        assert env.pass_at(1e12) is False  # not delivered twice
-        assert env.pass_at(1e12) is False
+        assert env.pass_at(2e9) is False  # not delivered twice
+        assert env.pass_at(2e9) is False
         env.runner.close_relay()
         assert len(relay.handler.messages) == 1 and env.queued() == [queue_id]
         assert len([x for x in log_lines if " finish fail " in x]) == 1
     finally:
         _immutable(path, False)
-    env.pass_at(1e12)  # the unlink is retried, and now succeeds
+    env.pass_at(2e9)  # the unlink is retried, and now succeeds
     assert env.queued() == [] and len(relay.handler.messages) == 1
 
 
@@ -220,7 +140,7 @@ def test_all_recipients_sent_is_one_line_and_the_file_goes(setup, relay, log_lin
     moves exactly as the general one: one `sent ok` line naming every recipient."""
     env = setup(relay.address)
     queue_id = env.writer.store("a@example.com", ["b@example.org", "c@example.net"], DATA)
-    assert env.pass_at(1e12) is True
+    assert env.pass_at(2e9) is True
     env.runner.close_relay()
     (got,) = relay.handler.wait_for(1)
     assert got.rcpt_tos == ["b@example.org", "c@example.net"]
@@ -235,7 +155,7 @@ def test_one_connection_carries_the_whole_pass(setup, relay) -> None:
     env = setup(relay.address)
     for number in range(5):
         env.writer.store("a@example.com", ["b@example.org"], b"n %d\r\n" % number)
-    env.pass_at(1e12)
+    env.pass_at(2e9)
     env.runner.close_relay()
     got = relay.handler.wait_for(5)
     assert [m.content for m in got] == [b"n %d\r\n" % n for n in range(5)]  # oldest first
@@ -244,11 +164,13 @@ def test_one_connection_carries_the_whole_pass(setup, relay) -> None:
 
 
 def test_local_delivery_to_maildir(setup) -> None:
+    """A bare `postmaster` reaches the postmaster alias, `root` unless configured."""
     env = setup(None)
     env.writer.store("alice@example.com", ["you@localhost", "postmaster"], DATA)
-    assert env.pass_at(1e12)
+    assert env.pass_at(2e9)
     assert env.queued() == []
-    for name in ("you", "postmaster"):
+    assert not (env.config.local.maildir / "postmaster").exists()
+    for name in ("you", "root"):
         folder = env.config.local.maildir / name
         (file,) = list((folder / "new").iterdir())
         content = file.read_bytes()
@@ -262,7 +184,7 @@ def test_unparseable_file_is_quarantined(setup, log_lines) -> None:
     bad = env.config.queue.dir / new_queue_id()
     bad.write_bytes(b"this is not a queue file")
     good = env.writer.store("a@example.com", ["you@localhost"], b"x\r\n")
-    assert env.pass_at(1e12)
+    assert env.pass_at(2e9)
     quarantine = env.config.queue.quarantine
     assert (quarantine / bad.name).read_bytes() == b"this is not a queue file"
     assert (quarantine / (bad.name + REASON_SUFFIX)).read_text().strip()
@@ -276,7 +198,7 @@ def test_5xx_goes_to_failed_with_the_reply(setup, log_lines) -> None:
     try:
         env = setup(server.address)
         queue_id = env.writer.store("a@example.com", ["gone@example.org"], DATA)
-        env.pass_at(1e12)
+        env.pass_at(2e9)
         env.runner.close_relay()
     finally:
         server.stop()
@@ -297,18 +219,24 @@ def test_mixed_results_rewrite_the_file_and_retry_with_backoff(setup, log_lines)
     try:
         env = setup(server.address)
         recipients = ["ok@example.org", "gone@example.org", "later@example.org", "me@localhost"]
-        queue_id = env.writer.store("a@example.com", recipients, DATA)
+        queue_id = env.writer.store("a@localhost", recipients, DATA)
         env.pass_at(1000.0)
-        # Delivered ones are gone from the file, the failed one is recorded apart.
+        # Delivered ones are gone from the file, the failed one is recorded apart and
+        # bounced to the sender (a local mailbox here).
         assert env.queued() == [queue_id]
         assert env.queue_file(queue_id).startswith(
-            b"From: <a@example.com>\nTo: <later@example.org>\n\n")
+            b"From: <a@localhost>\nTo: <later@example.org>\n\n")
         assert env.failed() == [f"{queue_id}.1", f"{queue_id}.1{REASON_SUFFIX}"]
         assert any("deferred defer" in line and "later@example.org" in line and "451" in line
                    for line in log_lines)
+        (notice,) = env.notices().values()
+        assert notice.recipients == ("a@localhost",)
+        assert b"Final-Recipient: rfc822; gone@example.org" in notice.data
         # Not due before retry_initial (10 s), due after; the relay accepts now.
         assert env.runner.sleep_time(1000.0) == pytest.approx(10.0)
-        assert env.pass_at(1005.0) is False
+        env.pass_at(1005.0)  # delivers the notice, not the deferred message
+        assert len(handler.messages) == 1 and env.notices() == {}
+        assert len(list((env.config.local.maildir / "a" / "new").iterdir())) == 1
         handler.rcpt_replies.clear()
         assert env.pass_at(1010.0) is True
         env.runner.close_relay()
@@ -433,7 +361,7 @@ def test_messages_per_connection_opens_a_new_session(setup, relay) -> None:
     env = setup(relay.address, messages_per_connection=2)
     for number in range(5):
         env.writer.store("a@example.com", ["b@example.org"], b"n %d\r\n" % number)
-    env.pass_at(1e12)
+    env.pass_at(2e9)
     env.runner.close_relay()
     relay.handler.wait_for(5)
     relay.handler.wait_quits(3)
@@ -482,7 +410,7 @@ def test_a_pipelined_pass_attributes_every_outcome_to_its_message(
     assert env.failed() == [ids[2], ids[2] + REASON_SUFFIX]
     assert logged(log_lines, ids[0]) == ["sent ok"]
     assert logged(log_lines, ids[1]) == ["deferred defer"]
-    assert logged(log_lines, ids[2]) == ["failed fail"]
+    assert logged(log_lines, ids[2]) == ["failed fail", "bounce ok"]
     assert logged(log_lines, ids[3]) == logged(log_lines, ids[4]) == ["sent ok"]
 
 
@@ -916,7 +844,8 @@ def test_hold_release_and_delete_at_rest(setup) -> None:
 
 def test_flush_makes_deferred_mail_and_the_relay_due_at_once(setup) -> None:
     relay = Relay()
-    env = setup(relay.address, retry_initial=3600, retry_max=3600)  # nothing listens yet
+    env = setup(relay.address, retry_initial=3600, retry_max=3600,  # nothing listens yet
+                relay_retry=3600)
     queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
     running = Running(env)
     try:

@@ -313,3 +313,24 @@ def test_reply_str_is_rendered_once_and_unchanged() -> None:
     assert str(reply) is str(reply)
     assert reply == Reply(250, "first\nsecond", "2.0.0")  # the cache is not a field
     assert hash(reply) == hash(Reply(250, "first\nsecond", "2.0.0"))
+
+
+@pytest.mark.parametrize(
+    ("code", "success", "intermediate", "positive", "transient", "permanent"),
+    [
+        (221, True, False, True, False, False),
+        (250, True, False, True, False, False),
+        (334, False, True, True, False, False),
+        (354, False, True, True, False, False),
+        (421, False, False, False, True, False),
+        (452, False, False, False, True, False),
+        (500, False, False, False, False, True),
+        (554, False, False, False, False, True),
+    ],
+)
+def test_reply_classes_by_first_digit(code, success, intermediate, positive, transient,
+                                      permanent) -> None:
+    reply = Reply(code, "text")
+    assert (reply.is_success, reply.is_intermediate, reply.is_positive,
+            reply.is_transient, reply.is_permanent) == (
+        success, intermediate, positive, transient, permanent)

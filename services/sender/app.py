@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable
 
 from services.sender.control import ControlServer, control_path
@@ -34,7 +35,8 @@ from services.sender.relays import RelayPool, RelayRoute, RelayState
 from services.sender.runner import PROGRAM, QueueRunner
 from services.sender.watch import watch_queue
 from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, open_log
-from shared.config import Config, SenderConfig
+from shared.config import Config, ConfigError, RouteConfig
+from shared.dkim import DkimSigner
 from shared.log import EventLog, shutdown_logging
 from shared.queue import QueueReader
 from shared.reload import RESTART_KEYS, reload_config
@@ -50,42 +52,48 @@ def build_reader(config: Config) -> QueueReader:
         ) from None
 
 
-def read_password(sender: SenderConfig) -> str:
-    """The relay password: the first line of password_file (never the TOML itself)."""
-    if not sender.username:
+def read_password(route: RouteConfig) -> str:
+    """A relay's password: the first line of its password_file (never the TOML)."""
+    if not route.username:
         return ""
-    assert sender.password_file is not None  # the config checks this
+    assert route.password_file is not None  # the config checks this
     try:
-        text = sender.password_file.read_text(encoding="utf-8")
+        text = route.password_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         detail = getattr(err, "strerror", None) or str(err)
         raise StartupError(
-            f"cannot read sender.password_file {sender.password_file}: {detail}"
-        ) from None
+            f"cannot read the password_file {route.password_file} of relay {route.address}: "
+            f"{detail}") from None
     password = text.splitlines()[0] if text else ""
     if not password:
-        raise StartupError(f"sender.password_file {sender.password_file} is empty")
+        raise StartupError(f"the password_file {route.password_file} of relay "
+                           f"{route.address} is empty")
     return password
 
 
 def build_relays(config: Config, log: EventLog, stop: threading.Event) -> RelayPool:
-    """The configured relays with a session factory each (none: no relay configured)."""
+    """The configured relays, in order, each with its session factory (none: no relay
+    configured). StartupError (one line) for an unreadable password or CA file."""
     snd = config.sender
-    if snd.relay is None:
-        return RelayPool([])
-    settings = RelaySettings.from_config(snd, config.hostname, read_password(snd))
-    context = None
-    if settings.tls != "none":
-        try:
-            context = build_tls_context(settings)
-        except (OSError, ssl.SSLError) as err:
-            raise StartupError(
-                f"cannot load sender.ca_file {settings.ca_file}: {getattr(err, 'strerror', err)}"
-            ) from None
-    backoff = Backoff(snd.retry_initial, snd.retry_max)
-    return RelayPool([RelayRoute(str(settings.address),
-                                 lambda: RelayConnection(settings, log, stop, context),
-                                 RelayState(backoff))])
+    routes = []
+    for route in snd.routes():
+        settings = RelaySettings.from_route(route, snd, config.hostname, read_password(route))
+        context = None
+        if settings.tls != "none":
+            try:
+                context = build_tls_context(settings)
+            except (OSError, ssl.SSLError) as err:
+                raise StartupError(f"cannot load the ca_file {settings.ca_file} of relay "
+                                   f"{route.address}: {getattr(err, 'strerror', err)}") from None
+        state = RelayState(Backoff(snd.retry_initial, snd.retry_max), snd.relay_retry)
+        routes.append(RelayRoute(str(route.address), _factory(settings, log, stop, context),
+                                 state))
+    return RelayPool(routes)
+
+
+def _factory(settings: RelaySettings, log: EventLog, stop: threading.Event,
+             context: ssl.SSLContext | None) -> Callable[[], RelayConnection]:
+    return lambda: RelayConnection(settings, log, stop, context)
 
 
 LOCK_RETRY = 1.0  # seconds between tries of a standby sender, at most
@@ -123,8 +131,9 @@ def reloader(config: Config, runner: QueueRunner, log: EventLog, stop: threading
 
     def apply(new: Config) -> None:
         relays = build_relays(new, EventLog(PROGRAM, "-"), stop)
+        signer = DkimSigner.from_config(new.dkim)  # the key files, read again
         relays.keep_state_of(runner.relays)
-        runner.reconfigure(new, relays)
+        runner.reconfigure(new, relays, signer)
 
     def before_pass() -> None:
         nonlocal running
@@ -138,7 +147,8 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     reader = build_reader(config)
     try:
         relays = build_relays(config, EventLog(PROGRAM, "-"), stop.event)
-    except StartupError:
+        signer = DkimSigner.from_config(config.dkim)  # ConfigError: one line, exit 2
+    except (StartupError, ConfigError):
         reader.close()
         raise
     try:
@@ -151,12 +161,15 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
         log.ok("exit", signal=stop.signal_name or "-", status=EXIT_OK)
         shutdown_logging()
         return EXIT_OK
+    cleaned = LocalDelivery(config.local.maildir).clean_stale_tmp(time.time())
+    if cleaned:
+        log.info("maildir-clean", removed=len(cleaned), maildir=config.local.maildir)
     wake = threading.Event()
     # The runner waits on `wake`; a stop or a reload must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
     reload.wake_also(wake)
     runner = QueueRunner(
-        config, reader, log, relays=relays,
+        config, reader, log, relays=relays, signer=signer,
         local=LocalDelivery(config.local.maildir), stop=stop.event,
     )
     runner.before_pass = reloader(config, runner, log, stop.event, reload)
@@ -164,7 +177,7 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     control = start_control(config, runner, log)
     log.ok(
         "start",
-        relay=config.sender.relay or "none",
+        relay=",".join(map(str, config.sender.relay)) or "none",
         tls=config.sender.tls,
         queue=config.queue.dir,
         pid=os.getpid(),

@@ -60,7 +60,7 @@ from services.sender.client import (
     SessionError,
     StartTLS,
 )
-from shared.config import HostPort, SenderConfig
+from shared.config import HostPort, RouteConfig, SenderConfig
 from shared.log import EventLog, describe_exception
 from shared.smtp import Reply
 
@@ -120,17 +120,17 @@ class RelaySettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     @classmethod
-    def from_config(cls, sender: SenderConfig, hostname: str, password: str) -> RelaySettings:
-        assert sender.relay is not None
+    def from_route(cls, route: RouteConfig, sender: SenderConfig, hostname: str,
+                   password: str) -> RelaySettings:
         return cls(
-            address=sender.relay,
+            address=route.address,
             hostname=hostname,
-            tls=sender.tls,
-            tls_verify=sender.tls_verify,
-            ca_file=sender.ca_file,
-            username=sender.username,
+            tls=route.tls,
+            tls_verify=route.tls_verify,
+            ca_file=route.ca_file,
+            username=route.username,
             password=password,
-            auth_without_tls=sender.auth_without_tls,
+            auth_without_tls=route.auth_without_tls,
             timeouts=Timeouts.from_config(sender),
         )
 

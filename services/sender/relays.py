@@ -1,10 +1,14 @@
 """The smarthosts the sender may use, in order, and when each may be tried again.
 
-A relay that cannot be reached (connect, TLS, greeting, EHLO, AUTH) backs off like
-a message does: `Backoff` from its first failure, doubling, reset by a success.
-While it backs off no message is tried against it; messages for the relay wait
-(they are not deferred: no attempt was made, SPEC §7) until the earliest relay
-is due again. `reset()` (an operator's flush) makes every relay due now.
+Relays are tried in their configured order. One that cannot be reached (connect,
+TLS, a refused or 421 greeting, EHLO, AUTH, a timeout on the way) backs off:
+`Backoff` from its first failure, doubling, but never longer than `relay_retry`,
+and reset by a success; meanwhile the next relay carries the mail, and the first
+one is tried again after at most `relay_retry`. While every relay backs off,
+messages for the relays wait (not deferred: no attempt was made, SPEC §7) until
+the earliest one is due again. `reset()` (an operator's flush) makes every relay
+due now. A relay that answers a message with 5xx has judged it: that is final,
+no other relay is asked (decision.py).
 
 Pure bookkeeping: times are passed in, connections are made by the runner.
 """
@@ -24,6 +28,7 @@ class RelayState:
     """Whether one relay may be tried now."""
 
     backoff: Backoff
+    longest: float = math.inf  # relay_retry: the longest a failed relay is left alone
     failures: int = 0
     retry_at: float = 0.0
 
@@ -33,7 +38,7 @@ class RelayState:
     def failed(self, at: float) -> float:
         """A failure at `at`; returns when the relay may be tried again."""
         self.failures += 1
-        self.retry_at = at + self.backoff.delay(self.failures)
+        self.retry_at = at + min(self.backoff.delay(self.failures), self.longest)
         return self.retry_at
 
     def succeeded(self) -> None:

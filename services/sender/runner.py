@@ -63,10 +63,17 @@ from services.sender.decision import (
     decide,
     expires_at,
 )
-from services.sender.local import LocalDelivery, is_local
+from services.sender.local import LocalDelivery
+from services.sender.notices import Notifier
+from services.sender.outbound import Outbound
+from services.sender.rate import TokenBucket
 from services.sender.relay import RelayConnection, RelayError
 from services.sender.relays import RelayPool
+from services.sender.rewrite import SenderRewriter
+from services.sender.routing import Router
+from shared.aliases import AliasTable
 from shared.config import Config
+from shared.dkim import DkimSigner
 from shared.log import EventLog
 from shared.queue import (
     BLANK,
@@ -75,6 +82,7 @@ from shared.queue import (
     QueueFile,
     QueueFormatError,
     QueueReader,
+    QueueWriter,
     StateStore,
     arrival_time,
     operations,
@@ -98,16 +106,18 @@ class _Job:
 
     A plain slotted class, not a dataclass: one is made per message."""
 
-    __slots__ = ("queue_id", "path", "message", "arrival", "outcomes", "remote")
+    __slots__ = ("queue_id", "path", "message", "arrival", "outcomes", "remote", "origins")
 
     def __init__(self, queue_id: str, path: str, message: QueueFile, arrival: float,
-                 outcomes: list[Outcome], remote: tuple[str, ...]) -> None:
+                 outcomes: list[Outcome], remote: tuple[str, ...],
+                 origins: dict[str, str] | None = None) -> None:
         self.queue_id = queue_id
         self.path = path  # in queue.dir (a plain string: see QueueReader.path_of)
         self.message = message
         self.arrival = arrival
         self.outcomes = outcomes  # decided so far (the local recipients)
         self.remote = remote  # for the relay
+        self.origins = origins or {}  # alias target -> the recipient as queued
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,7 @@ class QueueRunner:
         *,
         relays: RelayPool,
         local: LocalDelivery | None = None,
+        signer: DkimSigner | None = None,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -153,7 +164,9 @@ class QueueRunner:
         self.log = log
         self.stop = stop or threading.Event()
         self.clock = clock
-        self._use_settings(config, relays, local or LocalDelivery(config.local.maildir))
+        self.bucket: TokenBucket | None = None
+        self._use_settings(config, relays, local or LocalDelivery(config.local.maildir),
+                           signer or DkimSigner([]))
         # Called at the start of every pass, on the runner's thread (the program's
         # reload on HUP: new settings take effect between passes).
         self.before_pass: Callable[[], None] | None = None
@@ -177,6 +190,9 @@ class QueueRunner:
         # sent again by this process (the unlink is retried each pass); after a
         # restart they are, once (at-least-once).
         self._undeletable: set[str] = set()
+        # Messages read while the relay kept us waiting and found to have no local
+        # recipient: later waits pass them by without reading them again.
+        self._remote_only: set[str] = set()
         self._stuck: dict[str, _Stuck] = {}
         self._scan_error: str | None = None
         # Names this runner renamed into queue.dir (a rewrite over the original):
@@ -185,26 +201,37 @@ class QueueRunner:
         self.own_moves: set[str] = set()
         self._own_moves_lock = threading.Lock()
 
-    def _use_settings(self, config: Config, relays: RelayPool, local: LocalDelivery) -> None:
-        snd = config.sender
+    def _use_settings(self, config: Config, relays: RelayPool, local: LocalDelivery,
+                      signer: DkimSigner) -> None:
+        """Everything the runner takes from the config (at start, and on a reload)."""
+        snd, log = config.sender, self.log
         self.config = config
         self.relays = relays
-        self.local = local
-        self.local_domains = frozenset(config.local.domains)
+        self.router = Router(AliasTable(config.aliases, config.local.domains), local,
+                             frozenset(config.local.domains), log)
+        self.outbound = Outbound(SenderRewriter.from_config(config.rewrite), signer)
+        self.notifier = Notifier(QueueWriter(self.reader.dir), config.hostname,
+                                 snd.max_queue_lifetime, log)
         self.policy = RetryPolicy(Backoff(snd.retry_initial, snd.retry_max),
-                                  snd.max_queue_lifetime)
+                                  snd.max_queue_lifetime, config.bounce.delay_warning)
         self.poll_interval = snd.poll_interval
         self.per_connection = snd.messages_per_connection
+        if snd.rate is None:
+            self.bucket = None
+        elif self.bucket is None:  # the level the last run left
+            self.bucket = TokenBucket.load(snd.rate, self.reader.dir, self.clock())
+        elif self.bucket.rate != snd.rate:  # a reload: a new rate, the tokens kept
+            self.bucket = TokenBucket(snd.rate, self.bucket.tokens, self.bucket.at)
 
-    def reconfigure(self, config: Config, relays: RelayPool) -> None:
+    def reconfigure(self, config: Config, relays: RelayPool, signer: DkimSigner) -> None:
         """New settings (a reload), on the runner's thread between two passes: the
         relay session still open is ended (QUIT), the next one uses `relays`. The
         queue folders are not among them (they need a restart)."""
         self.close_relay()
-        local = self.local
+        local = self.router.local
         if config.local.maildir != self.config.local.maildir:
             local = LocalDelivery(config.local.maildir)
-        self._use_settings(config, relays, local)
+        self._use_settings(config, relays, local, signer)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -288,6 +315,7 @@ class QueueRunner:
         if gone:
             self.store.prune(present)
         self._undeletable &= present
+        self._remote_only &= present
         for name in [n for n in self._stuck if n not in present and n not in strange]:
             del self._stuck[name]
         with self._own_moves_lock:
@@ -340,6 +368,8 @@ class QueueRunner:
                     return worked
                 if not (self._due or self._ready):
                     return worked
+                if self._ready:  # held back by the rate limit
+                    self._wait_for_rate()
                 continue
             self._exchange()
 
@@ -358,14 +388,34 @@ class QueueRunner:
             if not job.remote:
                 self._settle(job, [])
                 continue
+            if self.bucket is not None and self.bucket.wait(self.clock()) > 0:
+                self._put_ready(job, front=True)  # its turn comes with the next token
+                break
             conn, why = self._connection()
             if conn is None:
                 self._hold(job, why)
                 continue
-            conn.submit(OutgoingMessage(job.queue_id, job.message.sender, job.remote,
-                                        job.message.data))
+            sender, data = job.message.sender, job.message.data
+            if self.outbound.active:
+                sender, data = self.outbound.prepare(job.queue_id, sender, data,
+                                                     conn.client.extensions, conn.log)
+            conn.submit(OutgoingMessage(job.queue_id, sender, job.remote, data))
             self._flight[job.queue_id] = job
+            if self.bucket is not None:
+                self.bucket.take(self.clock())
+                self.bucket.save(self.reader.dir)
         return worked
+
+    def _wait_for_rate(self) -> None:
+        """Wait for the rate limit's next token, delivering local mail and serving
+        requests meanwhile (the held-back message is not deferred: no backoff)."""
+        assert self.bucket is not None
+        while not self.stop.is_set():
+            wait = self.bucket.wait(self.clock())
+            if wait <= 0:
+                return
+            if not self._local_work():
+                self.stop.wait(min(wait, 0.5))
 
     def _room(self) -> bool:
         """May another message go to the relay now? With none in flight, always (a new
@@ -453,16 +503,21 @@ class QueueRunner:
             return True
         if not self._due or self.stop.is_set():
             return False
+        room = len(self._ready) < READY_MAX and self._ready_bytes < READY_MAX_BYTES
+        if not room and self._due[0].name in self._remote_only:
+            self._due.popleft()  # nothing local in it: the next pass takes it
+            return True
         job = self._next_job()
         if job is None:
             return True
         if not job.remote:
             self._settle(job, [])
-        elif len(self._ready) < READY_MAX and self._ready_bytes < READY_MAX_BYTES:
+        elif room:
             self._put_ready(job)
         elif job.outcomes:  # its local part is done: keep the rest for the next pass
             self._hold(job, "the relay was busy")
-        # else: a message for the relay only, untouched: the next pass takes it
+        else:  # a message for the relay only, untouched: the next pass takes it
+            self._remote_only.add(job.queue_id)
         return True
 
     def _put_ready(self, job: _Job, *, front: bool = False) -> None:
@@ -584,18 +639,9 @@ class QueueRunner:
         except OSError as err:
             self._unreadable(entry, err)
             return None
-        arrival = arrival_time(queue_id, entry.mtime_ns / 1e9)
-        outcomes: list[Outcome] = []
-        if not self.local_domains:  # no local delivery configured: all for the relay
-            return _Job(queue_id, path, message, arrival, outcomes, message.recipients)
-        remote = []
-        for recipient in message.recipients:
-            if is_local(recipient, self.local_domains):
-                reply = self.local.deliver(message.sender, recipient, message.data)
-                outcomes.append(Outcome.of_reply(recipient, reply, "local"))
-            else:
-                remote.append(recipient)
-        return _Job(queue_id, path, message, arrival, outcomes, tuple(remote))
+        routes = self.router.route(queue_id, message)
+        return _Job(queue_id, path, message, arrival_time(queue_id, entry.mtime_ns / 1e9),
+                    routes.local, routes.remote, routes.origins)
 
     def _unreadable(self, entry: QueueEntry, err: OSError) -> None:
         """A file that cannot be read (EACCES, EIO): retried with backoff like a
@@ -660,6 +706,9 @@ class QueueRunner:
                           state=state, at=at, arrival=job.arrival, policy=self.policy,
                           waiting_until=waiting_until)
         self._log_outcomes(job.queue_id, decision)
+        if decision.bounce or decision.warn:  # queued before the move: never lost
+            self.notifier.notify(job.queue_id, job.message, decision, job.origins,
+                                 job.arrival, at)
         try:
             self._carry_out(job, decision)
         except (OSError, QueueFormatError) as err:  # e.g. a full disk: keep it, retry
