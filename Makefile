@@ -31,6 +31,7 @@ lint: venv
 run: venv
 	@mkdir -p var/log
 	@if $(CTL) pid >/dev/null 2>&1; then \
+		$(PY) tools/ready.py --same-config || exit 1; \
 		echo "supervisord is already running (pid $$($(CTL) pid)); starting any stopped program"; \
 		$(CTL) start all >/dev/null 2>&1 || true; \
 	else \

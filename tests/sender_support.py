@@ -138,11 +138,15 @@ class Relay:
 class SmtpSink:
     """Postfix's smtp-sink on a free port, dumping every message to a folder."""
 
-    def __init__(self, folder: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, folder: Path, extra: tuple[str, ...] = (), *,
+                 one_file: bool = False) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.extra = extra
+        # one_file: every message appended to one dump file (`-D`), which keeps up
+        # with a fast sender; else one file per message (`-d`).
+        self.dump = ["-D", str(folder / "all")] if one_file else ["-d", str(folder) + "/%M."]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -154,10 +158,9 @@ class SmtpSink:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> SmtpSink:
-        # -u (required as root): the user to run as; -d: one dump file per message.
+        # -u (required as root): the user to run as.
         user = ["-u", getpass.getuser()] if os.geteuid() == 0 else []
-        command = [SMTP_SINK, *user, "-d", str(self.folder) + "/%M.",
-                   *self.extra, f"127.0.0.1:{self.port}", "100"]
+        command = [SMTP_SINK, *user, *self.dump, *self.extra, f"127.0.0.1:{self.port}", "100"]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + 5
