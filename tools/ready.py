@@ -78,7 +78,7 @@ def running_with_another_config(asked: Path) -> str | None:
     used = config_in_use(pid) if pid else None
     if used is None or used == asked:
         return None
-    return (f"mailbag is already running with {ENV_VAR}={used} (supervisord pid {pid}), "
+    return (f"already running with {ENV_VAR}={used} (supervisord pid {pid}), "
             f"NOT with {asked} as asked now; to switch: make stop, then make run")
 
 

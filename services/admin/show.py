@@ -65,7 +65,7 @@ def show(config: Config, queue_id: str, *, body: bool, now: float) -> Iterator[b
     raw = read_file(path)
     message = QueueFile.from_bytes(raw)
     arrival = arrival_time(queue_id, path.stat().st_mtime)
-    facts[2:2] = [("arrived", f"{_time(arrival)} ({duration(now - arrival)} ago)"),
+    facts[3:3] = [("arrived", f"{_time(arrival)} ({duration(now - arrival)} ago)"),
                   ("size", f"{len(message.data)} bytes")]
     facts.append(("sender", f"<{message.sender}>"))
     facts += [("recipient", f"<{recipient}>") for recipient in message.recipients]
