@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
 	touch $(STAMP)
 
+# Two workers or more (one per core): the end-to-end tests mostly wait on sockets and
+# processes. --dist loadfile keeps each file's tests in one worker (some share a user
+# or a mount by name).
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: venv
 	$(VENV)/bin/ruff check shared services tests bench tools
