@@ -131,7 +131,7 @@ def main(config: Config, stop: StopFlag) -> int:
         config, reader, log, relays=relays, signer=signer,
         local=LocalDelivery(config.local.maildir), stop=stop.event,
     )
-    observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)
+    observer = watch_queue(config.queue.dir, wake, ignore=runner.settler.is_own_move)
     log.ok(
         "start",
         relay=",".join(map(str, config.sender.relay)) or "none",
@@ -149,7 +149,7 @@ def main(config: Config, stop: StopFlag) -> int:
         runner.close_relay()
         observer.stop()
         observer.join(timeout=5)
-        runner.report_unfinished(reader.close())
+        runner.settler.report_unfinished(reader.close())
     if status == EXIT_OK:
         log.ok("exit", signal=stop.signal_name or "-", status=status)
     else:
