@@ -335,7 +335,7 @@ class Setup:
         self.clock = FakeClock()
         self.stop = threading.Event()
         self.runner = self.make_runner()
-        self.runner.load_states()
+        self.runner.settler.load_states()
 
     def make_runner(self) -> QueueRunner:
         log = EventLog("S-SMTP", "-")
@@ -347,7 +347,7 @@ class Setup:
         """From now on the runner lives in real time (failover, rate limits)."""
         self.clock = time.time  # type: ignore[assignment]
         self.runner = self.make_runner()
-        self.runner.load_states()
+        self.runner.settler.load_states()
 
     def pass_at(self, now: float) -> bool:
         """One pass that starts at `now` (the clock may move on during it)."""

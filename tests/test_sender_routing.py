@@ -182,7 +182,7 @@ def test_one_delay_warning_then_the_delivery(setup, relay) -> None:
     queue_id = env.writer.store("alice@localhost", ["b@example.org"], DATA)
     arrived = arrival_time(queue_id, 0)
     env.pass_at(arrived + 1)  # deferred; the next try is capped at the warning time
-    assert env.runner.states[queue_id].next_attempt == arrived + 11
+    assert env.runner.settler.states[queue_id].next_attempt == arrived + 11
     for at in (arrived + 11, arrived + 31, arrived + 71):
         env.pass_at(at)
     env.pass_at(arrived + 72)
@@ -190,7 +190,7 @@ def test_one_delay_warning_then_the_delivery(setup, relay) -> None:
     assert warning["Subject"] == "Delayed Mail (still being retried)"
     _, (rcpt,) = report(warning)
     assert rcpt["Action"] == "delayed" and rcpt["Will-Retry-Until"]
-    assert env.runner.states[queue_id].warned
+    assert env.runner.settler.states[queue_id].warned
 
 
 def test_mail_from_the_null_sender_never_bounces(setup, relay) -> None:

@@ -173,7 +173,7 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
         local=LocalDelivery(config.local.maildir), stop=stop.event,
     )
     runner.before_pass = reloader(config, runner, log, stop.event, reload)
-    observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)
+    observer = watch_queue(config.queue.dir, wake, ignore=runner.settler.is_own_move)
     control = start_control(config, runner, log)
     log.ok(
         "start",
@@ -194,7 +194,7 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
         runner.close_relay()
         observer.stop()
         observer.join(timeout=5)
-        runner.report_unfinished(reader.close())
+        runner.settler.report_unfinished(reader.close())
     if status == EXIT_OK:
         log.ok("exit", signal=stop.signal_name or "-", status=status)
     else:
