@@ -111,6 +111,7 @@ class QueueRunner:
         self.stop = stop or threading.Event()
         self.clock = clock
         self.bucket: TokenBucket | None = None
+        self.settler = Settler(reader, *self._rules(config, QueueWriter(reader.dir)), log)
         self._use_settings(config, relays, local or LocalDelivery(config.local.maildir),
                            signer or DkimSigner([]))
         # Called at the start of every pass, on the runner's thread (the program's
@@ -143,14 +144,6 @@ class QueueRunner:
         self.router = Router(AliasTable(config.aliases, config.local.domains), local,
                              frozenset(config.local.domains), log)
         self.outbound = Outbound(SenderRewriter.from_config(config.rewrite), signer)
-        policy = RetryPolicy(Backoff(snd.retry_initial, snd.retry_max),
-                             snd.max_queue_lifetime, config.bounce.delay_warning)
-        notifier = Notifier(QueueWriter(self.reader.dir), config.hostname,
-                            snd.max_queue_lifetime, log)
-        if not hasattr(self, "settler"):
-            self.settler = Settler(self.reader, policy, notifier, log)
-        else:  # a reload: what the queue remembers stays, the rules are new
-            self.settler.policy, self.settler.notifier = policy, notifier
         self.poll_interval = snd.poll_interval
         self.per_connection = snd.messages_per_connection
         if snd.rate is None:
@@ -160,11 +153,21 @@ class QueueRunner:
         elif self.bucket.rate != snd.rate:  # a reload: a new rate, the tokens kept
             self.bucket = TokenBucket(snd.rate, self.bucket.tokens, self.bucket.at)
 
+    def _rules(self, config: Config, writer: QueueWriter) -> tuple[RetryPolicy, Notifier]:
+        """The settler's rules: retry times and lifetimes, and how notices are sent."""
+        snd = config.sender
+        policy = RetryPolicy(Backoff(snd.retry_initial, snd.retry_max),
+                             snd.max_queue_lifetime, config.bounce.delay_warning)
+        return policy, Notifier(writer, config.hostname, snd.max_queue_lifetime, self.log)
+
     def reconfigure(self, config: Config, relays: RelayPool, signer: DkimSigner) -> None:
         """New settings (a reload), on the runner's thread between two passes: the
-        relay session still open is ended (QUIT), the next one uses `relays`. The
-        queue folders are not among them (they need a restart)."""
+        relay session still open is ended (QUIT), the next one uses `relays`; what
+        the queue remembers (states, stuck moves) stays. The queue folders are not
+        among them (they need a restart)."""
         self.close_relay()
+        self.settler.policy, self.settler.notifier = self._rules(
+            config, self.settler.notifier.writer)
         local = self.router.local
         if config.local.maildir != self.config.local.maildir:
             local = LocalDelivery(config.local.maildir)
