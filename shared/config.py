@@ -601,11 +601,16 @@ def _check_mail_sections(config: Config) -> None:
         if not (key.domain and key.selector and key.key_file):
             raise ConfigError(f"{where}: domain, selector and key_file must be set together")
         for name, value in (("domain", key.domain), ("selector", key.selector)):
-            if not _DNS_NAME.fullmatch(value):
+            if not is_dns_name(value):
                 raise ConfigError(f"{where}.{name}: {value!r} is not a DNS name")
         if key.domain.lower() in domains:
             raise ConfigError(f"{where}.domain: {key.domain!r} has a key already")
         domains.add(key.domain.lower())
+
+
+def is_dns_name(text: str) -> bool:
+    """A DKIM domain or selector: letters, digits and hyphens in dot-separated labels."""
+    return bool(_DNS_NAME.fullmatch(text))
 
 
 def _check_address(key: str, value: str, domain_ok: bool = False) -> None:

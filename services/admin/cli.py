@@ -9,6 +9,7 @@ postqueue / postsuper / `postfix check`.
     mailbag requeue ID...
     mailbag check
     mailbag status [--supervisord-conf FILE]
+    mailbag dkim-keygen DOMAIN SELECTOR [--dir FOLDER] [--ed25519] [--bits N]
 
 The config is found like the programs find it (`--config` > `MAILBAG_CONFIG` >
 the repository's mailbag.toml), so it works from cron or any folder; `--config`
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     status_.add_argument("--supervisord-conf", metavar="FILE",
                          default=str(REPO_ROOT / "supervisord.conf"),
                          help="supervisord's config (default: the repository's)")
+    keygen = command("dkim-keygen", "make a DKIM key and print the DNS record to publish")
+    keygen.add_argument("domain")
+    keygen.add_argument("selector")
+    keygen.add_argument("--dir", metavar="FOLDER",
+                        help="where the key goes (default: dkim/ next to the config)")
+    keygen.add_argument("--ed25519", action="store_true", help="an Ed25519 key (RFC 8463)")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     return parser
 
 
@@ -197,6 +205,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    """Write a new key (never over an existing one) and print the [dkim] lines and the
+    TXT record to publish: from key generation to the DNS in one step."""
+    from pathlib import Path
+
+    from shared.config import is_dns_name
+    from shared.dkim import keygen
+
+    for name, value in (("domain", args.domain), ("selector", args.selector)):
+        if not is_dns_name(value):
+            raise UsageError(f"{name} {value!r} is not a DNS name")
+    path = resolve_config_path(getattr(args, "config", None))
+    folder = Path(args.dir) if args.dir else path.parent / "dkim"
+    try:
+        key = keygen(args.domain, args.selector, folder,
+                     algorithm="ed25519" if args.ed25519 else "rsa", bits=args.bits)
+    except FileExistsError as err:
+        raise AdminError(f"{err.filename}: a key is there already (remove it first, "
+                         "or choose another selector)") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise AdminError(f"{folder}: cannot write the key: {err.strerror or err}") from None
+    print(f"wrote {key.path} (mode 0600); add to {path}:\n")
+    print(f"[dkim]\ndomain = \"{args.domain}\"\nselector = \"{args.selector}\"\n"
+          f"key_file = \"{key.path}\"\n")
+    print("and publish this record in the DNS of the domain:\n")
+    print(key.record)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- changing
 
 def cmd_change(args: argparse.Namespace) -> int:
@@ -290,4 +329,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "requeue": cmd_requeue,
     "check": cmd_check,
     "status": cmd_status,
+    "dkim-keygen": cmd_dkim_keygen,
 }
