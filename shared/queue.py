@@ -69,6 +69,12 @@ REASON_SUFFIX = ".reason"
 _ENVELOPE_LINE = re.compile(rb"(From|To): <([^<>\r\n]*)>")
 
 
+# A message's data: one bytes object, or its chunks in order (written with writev,
+# never joined: the receiver hands over a message as the runs of lines it read).
+MessageData = bytes | Sequence[bytes | bytearray]
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
 class QueueFormatError(ValueError):
     """A queue file that does not follow the format; the sender quarantines it."""
 
@@ -176,7 +182,7 @@ class QueueWriter:
                 removed.append(entry.name)
         return removed
 
-    def store(self, sender: str, recipients: Sequence[str], data: bytes) -> str:
+    def store(self, sender: str, recipients: Sequence[str], data: MessageData) -> str:
         """Write the message durably into the queue and return its queue id.
 
         Raises QueueWriteError (nothing left behind) if any step fails.
@@ -190,11 +196,13 @@ class QueueWriter:
     # The steps of a store, shared by `store` and `GroupCommit`. Each one raises
     # QueueWriteError after removing whatever it left behind.
 
-    def write_tmp(self, queue_id: str, envelope: bytes, data: bytes, *, sync: bool) -> None:
+    def write_tmp(self, queue_id: str, envelope: bytes, data: MessageData, *,
+                  sync: bool) -> None:
         """Create `.tmp/<id>` with the envelope and data; fsync it if `sync`."""
         tmp_path = self._tmp_prefix + queue_id
+        chunks = (envelope, data) if isinstance(data, bytes) else (envelope, *data)
         try:
-            write_durably(tmp_path, (envelope, data), sync=sync)
+            write_durably(tmp_path, chunks, sync=sync)
         except OSError as err:
             _unlink_quietly(tmp_path)
             raise QueueWriteError(err.errno, f"cannot queue message: {err.strerror}") from err
@@ -265,7 +273,7 @@ class _Ticket:
 
     __slots__ = ("queue_id", "envelope", "data", "error", "done")
 
-    def __init__(self, envelope: bytes, data: bytes) -> None:
+    def __init__(self, envelope: bytes, data: MessageData) -> None:
         self.queue_id = new_queue_id()
         self.envelope = envelope
         self.data = data
@@ -307,7 +315,7 @@ class GroupCommit:
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
 
-    def store(self, sender: str, recipients: Sequence[str], data: bytes) -> str:
+    def store(self, sender: str, recipients: Sequence[str], data: MessageData) -> str:
         """Queue the message durably and return its id, as `QueueWriter.store`."""
         ticket = _Ticket(envelope_of(sender, recipients), data)
         self._waiting.put(ticket)
@@ -342,6 +350,7 @@ class GroupCommit:
                     self.writer.take_back(ticket.queue_id)
             finally:
                 for ticket in batch:
+                    ticket.data = b""  # written: the batch must not keep the messages alive
                     ticket.done.release()
             if closing:
                 return
@@ -384,21 +393,33 @@ class GroupCommit:
 MessageStore = QueueWriter | GroupCommit
 
 
-def write_durably(path: str | Path, chunks: Sequence[bytes], *, sync: bool = True) -> None:
+def write_durably(path: str | Path, chunks: Sequence[bytes | bytearray], *,
+                  sync: bool = True) -> None:
     """Create `path` exclusively, write all chunks, fsync (unless the caller syncs
     later, e.g. a whole batch with syncfs). No rename here."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
-        total = sum(len(c) for c in chunks)
-        written = os.writev(fd, chunks)
-        if written != total:  # short write: finish it the slow way
-            rest = b"".join(chunks)[written:]
-            while rest:
-                rest = rest[os.write(fd, rest) :]
+        for start in range(0, len(chunks), IOV_MAX):  # writev takes at most IOV_MAX
+            group = chunks[start : start + IOV_MAX]
+            written = os.writev(fd, group)
+            if written != sum(map(len, group)):
+                _write_rest(fd, group, written)
         if sync:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_rest(fd: int, chunks: Sequence[bytes | bytearray], written: int) -> None:
+    """Finish a short writev: the chunks after the first `written` bytes, one by one."""
+    for chunk in chunks:
+        if written >= len(chunk):
+            written -= len(chunk)
+            continue
+        rest = memoryview(chunk)[written:]
+        written = 0
+        while rest:
+            rest = rest[os.write(fd, rest) :]
 
 
 def read_file(path: str | Path, size: int | None = None) -> bytes:

@@ -285,18 +285,6 @@ def local_part_of(address: str) -> str:
 
 # ---------------------------------------------------------------------------- data
 
-def dot_unstuff(content: bytes) -> bytes:
-    """Remove the transparency dot of every line that starts with one (§4.5.2).
-
-    `content` is the data up to (not including) the final `.<CRLF>`; lines end in CRLF.
-    """
-    if content.startswith(b"."):
-        content = content[1:]
-    if b"\r\n." in content:
-        content = content.replace(b"\r\n.", b"\r\n")
-    return content
-
-
 def to_wire_data(data: bytes) -> bytes:
     """Queued data -> what goes after DATA: CRLF lines, dot-stuffed, then `.<CRLF>`.
 

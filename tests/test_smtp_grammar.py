@@ -21,7 +21,6 @@ from shared.smtp import (
     ReplySyntaxError,
     check_mailbox,
     domain_of,
-    dot_unstuff,
     local_part_of,
     parse_path_argument,
     to_wire_data,
@@ -153,22 +152,6 @@ def test_domain_and_local_part() -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        (b"", b""),
-        (b"plain\r\n", b"plain\r\n"),
-        (b"..a\r\n", b".a\r\n"),
-        (b".\r\n", b"\r\n"),
-        (b"a\r\n..b\r\n", b"a\r\n.b\r\n"),
-        (b"a\r\n...\r\n", b"a\r\n..\r\n"),
-        (b"a.\r\nb..c\r\n", b"a.\r\nb..c\r\n"),
-    ],
-)
-def test_dot_unstuff(content: bytes, expected: bytes) -> None:
-    assert dot_unstuff(content) == expected
-
-
-@pytest.mark.parametrize(
     ("data", "wire"),
     [
         (b"", b".\r\n"),
@@ -207,14 +190,6 @@ def test_to_wire_data_properties(data: bytes) -> None:
     assert wire == b".\r\n" or wire.endswith(b"\r\n.\r\n")
     assert wire.count(b"\n") == wire.count(b"\r\n") == wire.count(b"\r")
     assert b"\0" not in wire
-
-
-@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
-                max_size=10))
-def test_dot_unstuff_undoes_to_wire_data(lines: list[bytes]) -> None:
-    data = b"".join(line + b"\r\n" for line in lines).replace(b"\0", b"")
-    wire = to_wire_data(data)
-    assert dot_unstuff(wire[:-3]) == data
 
 
 # ---------------------------------------------------------------------------- replies

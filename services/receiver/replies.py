@@ -73,7 +73,6 @@ SEQUENCE_HINTS = {
 S220_READY_FOR_TLS = Reply(220, "Ready to start TLS", "2.0.0")
 S235_AUTH_OK = Reply(235, "Authentication successful", "2.7.0")
 S334_CHALLENGE = Reply(334, "{challenge}")
-S454_TLS_UNAVAILABLE = Reply(454, "TLS not available due to temporary reason", "4.7.0")
 S501_AUTH_SYNTAX = Reply(501, "Cannot decode AUTH response", "5.5.2")
 S501_AUTH_CANCELLED = Reply(501, "Authentication cancelled", "5.7.0")
 S503_ALREADY_AUTHENTICATED = Reply(503, "Already authenticated", "5.5.1")

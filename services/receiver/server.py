@@ -18,6 +18,7 @@ stores messages through the queue (`shared/queue.py`), and carries out the sessi
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import socket
 import socketserver
@@ -48,6 +49,7 @@ PROGRAM = "R-SMTP"
 READ_SLICE = 0.5  # seconds a recv may block before timers and the stop flag are checked
 RECV_SIZE = 64 * 1024  # per-session buffer (zeroed, so resident): one loopback segment
 AUTH_FAILURE_DELAY = 1.0  # seconds a failed login waits before its 535 (slows guessing)
+TRIM_AFTER = 1024 * 1024  # a message this big: give freed memory back to the system
 
 
 class SlotPool:
@@ -229,6 +231,27 @@ def _peer_text(client_address: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim(3): hands freed heap pages back to the system."""
+    try:
+        function = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def give_memory_back() -> None:
+    """After a big message: without this, glibc keeps the freed runs of lines in the
+    session thread's arena and the resident size stays at its high-water mark."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 class SessionHandler(socketserver.BaseRequestHandler):
     """Runs one session: the loop between the socket and `ServerSession`."""
 
@@ -296,7 +319,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 if event.reply.code >= 400:
                     self.log.fail("reject", command=event.command, reply=str(event.reply))
             elif isinstance(event, MessageReady):
-                self._store(event)
+                size = self._store(event)
+                del event  # the message's chunks: free before the next read
+                if size >= TRIM_AFTER:
+                    give_memory_back()
             elif isinstance(event, AuthRequest):
                 self._authenticate(event)
             elif isinstance(event, StartTLS):
@@ -337,25 +363,24 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.close_reason = reason
         return False
 
-    def _store(self, event: MessageReady) -> None:
+    def _store(self, event: MessageReady) -> int:
+        """Store the message; its size. The session then has the reply to send."""
         envelope = event.envelope
+        size = event.size
         try:
-            queue_id = self.server.queue.store(envelope.mail_from, envelope.rcpt_tos, event.data)
+            queue_id = self.server.queue.store(envelope.mail_from, envelope.rcpt_tos,
+                                               event.chunks)
         except QueueWriteError as err:
             reply = R.S452_NO_SPACE if err.no_space else R.S451_LOCAL_ERROR
             self.session.message_not_stored(reply)
             self.log.error("queue", exc=err, sender=f"<{envelope.mail_from}>", reply=reply.code)
-            return
+            return size
         self.session.message_stored(queue_id)
         # Logged before the 250 goes out: a message the client was told is queued
         # always has its line, and it comes before the sender's line about it.
-        self.log.ok(
-            "queued",
-            id=queue_id,
-            sender=f"<{envelope.mail_from}>",
-            rcpts=len(envelope.rcpt_tos),
-            size=len(event.data),
-        )
+        self.log.ok("queued", id=queue_id, sender=f"<{envelope.mail_from}>",
+                    rcpts=len(envelope.rcpt_tos), size=size)
+        return size
 
     def _authenticate(self, event: AuthRequest) -> None:
         check = self.server.check_password

@@ -22,8 +22,9 @@ so pipelined commands are always answered one reply per command, in order
 Rules this module guarantees (SPEC §3):
 - transitions are the ONE table `TRANSITIONS`; a stateful command with no entry for
   the current state is out of sequence (503); only a positive reply moves the state;
-- the end of data is `<CRLF>.<CRLF>` and nothing else; data with a bare CR, bare LF
-  or NUL is rejected whole (SMTP smuggling), as is a line over 1000 octets;
+- the message data is read by `DataReader` (data.py) as it streams: the end of data
+  is `<CRLF>.<CRLF>` and nothing else; data with a bare CR, bare LF or NUL is
+  rejected whole (SMTP smuggling), as is a line over 1000 octets;
 - input is held in bounded memory: an over-long command line is dropped as it
   arrives, an oversize message is counted and discarded while it is read to its end.
 """
@@ -35,18 +36,17 @@ import binascii
 import enum
 import functools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.receiver import replies as R
+from services.receiver.data import DataReader, Refusal
 from shared.smtp import (
     MAX_COMMAND_LINE,
-    MAX_TEXT_LINE,
     PathSyntaxError,
     Reply,
     check_mailbox,
     domain_of,
-    dot_unstuff,
     parse_path_argument,
 )
 
@@ -105,10 +105,17 @@ class SendReply:
 
 @dataclass(frozen=True)
 class MessageReady:
-    """A complete, valid message: store it, then call message_stored()/not_stored()."""
+    """A complete, valid message: store it, then call message_stored()/not_stored().
+
+    The data is in `chunks` (runs of whole lines, dot-unstuffed, in order): written
+    out as they are, never joined into one copy of the message."""
 
     envelope: Envelope
-    data: bytes
+    chunks: Sequence[bytes | bytearray]
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.chunks))
 
 
 @dataclass(frozen=True)
@@ -198,8 +205,7 @@ class ServerSession:
         self._pending: deque[Event] = deque()
         self._waiting_for: str | None = None  # "store", "auth", "tls": shell owes us a call
         self._discarding_long_line = False
-        self._data_scanned = 0  # DATA: bytes of _buffer already searched for the end
-        self._data_discarded = 0  # DATA: bytes dropped because the message is too big
+        self._reader: DataReader | None = None  # the message being read (DATA)
         self._auth: _AuthExchange | None = None
         self._closed = False
         # Extensions that are not configured are "not implemented" in every state.
@@ -283,10 +289,6 @@ class ServerSession:
         """True while a message is being received (a graceful stop lets it finish)."""
         return self.state is SessionState.DATA or self._waiting_for == "store"
 
-    @property
-    def has_buffered_input(self) -> bool:
-        return bool(self._buffer)
-
     # -- plumbing -------------------------------------------------------------------
 
     def _expect(self, what: str) -> None:
@@ -298,9 +300,6 @@ class ServerSession:
         if bad:
             self.bad_commands += 1
         return SendReply(reply, _wire_bytes(reply, self._esmtp), command)
-
-    def _render_ehlo(self, lines: list[str]) -> SendReply:
-        return self._reply(Reply(250, "\n".join(lines)), "EHLO")
 
     def _next_command_event(self) -> Event:
         end = self._buffer.find(b"\n")
@@ -438,11 +437,8 @@ class ServerSession:
     def _data(self, argument: str) -> Reply:
         if argument:
             return R.S501_NO_ARGUMENTS.format(verb="DATA")
-        # The data starts at a line start: a virtual CRLF in front makes an empty
-        # message (".\r\n" at once) and the first line's dot look like any other.
-        self._buffer[0:0] = b"\r\n"
-        self._data_scanned = 0
-        self._data_discarded = 0
+        self._reader = DataReader(self.policy.max_message_bytes)
+        self._reader.start(self._buffer)
         return R.S354_START_DATA
 
     def _rset(self, argument: str) -> Reply:
@@ -537,32 +533,25 @@ class ServerSession:
     # -- DATA ----------------------------------------------------------------------------
 
     def _next_data_event(self) -> Event:
-        buffer = self._buffer
-        end = buffer.find(b"\r\n.\r\n", max(0, self._data_scanned - 4))
-        if end < 0:
-            self._data_scanned = len(buffer)
-            limit = self.policy.max_message_bytes + 2
-            if len(buffer) > limit + 4:
-                # Too big already: keep reading to the end, but do not keep the bytes.
-                # The last 4 bytes stay, they may begin the end-of-data sequence.
-                self._data_discarded += len(buffer) - 4
-                del buffer[:-4]
-                self._data_scanned = 4
+        reader = self._reader
+        assert reader is not None
+        if not reader.read(self._buffer):
             return NEED_DATA
-        raw = bytes(buffer[: end + 2])  # with the virtual leading CRLF
-        del buffer[: end + 5]
-        self._data_scanned = 0
+        self._reader = None
         envelope, self.envelope = self.envelope, Envelope()
         self.state = TRANSITIONS[SessionState.DATA][END_OF_DATA]
-        size = self._data_discarded + len(raw) - 2
-        if size > self.policy.max_message_bytes:
-            return self._reply(R.S552_TOO_BIG.format(limit=self.policy.max_message_bytes),
-                               END_OF_DATA)
-        problem = _data_problem(raw)
-        if problem is not None:
-            return self._reply(problem, END_OF_DATA)
+        refusal = reader.refusal
+        if refusal is not None:
+            return self._reply(self._refusal_reply(refusal), END_OF_DATA)
         self._waiting_for = "store"
-        return MessageReady(envelope, dot_unstuff(raw)[2:])
+        return MessageReady(envelope, reader.chunks)
+
+    def _refusal_reply(self, refusal: Refusal) -> Reply:
+        if refusal is Refusal.TOO_BIG:
+            return R.S552_TOO_BIG.format(limit=self.policy.max_message_bytes)
+        if refusal is Refusal.BARE_NEWLINE:
+            return R.S554_BARE_NEWLINE
+        return R.S554_LINE_TOO_LONG
 
 
 @functools.lru_cache(maxsize=1024)
@@ -570,21 +559,3 @@ def _wire_bytes(reply: Reply, esmtp: bool) -> bytes:
     """`reply.to_bytes(esmtp)`, remembered: most replies repeat (constants, the same
     sender), and rendering them was a tenth of the receiver's Python time (py-spy)."""
     return reply.to_bytes(esmtp)
-
-
-def _data_problem(raw: bytes) -> Reply | None:
-    """Why this message data must be refused, or None. Works on the whole buffer in C.
-
-    `raw` starts with the virtual CRLF and ends with the last line's CRLF.
-    """
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf or b"\0" in raw:
-        return R.S554_BARE_NEWLINE
-    if len(raw) > MAX_TEXT_LINE:
-        # A dot-stuffed line may be one octet longer on the wire (§4.5.3.1.6).
-        longest = max(map(len, raw.split(b"\r\n")))
-        if longest > MAX_TEXT_LINE - 2:
-            unstuffed = max(map(len, dot_unstuff(raw).split(b"\r\n")))
-            if unstuffed > MAX_TEXT_LINE - 2:
-                return R.S554_LINE_TOO_LONG
-    return None
