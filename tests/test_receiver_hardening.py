@@ -8,16 +8,20 @@ process's memory from /proc.
 
 from __future__ import annotations
 
+import select
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from services.receiver import replies as R
 from shared.config import Config
 from tests.hardening_support import (
     RawClient,
     connect_when_free,
+    find_queued,
     peak_rss_kib,
     send_message,
 )
@@ -57,6 +61,129 @@ def _run_together(*jobs: Callable[[], None], timeout: float = 60) -> None:
     assert not any(thread.is_alive() for thread in threads), "a client is still running"
     if failures:
         raise failures[0]
+
+
+# ------------------------------------------------------------------ slots come back first
+
+
+def test_clients_reconnecting_right_after_221_never_get_421(receiver_factory):
+    """A client that saw 221 and the close may reconnect at once (Postfix does): the
+    slot of the session it quit is already free."""
+    config, _ = receiver_factory(receiver={"max_connections": 5})
+    listen = config.receiver.listen
+    clients = _greeted_clients(config, 5)
+    sessions, refused, lock = [0], [], threading.Lock()
+    total = 300
+
+    def reconnect_loop(client: RawClient) -> None:
+        while True:
+            assert client.command("QUIT").code == 221
+            assert client.sock.recv(64) == b""  # the close
+            client.close()
+            with lock:
+                if sessions[0] >= total:
+                    return
+                sessions[0] += 1
+            while True:
+                client = RawClient(listen.host, listen.port, timeout=5)
+                greeting = client.read_reply()
+                if greeting.code == 220:
+                    break
+                refused.append(greeting)
+                client.close()
+
+    _run_together(*(lambda c=c: reconnect_loop(c) for c in clients))
+    assert sessions[0] == total
+    assert refused == [], f"{len(refused)} reconnects of {total} were refused"
+
+
+# ------------------------------------------------------------------ one line, one deadline
+
+
+def _trickle_until_closed(client: RawClient, started: float, limit: float) -> tuple[float, bytes]:
+    """Send one byte a second (never a line end) until the server closes; when it did
+    (seconds after `started`) and what it said."""
+    said = b""
+    client.sock.setblocking(False)
+    next_byte = time.monotonic()
+    while time.monotonic() - started < limit:
+        if time.monotonic() >= next_byte:
+            try:
+                client.sock.send(b"x")
+            except OSError:
+                break
+            next_byte += 1.0
+        if select.select([client.sock], [], [], 0.05)[0]:
+            try:
+                chunk = client.sock.recv(4096)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            said += chunk
+    return time.monotonic() - started, said
+
+
+def test_five_clients_trickling_a_byte_a_second_are_cut_at_idle_timeout(receiver_factory):
+    """idle_timeout bounds one whole line, counted from when the server waits for it:
+    a byte a second never completes one. Three trickle a command, two a DATA line."""
+    idle_timeout = 3.0
+    config, _ = receiver_factory(receiver={
+        "max_connections": 5, "idle_timeout": idle_timeout, "session_deadline": 60})
+    listen = config.receiver.listen
+    clients = _greeted_clients(config, 5)
+    for client in clients:
+        assert client.command("EHLO slow.example").code == 250
+    for client in clients[3:]:
+        assert client.command("MAIL FROM:<a@localhost>").code == 250
+        assert client.command("RCPT TO:<b@localhost>").code == 250
+        assert client.command("DATA").code == 354
+    started = time.monotonic()
+    results: list[tuple[float, bytes]] = [(0.0, b"")] * 5
+
+    def trickle(index: int) -> None:
+        results[index] = _trickle_until_closed(clients[index], started, idle_timeout + 6)
+
+    threads = [threading.Thread(target=trickle, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        with RawClient(listen.host, listen.port) as sixth:  # every slot is taken...
+            assert sixth.read_reply().code == R.S421_UNAVAILABLE.code
+        for thread in threads:
+            thread.join(idle_timeout + 8)
+        timeout_reply = R.S421_TIMEOUT.format(hostname=config.hostname).to_bytes()
+        for closed_after, said in results:
+            assert said == timeout_reply, said
+            assert idle_timeout - 0.1 <= closed_after < idle_timeout + 1.5, closed_after
+        with RawClient(listen.host, listen.port) as sixth:  # ...and now one is free
+            assert sixth.read_reply().code == 220
+    finally:
+        for client in clients:
+            client.close()
+    assert find_queued(config, b"x") == []
+
+
+def test_a_client_sending_whole_lines_slowly_is_cut_at_the_session_deadline(receiver_factory):
+    """Each line within idle_timeout, the session past session_deadline: 421 then."""
+    deadline = 1.5
+    config, _ = receiver_factory(receiver={"session_deadline": deadline, "idle_timeout": 1.0})
+    with connect_when_free(config) as client:
+        assert client.command("EHLO slow.example").code == 250
+        started = time.monotonic()
+        replies = []
+        while time.monotonic() - started < deadline + 3:
+            try:
+                replies.append(client.command("NOOP"))
+            except (ConnectionError, TimeoutError):
+                break
+            if replies[-1].code != 250:
+                break
+            time.sleep(0.3)
+        elapsed = time.monotonic() - started
+    assert replies[-1] == R.S421_TIMEOUT.format(hostname=config.hostname)
+    assert deadline <= elapsed < deadline + 1.5
 
 
 # ------------------------------------------------------------------ memory

@@ -5,12 +5,23 @@ stores messages through the queue (`shared/queue.py`), and carries out the sessi
 
 - Slots: at most `max_connections` sessions (and `max_connections_per_ip` per client),
   counted over all listeners together (one `SlotPool` shared by the plain and the
-  implicit-TLS server).
-  The connection after that is accepted, answered 421 and closed at once, from the
-  accepting thread, so it never waits for a slot (SPEC §3).
-- Time: a session reads in short slices so that it notices the idle timeout, its
-  total deadline and a graceful stop without any extra thread. A TLS handshake is
-  bounded by the same deadline (a stalled handshake must not hold a slot longer).
+  implicit-TLS server). The connection after that is accepted, answered 421 and
+  closed at once, from the accepting thread, so it never waits for a slot (SPEC §3).
+  A session gives its slot back before it sends its last reply (221, or a 421): a
+  client that reconnects as soon as it sees that reply and the close (Postfix does)
+  finds the slot free.
+- Threads: sessions run on `SessionThreads`, threads that outlive their sessions.
+  The accepting thread hands each connection to an idle one and starts a new
+  thread only when none is idle, so a connection costs no thread start.
+- Sockets: TCP_NODELAY and the read slices (SO_RCVTIMEO / SO_SNDTIMEO) are set on
+  the listening socket, which every accepted socket inherits (Linux): a connection
+  costs no setsockopt. The accept loop blocks in accept(2) for one slice at a time.
+- Time: a session reads in short slices so that it notices its timers and a graceful
+  stop without any extra thread. `idle_timeout` bounds the wait for each line - a
+  command, or a line of DATA - from the moment the server waits for it, so a client
+  trickling a byte at a time is cut like an idle one (Postfix's
+  smtpd_per_record_deadline); `session_deadline` bounds the whole session, and a
+  TLS handshake (a stalled handshake must not hold a slot longer).
 - Graceful stop (SPEC §6): `begin_shutdown()` stops accepting; a session in the middle
   of DATA reads its message to the end, stores it and answers 250; every other
   session is answered 421 and closed; `wait_for_sessions()` bounds the wait.
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import queue
 import socket
 import socketserver
 import ssl
@@ -83,6 +95,66 @@ class SlotPool:
         self._slots.release()
 
 
+class Slot:
+    """One session's slot; given back once, by whichever comes first: the session
+    before its last reply, or its thread when the session ends."""
+
+    __slots__ = ("_pool", "_ip")
+
+    def __init__(self, pool: SlotPool, ip: str) -> None:
+        self._pool: SlotPool | None = pool
+        self._ip = ip
+
+    def give_back(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.give_back(self._ip)
+
+
+class SessionThreads:
+    """Threads that run one session after another.
+
+    `submit` hands a connection to an idle thread, or starts a new one when none is
+    idle (at most `max_threads`; past that the connection waits for the next thread
+    to come free). A thread stays for the next connection when its session ends.
+    """
+
+    def __init__(self, run: Callable[[socket.socket, tuple], None], max_threads: int) -> None:
+        self._run = run
+        self._max_threads = max_threads
+        self._jobs: queue.SimpleQueue[tuple[socket.socket, tuple] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a job, not yet promised one
+        self._threads = 0
+
+    def submit(self, request: socket.socket, client_address: tuple) -> None:
+        with self._lock:
+            start = not self._idle and self._threads < self._max_threads
+            if start:
+                self._threads += 1
+            elif self._idle:
+                self._idle -= 1
+        self._jobs.put((request, client_address))
+        if start:
+            threading.Thread(target=self._work, name="session", daemon=True).start()
+
+    def close(self) -> None:
+        """End every thread once it is idle (sessions in progress run to their end)."""
+        with self._lock:
+            count = self._threads
+        for _ in range(count):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._run(*job)
+            job = None  # the connection is closed: do not keep it while idle
+            with self._lock:
+                self._idle += 1
+        with self._lock:
+            self._threads -= 1
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     idle_timeout: float = 300.0
@@ -93,7 +165,7 @@ class ServerLimits:
 
 
 class ReceiverServer(socketserver.ThreadingTCPServer):
-    """One listening socket; sessions run in their own threads, at most N at once."""
+    """One listening socket; sessions run on pooled threads, at most N at once."""
 
     daemon_threads = True
     block_on_close = False
@@ -123,53 +195,80 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.check_password = check_password
         self.stopping = threading.Event()
         self.slots = slots or SlotPool(limits.max_connections, limits.max_connections_per_ip)
-        self._lock = threading.Lock()
-        self._sessions: set[threading.Thread] = set()
-        self._open_sockets: set[socket.socket] = set()
+        # Room for every session, and as many again finishing their last reply
+        # after giving their slot back.
+        self.threads = SessionThreads(self._run_session, 2 * limits.max_connections)
+        self._lock = threading.Condition()
+        self._sessions: set[SessionHandler] = set()
+        self._serving = threading.Event()
+        self._stopped = threading.Event()
         self.log = EventLog(PROGRAM, "-")
         super().__init__(address, SessionHandler)
 
-    # -- slots ---------------------------------------------------------------------
+    def server_bind(self) -> None:
+        """Set what every accepted socket inherits (see the module doc), then bind."""
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        seconds = int(READ_SLICE)
+        timeval = struct.pack("ll", seconds, int((READ_SLICE - seconds) * 1_000_000))
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        super().server_bind()
+
+    # -- accepting -------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = READ_SLICE) -> None:
+        """Accept until `shutdown()`: one accept(2) per connection, no poll before it
+        (the listening socket's SO_RCVTIMEO ends each wait after READ_SLICE)."""
+        self._serving.set()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    request, client_address = self.socket.accept()
+                except (BlockingIOError, TimeoutError):
+                    continue  # the slice elapsed: look at the stop flag
+                except OSError:
+                    if self.stopping.is_set():
+                        break
+                    time.sleep(READ_SLICE / 10)  # e.g. out of descriptors: no busy loop
+                    continue
+                self.process_request(request, client_address)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` and wait until it has returned (from another thread)."""
+        self.stopping.set()
+        if self._serving.is_set():
+            self._stopped.wait()
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
         ip = client_address[0]
-        if not self._take_slot(ip):
+        if self.stopping.is_set() or not self.slots.take(ip):
             self._refuse(request, client_address)
             return
-        thread = threading.Thread(
-            target=self._run_session, args=(request, client_address), daemon=True
-        )
-        with self._lock:
-            self._sessions.add(thread)
-            self._open_sockets.add(request)
-        thread.start()
-
-    def _take_slot(self, ip: str) -> bool:
-        return not self.stopping.is_set() and self.slots.take(ip)
+        self.threads.submit(request, client_address)
 
     def _refuse(self, request: socket.socket, client_address: tuple) -> None:
         """Over the limit: 421 at once, then close; never blocks the accepting thread."""
         log = self.log.with_peer(_peer_text(client_address))
         try:
-            request.setblocking(False)
-            request.send(R.S421_UNAVAILABLE.format(hostname=self.policy.hostname).to_bytes())
+            reply = R.S421_UNAVAILABLE.format(hostname=self.policy.hostname).to_bytes()
+            request.send(reply, socket.MSG_DONTWAIT)
         except OSError:
             pass
         finally:
-            self.shutdown_request(request)
+            request.close()
         log.fail("connect", reason="too many connections", reply=421)
 
     def _run_session(self, request: socket.socket, client_address: tuple) -> None:
+        slot = Slot(self.slots, client_address[0])
         try:
-            self.finish_request(request, client_address)
+            SessionHandler(request, client_address, self, slot)
         except Exception as exc:  # noqa: BLE001 - a session's bug must not kill the server
             self.handle_error(request, client_address, exc)
         finally:
-            self.shutdown_request(request)
-            self.slots.give_back(client_address[0])
-            with self._lock:
-                self._sessions.discard(threading.current_thread())
-                self._open_sockets.discard(request)
+            slot.give_back()
+            request.close()
 
     def handle_error(  # type: ignore[override]
         self, request: object, client_address: tuple, exc: BaseException | None = None
@@ -178,11 +277,21 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         exc = exc or sys.exc_info()[1]
         self.log.with_peer(_peer_text(client_address)).error("session", exc=exc)
 
-    def replace_socket(self, old: socket.socket, new: socket.socket) -> None:
-        """A session wrapped its socket in TLS: track the new one for a forced stop."""
+    # -- sessions ---------------------------------------------------------------------
+
+    def session_started(self, handler: SessionHandler) -> None:
         with self._lock:
-            self._open_sockets.discard(old)
-            self._open_sockets.add(new)
+            self._sessions.add(handler)
+
+    def session_ended(self, handler: SessionHandler) -> None:
+        with self._lock:
+            self._sessions.discard(handler)
+            if not self._sessions:
+                self._lock.notify_all()
+
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
 
     # -- relay policy ---------------------------------------------------------------
 
@@ -196,34 +305,21 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
 
     def begin_shutdown(self) -> None:
         """Stop accepting now; sessions see `stopping` within READ_SLICE seconds."""
-        self.stopping.set()
-        self.shutdown()  # stops serve_forever (called from another thread)
+        self.shutdown()
         self.server_close()
 
     def wait_for_sessions(self, timeout: float) -> bool:
         """Wait for the sessions to end; after `timeout`, cut the stragglers off."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                threads = list(self._sessions)
-            if not threads:
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            threads[0].join(min(left, 0.2))
         with self._lock:
-            sockets = list(self._open_sockets)
-        for sock in sockets:  # nothing acknowledged is lost: their DATA never got 250
+            done = self._lock.wait_for(lambda: not self._sessions, timeout)
+            stragglers = [handler.sock for handler in self._sessions]
+        for sock in stragglers:  # nothing acknowledged is lost: their DATA never got 250
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        return False
-
-    def session_count(self) -> int:
-        with self._lock:
-            return len(self._sessions)
+        self.threads.close()
+        return done
 
 
 def _peer_text(client_address: tuple) -> str:
@@ -257,29 +353,33 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     server: ReceiverServer
 
+    def __init__(self, request: socket.socket, client_address: tuple, server: ReceiverServer,
+                 slot: Slot) -> None:
+        self.slot = slot
+        super().__init__(request, client_address, server)
+
     def setup(self) -> None:
         server = self.server
         ip = self.client_address[0]
         self.log = server.log.with_peer(_peer_text(self.client_address))
         self.sock: socket.socket = self.request
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.session = ServerSession(
             server.policy, ip, may_relay=server.may_relay(ip), tls_active=server.implicit_tls
         )
         self.outgoing: list[bytes] = []
-        # recv_into one buffer per session: a fresh 256 KiB bytes object per recv()
-        # cost an mmap, page faults, an mremap and an munmap (a TLB shootdown across
-        # the threads), all with the GIL held - a third of the receiver's syscalls.
-        self._recv_view = memoryview(bytearray(RECV_SIZE))
-        self.started = self.last_input = time.monotonic()
+        # recv_into one buffer per session: a fresh bytes object per recv() cost an
+        # mmap, page faults and an munmap, all with the GIL held.
+        self._recv_buffer = bytearray(RECV_SIZE)
+        self._recv_view = memoryview(self._recv_buffer)
+        self.started = self.line_started = time.monotonic()
         self.close_reason = "peer"
+        server.session_started(self)
 
     def handle(self) -> None:
         self.log.ok("connect", tls="implicit" if self.server.implicit_tls else "no")
         try:
             if self.server.implicit_tls and not self._start_tls():
                 return
-            self._use_read_slices()
             self._send_now(self.session.greeting())
             self._loop()
         except (ConnectionError, ssl.SSLError, TimeoutError, BlockingIOError) as err:
@@ -289,6 +389,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.log.error("session", exc=exc)
             self._say_goodbye_after_error()
         finally:
+            self.slot.give_back()
             outcome = self.log.fail if self.close_reason.startswith("error") else self.log.ok
             outcome("close", reason=self.close_reason)
 
@@ -296,15 +397,17 @@ class SessionHandler(socketserver.BaseRequestHandler):
         """Send the replies already produced, then 421: the client knows where it stands."""
         self.outgoing.append(self.session.local_error().data)
         try:
-            self._flush()
+            self._last_words()
         except OSError:
             pass
 
     def finish(self) -> None:
+        self.slot.give_back()
         try:
             self.sock.close()  # after STARTTLS this is the TLS socket, not self.request
         except OSError:
             pass
+        self.server.session_ended(self)
 
     def _loop(self) -> None:
         session = self.session
@@ -331,21 +434,23 @@ class SessionHandler(socketserver.BaseRequestHandler):
                     return
                 session.tls_started()
             elif isinstance(event, CloseConnection):
-                self._flush()
                 self.close_reason = event.reason
+                self._last_words()
                 return
 
     def _read_more(self) -> bool:
         """Read the next bytes, or decide the session is over. False = close now."""
+        limits = self.server.limits
         while True:
             now = time.monotonic()
             if self.server.stopping.is_set() and not self.session.in_data:
-                self._send_now(self.session.shutting_down())
+                self.outgoing.append(self.session.shutting_down().data)
                 self.close_reason = "shutdown"
+                self._last_words()
                 return False
-            if now - self.last_input > self.server.limits.idle_timeout:
+            if now - self.line_started > limits.idle_timeout:
                 return self._time_out("idle timeout")
-            if now - self.started > self.server.limits.session_deadline:
+            if now - self.started > limits.session_deadline:
                 return self._time_out("session deadline")
             try:
                 size = self.sock.recv_into(self._recv_view)
@@ -354,13 +459,15 @@ class SessionHandler(socketserver.BaseRequestHandler):
             if not size:
                 self.close_reason = "peer closed"
                 return False
-            self.last_input = time.monotonic()
+            if self._recv_buffer.find(b"\n", 0, size) >= 0:
+                self.line_started = time.monotonic()  # a line is complete: the next begins
             self.session.receive_data(self._recv_view[:size])
             return True
 
     def _time_out(self, reason: str) -> bool:
-        self._send_now(self.session.timed_out())
+        self.outgoing.append(self.session.timed_out().data)
         self.close_reason = reason
+        self._last_words()
         return False
 
     def _store(self, event: MessageReady) -> int:
@@ -402,38 +509,27 @@ class SessionHandler(socketserver.BaseRequestHandler):
         left = limits.session_deadline - (time.monotonic() - self.started)
         bound = min(limits.tls_handshake_timeout, limits.idle_timeout, left)
         self.sock.settimeout(max(0.01, bound))
-        plain = self.sock
         try:
-            self.sock = context.wrap_socket(plain, server_side=True)
-            self.server.replace_socket(plain, self.sock)
+            self.sock = context.wrap_socket(self.sock, server_side=True)
         except (ssl.SSLError, OSError) as err:
             self.log.fail("tls", error=describe_exception(err))
             self.close_reason = "tls handshake failed"
             return False
-        self._use_read_slices()
+        # A TLS socket keeps Python's timeout: ssl's blocking read would retry the
+        # kernel's EAGAIN of a plain socket's read slice forever.
+        self.sock.settimeout(READ_SLICE)
+        self.line_started = time.monotonic()
         self.log.ok("tls", version=self.sock.version(), cipher=(self.sock.cipher() or ("",))[0])
         return True
 
-    def _use_read_slices(self) -> None:
-        """Make every recv and send give up after READ_SLICE seconds.
-
-        Plain TCP: a blocking socket with the kernel's SO_RCVTIMEO/SO_SNDTIMEO. Python's
-        own socket timeout would poll(2) before every recv and send: two syscalls, and
-        two GIL hand-offs between busy session threads, where one does. An elapsed
-        slice then shows as BlockingIOError (EAGAIN). A TLS socket keeps Python's
-        timeout: ssl's blocking read would retry EAGAIN forever.
-        """
-        if isinstance(self.sock, ssl.SSLSocket):
-            self.sock.settimeout(READ_SLICE)
-            return
-        self.sock.settimeout(None)
-        seconds = int(READ_SLICE)
-        timeval = struct.pack("ll", seconds, int((READ_SLICE - seconds) * 1_000_000))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
     def _send_now(self, event: SendReply) -> None:
         self.outgoing.append(event.data)
+        self._flush()
+
+    def _last_words(self) -> None:
+        """Give the slot back, then send what is left: a client that reconnects on
+        seeing this reply and the close finds the slot free."""
+        self.slot.give_back()
         self._flush()
 
     def _flush(self) -> None:
@@ -441,3 +537,4 @@ class SessionHandler(socketserver.BaseRequestHandler):
             data = b"".join(self.outgoing)
             self.outgoing.clear()
             self.sock.sendall(data)
+            self.line_started = time.monotonic()  # the client may answer only now
