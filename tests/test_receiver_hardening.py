@@ -9,6 +9,7 @@ process's memory from /proc.
 from __future__ import annotations
 
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,8 +23,10 @@ from tests.hardening_support import (
     RawClient,
     connect_when_free,
     find_queued,
+    log_text,
     peak_rss_kib,
     send_message,
+    wait_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -219,3 +222,85 @@ def test_peak_memory_follows_the_messages_in_flight_not_their_line_count(receive
     assert [reply.code for reply in replies] == [250, 250, 250]
     in_flight_mib = 3 * size / MIB
     assert grown_mib < 2 * in_flight_mib + 8, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_memory_returns_near_idle_after_a_hostile_burst(receiver_factory):
+    """2 MB lines, 10k recipients, 200 connections at once, big messages: afterwards
+    the resident size is back near what it was when idle."""
+    config, proc = receiver_factory(receiver={"max_connections": 20})
+    pid = proc.proc.pid
+    listen = config.receiver.listen
+    with connect_when_free(config) as warm:  # one ordinary session first: code paths paged in
+        assert warm.command("EHLO warm.example").code == 250
+        assert send_message(warm, "a@localhost", ["b@localhost"], b"warm\r\n").code == 250
+        assert warm.command("QUIT").code == 221
+    time.sleep(0.3)
+    idle_kib = _rss_kib(pid)
+
+    def long_lines() -> None:
+        with connect_when_free(config) as client:
+            assert client.command("EHLO long.example").code == 250
+            client.send(b"NOOP " + b"y" * (2 * MIB) + b"\r\n")
+            assert client.read_reply() == R.S500_LINE_TOO_LONG
+            body = b"Subject: long\r\n\r\n" + b"z" * (2 * MIB) + b"\r\n"
+            assert send_message(client, "a@localhost", ["b@localhost"], body) == (
+                R.S554_LINE_TOO_LONG)
+
+    def many_recipients() -> None:
+        with connect_when_free(config) as client:
+            try:  # the server closes (421, too many errors) while this is still sent
+                client.send(b"EHLO many.example\r\nMAIL FROM:<a@localhost>\r\n" + b"".join(
+                    b"RCPT TO:<r%d@localhost>\r\n" % n for n in range(10_000)))
+            except OSError:
+                pass
+            replies = client.read_until_closed()
+        assert replies[-1].code == 421, replies[-3:]
+
+    def big_message(index: int) -> None:
+        with connect_when_free(config) as client:
+            assert client.command("EHLO big.example").code == 250
+            body = _short_lines_message(8 * MIB, b"burst-%d" % index)
+            assert send_message(client, "a@localhost", ["b@localhost"], body).code == 250
+
+    def connection_storm() -> None:
+        sockets = []
+        for _ in range(200):
+            try:
+                sockets.append(socket.create_connection((listen.host, listen.port), timeout=5))
+            except OSError:
+                break
+        for sock in sockets:
+            sock.close()
+
+    _run_together(long_lines, many_recipients, connection_storm,
+                  *(lambda n=n: big_message(n) for n in range(3)))
+    assert len(find_queued(config, b"burst-")) == 3
+
+    def settled() -> int | None:
+        rss = _rss_kib(pid)
+        return rss if rss < idle_kib + 6 * 1024 else None
+
+    wait_for(settled, timeout=5, what=f"RSS back near idle ({idle_kib} KiB): {_rss_kib(pid)}")
+
+
+# ------------------------------------------------------------------ the log and the budget
+
+
+def test_repeated_rejections_are_one_summary_line_and_count_toward_the_budget(
+        receiver_factory):
+    """452 too many recipients, over and over: a handful of log lines, not one per
+    RCPT; past the recipient overshoot they count as bad commands and end in 421."""
+    config, _ = receiver_factory(receiver={"max_recipients": 3, "max_bad_commands": 5})
+    with connect_when_free(config) as client:
+        client.send(b"EHLO flood.example\r\nMAIL FROM:<a@localhost>\r\n"
+                    + b"".join(b"RCPT TO:<r%d@localhost>\r\n" % n for n in range(1000)))
+        replies = client.read_until_closed()
+    codes = [reply.code for reply in replies]
+    # 3 accepted, 3 more 452s (the overshoot allowed), then each 452 is a bad command.
+    assert codes == [250, 250] + [250] * 3 + [452] * 3 + [452] * 6 + [421], codes
+    assert replies[-1] == R.S421_TOO_MANY_ERRORS.format(hostname=config.hostname)
+    lines = [line for line in log_text(config).splitlines() if " reject " in line]
+    # The first 452 as it happened, the 421, and at the close one summary of the rest.
+    assert len(lines) == 3, lines
+    assert [line for line in lines if "repeated=" in line and "452" in line] == [lines[-1]]
+    assert "repeated=8" in lines[-1]

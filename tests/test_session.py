@@ -434,6 +434,28 @@ def test_100_recipients_kept_101st_gets_452() -> None:
                    Msg("a@b.example", tuple(rcpts[:100]), b"hi\r\n"), R.S250_QUEUED])
 
 
+def test_recipients_past_twice_the_limit_count_as_bad_commands() -> None:
+    """max_recipients more 452s are free (a client may send a few too many and still
+    deliver to the first ones); each one after that is a bad command. A new
+    transaction starts the count again."""
+    rcpts = [f"RCPT TO:<user{n}@example.org>" for n in range(7)]
+    script = lines("HELO a", "MAIL FROM:<a@b.example>", *rcpts, "RSET",
+                   "MAIL FROM:<a@b.example>", *rcpts[:5])
+    events, session = run(script, max_recipients=2)
+    check(events, [R.S250_HELO, R.S250_SENDER_OK, *[R.S250_RECIPIENT_OK] * 2,
+                   *[R.S452_TOO_MANY_RECIPIENTS] * 5, R.S250_RESET, R.S250_SENDER_OK,
+                   *[R.S250_RECIPIENT_OK] * 2, *[R.S452_TOO_MANY_RECIPIENTS] * 3])
+    assert session.bad_commands == 3 + 1
+
+
+def test_the_bad_command_budget_ends_a_recipient_flood() -> None:
+    rcpts = [f"RCPT TO:<user{n}@example.org>" for n in range(20)]
+    events, _ = run(lines("HELO a", "MAIL FROM:<a@b.example>", *rcpts, "NOOP"),
+                    max_recipients=2, max_bad_commands=3)
+    check(events, [R.S250_HELO, R.S250_SENDER_OK, *[R.S250_RECIPIENT_OK] * 2,
+                   *[R.S452_TOO_MANY_RECIPIENTS] * 6, R.S421_TOO_MANY_ERRORS, CLOSE])
+
+
 def test_size_parameter_over_the_limit_gets_552_at_mail() -> None:
     script = lines("EHLO a", "MAIL FROM:<a@b.example> SIZE=1001", "RCPT TO:<c@d.example>",
                    "MAIL FROM:<a@b.example> SIZE=1000")

@@ -22,6 +22,9 @@ stores messages through the queue (`shared/queue.py`), and carries out the sessi
   trickling a byte at a time is cut like an idle one (Postfix's
   smtpd_per_record_deadline); `session_deadline` bounds the whole session, and a
   TLS handshake (a stalled handshake must not hold a slot longer).
+- Log: the first rejection of each kind (command and reply code) is logged as it
+  happens; repeats are counted and logged as one line per kind when the session
+  ends, so no client can flood the log.
 - Graceful stop (SPEC §6): `begin_shutdown()` stops accepting; a session in the middle
   of DATA reads its message to the end, stores it and answers 250; every other
   session is answered 421 and closed; `wait_for_sessions()` bounds the wait.
@@ -56,6 +59,7 @@ from services.receiver.session import (
 from shared.config import IPNetwork
 from shared.log import EventLog, describe_exception
 from shared.queue import MessageStore, QueueWriteError
+from shared.smtp import Reply
 
 PROGRAM = "R-SMTP"
 READ_SLICE = 0.5  # seconds a recv may block before timers and the stop flag are checked
@@ -327,6 +331,33 @@ def _peer_text(client_address: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class RejectionLog:
+    """A session's refused commands in the log: the first of each kind (command and
+    reply code) as it happens, the repeats as one line per kind at the session's end.
+
+    The kinds are few: every refusal but a handful of 4xx counts against
+    `max_bad_commands`, which ends the session."""
+
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+        self._repeats: dict[tuple[str, int], tuple[int, Reply]] = {}
+
+    def rejected(self, command: str, reply: Reply) -> None:
+        key = (command, reply.code)
+        seen = self._repeats.get(key)
+        if seen is None:
+            self._repeats[key] = (0, reply)
+            self._log.fail("reject", command=command, reply=str(reply))
+        else:
+            self._repeats[key] = (seen[0] + 1, reply)
+
+    def summarize(self) -> None:
+        """One line per kind that was repeated, with the count and the last reply."""
+        for (command, _code), (count, reply) in self._repeats.items():
+            if count:
+                self._log.fail("reject", command=command, reply=str(reply), repeated=count)
+
+
 def _load_malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim(3): hands freed heap pages back to the system."""
     try:
@@ -362,6 +393,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         server = self.server
         ip = self.client_address[0]
         self.log = server.log.with_peer(_peer_text(self.client_address))
+        self.rejections = RejectionLog(self.log)
         self.sock: socket.socket = self.request
         self.session = ServerSession(
             server.policy, ip, may_relay=server.may_relay(ip), tls_active=server.implicit_tls
@@ -390,6 +422,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self._say_goodbye_after_error()
         finally:
             self.slot.give_back()
+            self.rejections.summarize()
             outcome = self.log.fail if self.close_reason.startswith("error") else self.log.ok
             outcome("close", reason=self.close_reason)
 
@@ -420,7 +453,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             elif isinstance(event, SendReply):
                 self.outgoing.append(event.data)
                 if event.reply.code >= 400:
-                    self.log.fail("reject", command=event.command, reply=str(event.reply))
+                    self.rejections.rejected(event.command, event.reply)
             elif isinstance(event, MessageReady):
                 size = self._store(event)
                 del event  # the message's chunks: free before the next read

@@ -26,7 +26,9 @@ Rules this module guarantees (SPEC §3):
   is `<CRLF>.<CRLF>` and nothing else; data with a bare CR, bare LF or NUL is
   rejected whole (SMTP smuggling), as is a line over 1000 octets;
 - input is held in bounded memory: an over-long command line is dropped as it
-  arrives, an oversize message is counted and discarded while it is read to its end.
+  arrives, an oversize message is counted and discarded while it is read to its end;
+- every command answered 5xx counts against `max_bad_commands`, and so does a 452
+  for too many recipients once a transaction has had `max_recipients` of them.
 """
 
 from __future__ import annotations
@@ -205,6 +207,7 @@ class ServerSession:
         self._pending: deque[Event] = deque()
         self._waiting_for: str | None = None  # "store", "auth", "tls": shell owes us a call
         self._discarding_long_line = False
+        self._recipient_overshoot = 0  # 452s for too many recipients in this transaction
         self._reader: DataReader | None = None  # the message being read (DATA)
         self._auth: _AuthExchange | None = None
         self._closed = False
@@ -392,6 +395,7 @@ class ServerSession:
         except PathSyntaxError as err:
             return R.S501_BAD_ADDRESS.format(detail=str(err))
         envelope = Envelope(mail_from=path.address)
+        self._recipient_overshoot = 0
         for name, value in path.params.items():
             if name == "SIZE":
                 if value is None or not value.isdigit():
@@ -422,6 +426,12 @@ class ServerSession:
         if path.params:
             return R.S555_BAD_PARAMETER.format(name=next(iter(path.params)))
         if len(self.envelope.rcpt_tos) >= self.policy.max_recipients:
+            # A client that sends a few too many still delivers to the first ones
+            # (RFC 5321 §4.5.3.1.10); past as many again each one is a bad command,
+            # like Postfix's smtpd_recipient_overshoot_limit.
+            self._recipient_overshoot += 1
+            if self._recipient_overshoot > self.policy.max_recipients:
+                self.bad_commands += 1
             return R.S452_TOO_MANY_RECIPIENTS
         if not (is_postmaster or self._may_send_to(address)):
             return R.S554_RELAY_DENIED.format(address=address)
