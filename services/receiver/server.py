@@ -22,9 +22,11 @@ stores messages through the queue (`shared/queue.py`), and carries out the sessi
   trickling a byte at a time is cut like an idle one (Postfix's
   smtpd_per_record_deadline); `session_deadline` bounds the whole session, and a
   TLS handshake (a stalled handshake must not hold a slot longer).
-- Log: the first rejection of each kind (command and reply code) is logged as it
-  happens; repeats are counted and logged as one line per kind when the session
-  ends, so no client can flood the log.
+- Log: a session writes a `close` line when it ends (with why, and whether it was
+  TLS), a `queued` line per message, and its rejections: the first of each kind
+  (command and reply code) as it happens, repeats counted into one line per kind at
+  the end, so no client can flood the log. Nothing is written at connect: a line
+  costs more than the session's SMTP work, and the close line names the peer.
 - Graceful stop (SPEC §6): `begin_shutdown()` stops accepting; a session in the middle
   of DATA reads its message to the end, stores it and answers 250; every other
   session is answered 421 and closed; `wait_for_sessions()` bounds the wait.
@@ -408,7 +410,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         server.session_started(self)
 
     def handle(self) -> None:
-        self.log.ok("connect", tls="implicit" if self.server.implicit_tls else "no")
         try:
             if self.server.implicit_tls and not self._start_tls():
                 return
@@ -424,7 +425,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.slot.give_back()
             self.rejections.summarize()
             outcome = self.log.fail if self.close_reason.startswith("error") else self.log.ok
-            outcome("close", reason=self.close_reason)
+            outcome("close", reason=self.close_reason, tls=self._tls_mode())
 
     def _say_goodbye_after_error(self) -> None:
         """Send the replies already produced, then 421: the client knows where it stands."""
@@ -554,6 +555,11 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.line_started = time.monotonic()
         self.log.ok("tls", version=self.sock.version(), cipher=(self.sock.cipher() or ("",))[0])
         return True
+
+    def _tls_mode(self) -> str:
+        if not isinstance(self.sock, ssl.SSLSocket):
+            return "no"
+        return "implicit" if self.server.implicit_tls else "starttls"
 
     def _send_now(self, event: SendReply) -> None:
         self.outgoing.append(event.data)
