@@ -22,11 +22,13 @@ stores messages through the queue (`shared/queue.py`), and carries out the sessi
   trickling a byte at a time is cut like an idle one (Postfix's
   smtpd_per_record_deadline); `session_deadline` bounds the whole session, and a
   TLS handshake (a stalled handshake must not hold a slot longer).
-- Log: a session writes a `close` line when it ends (with why, and whether it was
-  TLS), a `queued` line per message, and its rejections: the first of each kind
-  (command and reply code) as it happens, repeats counted into one line per kind at
-  the end, so no client can flood the log. Nothing is written at connect: a line
-  costs more than the session's SMTP work, and the close line names the peer.
+- Log: a `queued` line per message (with the peer, and whether it came over TLS);
+  a `close` line when a session ends, saying why, unless it ended with QUIT after
+  queuing messages (their lines said it all); and the rejections: the first of each
+  kind (command and reply code) as it happens, repeats counted into one line per
+  kind at the end, so no client can flood the log. Nothing is written at connect.
+  A line costs more than a session's SMTP work: the common session - connect, one
+  message, QUIT - writes one line.
 - Graceful stop (SPEC §6): `begin_shutdown()` stops accepting; a session in the middle
   of DATA reads its message to the end, stores it and answers 250; every other
   session is answered 421 and closed; `wait_for_sessions()` bounds the wait.
@@ -65,9 +67,10 @@ from shared.smtp import Reply
 
 PROGRAM = "R-SMTP"
 READ_SLICE = 0.5  # seconds a recv may block before timers and the stop flag are checked
-RECV_SIZE = 64 * 1024  # per-session buffer (zeroed, so resident): one loopback segment
+RECV_SIZE = 64 * 1024  # receive buffer of a session thread: one loopback segment
 AUTH_FAILURE_DELAY = 1.0  # seconds a failed login waits before its 535 (slows guessing)
 TRIM_AFTER = 1024 * 1024  # a message this big: give freed memory back to the system
+RELAY_DECISIONS_KEPT = 4096  # client addresses whose relay decision is remembered
 
 
 class SlotPool:
@@ -75,30 +78,30 @@ class SlotPool:
     `max_connections_per_ip` for one client address (0 = no per-address limit)."""
 
     def __init__(self, max_connections: int, max_per_ip: int = 0) -> None:
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._max_per_ip = max_per_ip
+        self._max = max_connections
+        self._max_per_ip = max_per_ip or max_connections
+        self._used = 0
         self._per_ip: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def take(self, ip: str) -> bool:
         """A slot for this client, or False at once (never waits)."""
-        if not self._slots.acquire(blocking=False):
-            return False
         with self._lock:
-            if self._max_per_ip and self._per_ip.get(ip, 0) >= self._max_per_ip:
-                self._slots.release()
+            held = self._per_ip.get(ip, 0)
+            if self._used >= self._max or held >= self._max_per_ip:
                 return False
-            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            self._used += 1
+            self._per_ip[ip] = held + 1
         return True
 
     def give_back(self, ip: str) -> None:
         with self._lock:
-            left = self._per_ip.get(ip, 1) - 1
+            self._used -= 1
+            left = self._per_ip[ip] - 1
             if left:
                 self._per_ip[ip] = left
             else:
-                self._per_ip.pop(ip, None)
-        self._slots.release()
+                del self._per_ip[ip]
 
 
 class Slot:
@@ -196,6 +199,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.limits = limits
         self.queue = queue
         self.relay_networks = relay_networks
+        self._relay_decisions: dict[str, bool] = {}
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.check_password = check_password
@@ -302,10 +306,17 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
     # -- relay policy ---------------------------------------------------------------
 
     def may_relay(self, ip: str) -> bool:
-        address = ipaddress.ip_address(ip.split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.relay_networks)
+        """Whether a client address is in relay_networks (remembered per address)."""
+        known = self._relay_decisions.get(ip)
+        if known is None:
+            address = ipaddress.ip_address(ip.split("%")[0])
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            known = any(address in network for network in self.relay_networks)
+            if len(self._relay_decisions) >= RELAY_DECISIONS_KEPT:
+                self._relay_decisions.clear()
+            self._relay_decisions[ip] = known
+        return known
 
     # -- graceful stop ----------------------------------------------------------------
 
@@ -326,6 +337,20 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
                 pass
         self.threads.close()
         return done
+
+
+_thread_buffers = threading.local()
+
+
+def _receive_buffer() -> tuple[bytearray, memoryview]:
+    """The calling thread's receive buffer, made once and kept for its next sessions:
+    recv_into one buffer - a fresh bytes object per recv() cost an mmap, page faults
+    and an munmap - without zeroing 64 KiB per connection."""
+    buffers = getattr(_thread_buffers, "buffers", None)
+    if buffers is None:
+        buffer = bytearray(RECV_SIZE)
+        buffers = _thread_buffers.buffers = (buffer, memoryview(buffer))
+    return buffers
 
 
 def _peer_text(client_address: tuple) -> str:
@@ -401,12 +426,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
             server.policy, ip, may_relay=server.may_relay(ip), tls_active=server.implicit_tls
         )
         self.outgoing: list[bytes] = []
-        # recv_into one buffer per session: a fresh bytes object per recv() cost an
-        # mmap, page faults and an munmap, all with the GIL held.
-        self._recv_buffer = bytearray(RECV_SIZE)
-        self._recv_view = memoryview(self._recv_buffer)
+        self._recv_buffer, self._recv_view = _receive_buffer()
         self.started = self.line_started = time.monotonic()
         self.close_reason = "peer"
+        self.queued = 0  # messages this session queued
         server.session_started(self)
 
     def handle(self) -> None:
@@ -424,8 +447,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
         finally:
             self.slot.give_back()
             self.rejections.summarize()
-            outcome = self.log.fail if self.close_reason.startswith("error") else self.log.ok
-            outcome("close", reason=self.close_reason, tls=self._tls_mode())
+            if not (self.queued and self.close_reason == "quit"):
+                outcome = self.log.fail if self.close_reason.startswith("error") else self.log.ok
+                outcome("close", reason=self.close_reason, tls=self._tls_mode())
 
     def _say_goodbye_after_error(self) -> None:
         """Send the replies already produced, then 421: the client knows where it stands."""
@@ -517,10 +541,11 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.log.error("queue", exc=err, sender=f"<{envelope.mail_from}>", reply=reply.code)
             return size
         self.session.message_stored(queue_id)
+        self.queued += 1
         # Logged before the 250 goes out: a message the client was told is queued
         # always has its line, and it comes before the sender's line about it.
         self.log.ok("queued", id=queue_id, sender=f"<{envelope.mail_from}>",
-                    rcpts=len(envelope.rcpt_tos), size=size)
+                    rcpts=len(envelope.rcpt_tos), size=size, tls=self._tls_mode())
         return size
 
     def _authenticate(self, event: AuthRequest) -> None:

@@ -167,6 +167,13 @@ class SessionPolicy:
     auth_available: bool = False  # AUTH is advertised only under TLS (RFC 4954 §4)
     require_auth: bool = False
 
+    @functools.cached_property
+    def unavailable_verbs(self) -> frozenset[str]:
+        """Extensions that are not configured: "not implemented" in every state."""
+        return frozenset(verb for verb, configured in (("STARTTLS", self.tls_available),
+                                                       ("AUTH", self.auth_available))
+                         if not configured)
+
 
 class SessionUsageError(RuntimeError):
     """The shell called the session out of order (a bug in the shell, not the client)."""
@@ -211,26 +218,7 @@ class ServerSession:
         self._reader: DataReader | None = None  # the message being read (DATA)
         self._auth: _AuthExchange | None = None
         self._closed = False
-        # Extensions that are not configured are "not implemented" in every state.
-        self._unavailable = frozenset(
-            verb
-            for verb, configured in (("STARTTLS", policy.tls_available),
-                                     ("AUTH", policy.auth_available))
-            if not configured
-        )
-        self._handlers: dict[str, Callable[[str], Reply | None]] = {
-            "HELO": self._helo,
-            "EHLO": self._ehlo,
-            "MAIL": self._mail,
-            "RCPT": self._rcpt,
-            "DATA": self._data,
-            "RSET": self._rset,
-            "NOOP": self._noop,
-            "HELP": self._help,
-            "QUIT": self._quit,
-            "STARTTLS": self._starttls,
-            "AUTH": self._auth_command,
-        }
+        self._unavailable = policy.unavailable_verbs
 
     # -- the shell's API ----------------------------------------------------------
 
@@ -341,7 +329,7 @@ class ServerSession:
         verb, _, argument = text.strip(" ").partition(" ")
         verb = verb.upper()
         argument = argument.strip(" ")
-        handler = self._handlers.get(verb)
+        handler = _HANDLERS.get(verb)
         if handler is None or verb in self._unavailable:
             known = verb in NOT_IMPLEMENTED or verb in self._unavailable
             reply = R.S502_NOT_IMPLEMENTED if known else R.S500_UNRECOGNISED
@@ -349,7 +337,7 @@ class ServerSession:
         if verb in STATEFUL_COMMANDS and verb not in TRANSITIONS[self.state]:
             hint = R.SEQUENCE_HINTS.get(verb, "not allowed now")
             return self._reply(R.S503_BAD_SEQUENCE.format(hint=hint), verb, bad=True)
-        reply = handler(argument)
+        reply = handler(self, argument)
         if reply is None:  # the handler queued an event for the shell instead
             return self._pending.popleft()
         event = self._reply(reply, verb, bad=reply.code >= 500)
@@ -562,6 +550,22 @@ class ServerSession:
         if refusal is Refusal.BARE_NEWLINE:
             return R.S554_BARE_NEWLINE
         return R.S554_LINE_TOO_LONG
+
+
+# Command handlers by verb: each returns the reply (None: it queued an event instead).
+_HANDLERS: dict[str, Callable[[ServerSession, str], Reply | None]] = {
+    "HELO": ServerSession._helo,
+    "EHLO": ServerSession._ehlo,
+    "MAIL": ServerSession._mail,
+    "RCPT": ServerSession._rcpt,
+    "DATA": ServerSession._data,
+    "RSET": ServerSession._rset,
+    "NOOP": ServerSession._noop,
+    "HELP": ServerSession._help,
+    "QUIT": ServerSession._quit,
+    "STARTTLS": ServerSession._starttls,
+    "AUTH": ServerSession._auth_command,
+}
 
 
 @functools.lru_cache(maxsize=1024)
