@@ -4,21 +4,18 @@ A program's `main(config)` raises `StartupError` (or the config raises ConfigErr
 for anything the operator must fix; `run_program` prints ONE line naming it and exits
 with status 2, never a traceback (SPEC §2).
 
-Signals (supervisor's habit): the handler only records the signal in a `StopFlag`;
-the program's main loop looks at the flag and acts.
+Signals: `shared/signals.py` (the program's `__main__` installs its StopFlag first).
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from collections.abc import Callable
-from types import FrameType
 
 from shared.config import ENV_VAR, Config, ConfigError, load_config, resolve_config_path
 from shared.log import EventLog, setup_logging
+from shared.signals import StopFlag
 
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
@@ -27,29 +24,6 @@ EXIT_USAGE = 2
 
 class StartupError(Exception):
     """The program cannot start; str() is one line for the operator."""
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; waited on by main loops (an Event, so waits wake at once)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.signal_name = ""
-
-    def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._record)
-
-    def _record(self, signum: int, _frame: FrameType | None) -> None:
-        self.signal_name = signal.Signals(signum).name
-        self.event.set()
-
-    @property
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def wait(self, timeout: float | None) -> bool:
-        return self.event.wait(timeout)
 
 
 def open_log(config: Config, program: str) -> EventLog:
@@ -72,12 +46,13 @@ def parse_args(prog: str, description: str, argv: list[str] | None = None) -> Co
 
 
 def run_program(
-    prog: str, description: str, main: Callable[[Config], int], argv: list[str] | None = None
+    prog: str, description: str, main: Callable[[Config, StopFlag], int], stop: StopFlag,
+    argv: list[str] | None = None,
 ) -> None:
     """Load the config and run `main`; turn operator errors into one line + exit 2."""
     try:
         config = parse_args(prog, description, argv)
-        status = main(config)
+        status = main(config, stop)
     except (ConfigError, StartupError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

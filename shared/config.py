@@ -21,8 +21,12 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shared.aliases import AliasError, AliasTable
+from shared.smtp import PathSyntaxError, check_mailbox
 
 ENV_VAR = "MAILBAG_CONFIG"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +68,67 @@ class OptionalPath(Path):
 
 class OptionalHostPort(HostPort):
     """A host:port that may be empty ("" means: not set, None in Python)."""
+
+
+class RelayList(tuple):
+    """`relay = "host:port"`, `relay = ["h1:587", "h2:587"]`, or "" (none): a tuple of
+    HostPort in the order the relays are tried."""
+
+
+@dataclass(frozen=True)
+class RelayOptions:
+    """`[sender.relays."host:port"]`: one relay's own TLS and AUTH settings; a key left
+    out takes the `[sender]` key of the same name."""
+
+    tls: str | None = None
+    tls_verify: bool | None = None
+    ca_file: OptionalPath | None = None
+    username: str | None = None
+    password_file: OptionalPath | None = None
+    auth_without_tls: bool | None = None
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One relay with the settings that apply to it (its own, else [sender]'s)."""
+
+    address: HostPort
+    tls: str
+    tls_verify: bool
+    ca_file: Path | None
+    username: str
+    password_file: Path | None
+    auth_without_tls: bool
+
+
+class RelayOptionsTable(dict):
+    """`[sender.relays]`: RelayOptions by relay "host:port"."""
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`"14/s"`, `"100/min"`, `"500/h"`, `"2000/d"`: at most `count` per `seconds`."""
+
+    count: int
+    seconds: float
+
+    _UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0,
+              "d": 86400.0, "day": 86400.0}
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*([a-z]+)\s*", text)
+        if not match or match.group(2) not in cls._UNITS or int(match.group(1)) <= 0:
+            raise ValueError(f"expected a rate like '14/s', '100/min' or '500/h', got {text!r}")
+        return cls(int(match.group(1)), cls._UNITS[match.group(2)])
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "d"}[self.seconds]
+        return f"{self.count}/{unit}"
+
+
+class OptionalDuration(float):
+    """Seconds written as "30m", "4h", "2d" or a number; "" means: off (None)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +176,10 @@ TLS_MODES = ("none", "starttls", "tls")
 
 @dataclass(frozen=True)
 class SenderConfig:
-    relay: OptionalHostPort | None = None
+    relay: RelayList = RelayList()  # in the order they are tried; () = no relay
+    relays: RelayOptionsTable = field(default_factory=RelayOptionsTable)
+    relay_retry: float = 60.0  # a failed relay is tried again after at most this long
+    max_rate: str = ""  # messages handed to relays, e.g. "14/s"; "" = no limit
     poll_interval: float = 60.0
     tls: str = "none"
     tls_verify: bool = True
@@ -130,6 +198,25 @@ class SenderConfig:
     retry_max: float = 3600.0
     max_queue_lifetime: float = 5 * 24 * 3600.0
     messages_per_connection: int = 1000
+
+    @property
+    def rate(self) -> Rate | None:
+        return Rate.parse(self.max_rate) if self.max_rate else None
+
+    def routes(self) -> list[RouteConfig]:
+        """Each relay with its settings: its own table's keys, else [sender]'s."""
+        routes = []
+        for address in self.relay:
+            own = self.relays.get(str(address), RelayOptions())
+
+            def pick(key: str, own: RelayOptions = own) -> typing.Any:
+                value = getattr(own, key)
+                return getattr(self, key) if value is None else value
+
+            routes.append(RouteConfig(address, pick("tls"), pick("tls_verify"),
+                                      pick("ca_file"), pick("username"),
+                                      pick("password_file"), pick("auth_without_tls")))
+        return routes
 
 
 @dataclass(frozen=True)
@@ -151,6 +238,54 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    # The user supervisord switches to when `make run` starts it as root (its `-u`);
+    # "": whoever starts it. The systemd unit runs as its own User= from the start.
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """How relayed mail names its sender (services/sender/rewrite.py, SPEC §8)."""
+
+    envelope_sender: str = ""  # forced MAIL FROM for every relayed message; "" = not forced
+    # "root@localhost" = "alerts@example.com", "@localhost" = "@example.com"
+    senders: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BounceConfig:
+    """Delivery status notices (services/sender/bounce.py, SPEC §8)."""
+
+    delay_warning: OptionalDuration | None = OptionalDuration(4 * 3600)  # "" = no warning
+
+
+@dataclass(frozen=True)
+class DkimKeyConfig:
+    """One signing key: mail whose From: is in `domain` is signed with it."""
+
+    domain: str = ""
+    selector: str = ""
+    key_file: OptionalPath | None = None
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    """DKIM signing of relayed mail (shared/dkim.py): one key here, more in [[dkim.keys]]."""
+
+    domain: str = ""
+    selector: str = ""
+    key_file: OptionalPath | None = None
+    keys: tuple[DkimKeyConfig, ...] = ()
+
+    @property
+    def all_keys(self) -> tuple[DkimKeyConfig, ...]:
+        """Every configured key, the one in [dkim] itself first."""
+        first = DkimKeyConfig(self.domain, self.selector, self.key_file)
+        return ((first,) if self.domain else ()) + self.keys
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     hostname: str = "mailbag.localdomain"
@@ -159,6 +294,12 @@ class Config:
     sender: SenderConfig = field(default_factory=SenderConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    # [aliases]: local part (any case) -> its targets; shared/aliases.py resolves them
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _SECTIONS: dict[str, type] = {
@@ -167,6 +308,10 @@ _SECTIONS: dict[str, type] = {
     "sender": SenderConfig,
     "local": LocalConfig,
     "log": LogConfig,
+    "service": ServiceConfig,
+    "rewrite": RewriteConfig,
+    "bounce": BounceConfig,
+    "dkim": DkimConfig,
 }
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
@@ -180,6 +325,24 @@ def parse_size(text: str) -> int:
     if not match or unit not in _SIZE_UNITS:
         raise ValueError(f"expected a size like '10 MB', got {text!r}")
     return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """'30m' -> 1800.0; '4h' -> 14400.0; '2d' -> 172800.0; '90' or 90 -> 90.0 (seconds)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]?)\s*", str(text))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _DURATION_UNITS:
+            raise ValueError(f"expected a duration like '30m', '4h', '2d' or seconds, got {text!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[unit]
+    if seconds <= 0:
+        raise ValueError(f"a duration must be greater than 0, got {text!r}")
+    return seconds
 
 
 def resolve_config_path(cli_value: str | None) -> Path:
@@ -210,6 +373,8 @@ def parse_config(raw: dict[str, typing.Any], path: Path) -> Config:
             values["hostname"] = _convert(value, str, "hostname", base)
             if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", values["hostname"]):
                 raise ConfigError(f"hostname: {values['hostname']!r} is not a host name")
+        elif key == "aliases":
+            values["aliases"] = _parse_aliases(value)
         elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"[{key}] must be a table")
@@ -220,7 +385,21 @@ def parse_config(raw: dict[str, typing.Any], path: Path) -> Config:
         values.setdefault(name, _build_section(name, cls, {}, base))
     config = Config(**values)
     _check_ranges(config)
+    _check_mail_sections(config)
     return config
+
+
+def _parse_aliases(raw: typing.Any) -> Mapping[str, tuple[str, ...]]:
+    """[aliases]: each value a string or a list of strings (checked in _check_mail_sections)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("[aliases] must be a table")
+    table: dict[str, tuple[str, ...]] = {}
+    for key, value in raw.items():
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"aliases.{key}: expected a string or a list of strings")
+        table[key] = tuple(items)
+    return types.MappingProxyType(table)
 
 
 def _build_section(name: str, cls: type, raw: dict[str, typing.Any], base: Path) -> typing.Any:
@@ -272,6 +451,32 @@ def _convert(value: typing.Any, annotation: typing.Any, key: str, base: Path) ->
         if annotation is OptionalHostPort:
             text = _expect(value, str, key)
             return HostPort.parse(text) if text else None
+        if annotation is RelayList:
+            if isinstance(value, str):
+                return RelayList((HostPort.parse(value),) if value else ())
+            items = _expect(value, list, key)
+            return RelayList(HostPort.parse(_expect(item, str, key)) for item in items)
+        if annotation is RelayOptionsTable:
+            table = _expect(value, dict, key)
+            return RelayOptionsTable({
+                str(HostPort.parse(name)): _build_section(f"{key}.{name!r}", RelayOptions,
+                                                          _expect(options, dict, key), base)
+                for name, options in table.items()})
+        if annotation is OptionalDuration:
+            if value == "":
+                return None
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ConfigError(f"{key}: expected a duration like \"4h\", got {value!r}")
+            return OptionalDuration(parse_duration(value))
+        if annotation == Mapping[str, str]:
+            table = _expect(value, dict, key)
+            for name, item in table.items():
+                _expect(item, str, f"{key}.{name}")
+            return types.MappingProxyType(dict(table))
+        if origin is tuple and len(args) == 2 and dataclasses.is_dataclass(args[0]):
+            items = _expect(value, list, key)
+            return tuple(_build_section(f"{key}[{i}]", args[0], _expect(item, dict, key), base)
+                         for i, item in enumerate(items))
         if annotation == tuple[str, ...]:
             items = _expect(value, list, key)
             return tuple(_expect(item, str, key).lower() for item in items)
@@ -289,6 +494,31 @@ def _expect(value: typing.Any, kind: type, key: str) -> typing.Any:
     return value
 
 
+def _check_relays(snd: SenderConfig) -> None:
+    if snd.tls not in TLS_MODES:
+        raise ConfigError(f"sender.tls: must be one of {', '.join(TLS_MODES)}, got {snd.tls!r}")
+    if snd.username and not snd.password_file:
+        raise ConfigError("sender.username is set but sender.password_file is not")
+    listed = {str(address) for address in snd.relay}
+    if len(listed) < len(snd.relay):
+        raise ConfigError("sender.relay: a relay is listed twice")
+    for name in snd.relays:
+        if name not in listed:
+            raise ConfigError(f"sender.relays: {name!r} is not one of sender.relay "
+                              f"({', '.join(sorted(listed)) or 'none'})")
+    for route in snd.routes():
+        where = f"sender.relays.{str(route.address)!r}"
+        if route.tls not in TLS_MODES:
+            raise ConfigError(f"{where}.tls: must be one of {', '.join(TLS_MODES)}, "
+                              f"got {route.tls!r}")
+        if route.username and not route.password_file:
+            raise ConfigError(f"{where}: a username but no password_file")
+    try:
+        snd.rate  # noqa: B018 - validates the rate text
+    except ValueError as err:
+        raise ConfigError(f"sender.max_rate: {err}") from None
+
+
 def _check_ranges(config: Config) -> None:
     rcv, snd, log = config.receiver, config.sender, config.log
     positive = {
@@ -304,25 +534,68 @@ def _check_ranges(config: Config) -> None:
         "sender.retry_max": snd.retry_max,
         "sender.max_queue_lifetime": snd.max_queue_lifetime,
         "sender.messages_per_connection": snd.messages_per_connection,
+        "sender.relay_retry": snd.relay_retry,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {value}")
     if rcv.max_connections_per_ip < 0:
         raise ConfigError("receiver.max_connections_per_ip: must be 0 (off) or more")
-    if snd.tls not in TLS_MODES:
-        raise ConfigError(f"sender.tls: must be one of {', '.join(TLS_MODES)}, got {snd.tls!r}")
+    _check_relays(snd)
     if bool(rcv.tls_cert) != bool(rcv.tls_key):
         raise ConfigError("receiver.tls_cert and receiver.tls_key must be set together")
     if rcv.tls_listen and not rcv.tls_cert:
         raise ConfigError("receiver.tls_listen needs receiver.tls_cert and receiver.tls_key")
-    if snd.username and not snd.password_file:
-        raise ConfigError("sender.username is set but sender.password_file is not")
     if log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: unknown level {log.level!r}")
     if log.retention < 0:
         raise ConfigError("log.retention: must be 0 or more")
+    # useradd's rule for a name (no leading digit or dash, no "/" or ":"), at most 32.
+    if config.service.user and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}",
+                                                config.service.user):
+        raise ConfigError(f"service.user: {config.service.user!r} is not a user name")
     try:
         log.rotation_bytes  # noqa: B018 - validates the size text
     except ValueError as err:
         raise ConfigError(f"log.rotation: {err}") from None
+
+
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+
+
+def _check_mail_sections(config: Config) -> None:
+    """[aliases], [rewrite] and [dkim] name addresses and domains: check them."""
+    try:
+        AliasTable.from_config(config.aliases, config.local.domains)
+    except AliasError as err:
+        raise ConfigError(f"aliases: {err}") from None
+    rewrite = config.rewrite
+    if rewrite.envelope_sender:
+        _check_address("rewrite.envelope_sender", rewrite.envelope_sender)
+    for key, value in rewrite.senders.items():
+        _check_address(f"rewrite.senders.{key!r}", key, domain_ok=True)
+        _check_address(f"rewrite.senders.{key!r}", value, domain_ok=True)
+    dkim = config.dkim
+    entries = [(f"dkim.keys[{index}]", key) for index, key in enumerate(dkim.keys)]
+    if dkim.domain or dkim.selector or dkim.key_file:
+        entries.insert(0, ("dkim", DkimKeyConfig(dkim.domain, dkim.selector, dkim.key_file)))
+    domains: set[str] = set()
+    for where, key in entries:
+        if not (key.domain and key.selector and key.key_file):
+            raise ConfigError(f"{where}: domain, selector and key_file must be set together")
+        for name, value in (("domain", key.domain), ("selector", key.selector)):
+            if not _DNS_NAME.fullmatch(value):
+                raise ConfigError(f"{where}.{name}: {value!r} is not a DNS name")
+        if key.domain.lower() in domains:
+            raise ConfigError(f"{where}.domain: {key.domain!r} has a key already")
+        domains.add(key.domain.lower())
+
+
+def _check_address(key: str, value: str, domain_ok: bool = False) -> None:
+    """`local@domain`, or `@domain` where `domain_ok`; ConfigError naming `key` if not."""
+    address = f"postmaster{value}" if domain_ok and value.startswith("@") else value
+    try:
+        check_mailbox(address)
+    except PathSyntaxError as err:
+        raise ConfigError(f"{key}: {value!r}: {err}") from None

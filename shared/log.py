@@ -12,25 +12,30 @@ Invariants:
 - no CR, LF, ESC or other control byte from the wire reaches a line unescaped
   (`escape`), so one record is always one line and nobody can forge a line;
 - each record reaches the file as ONE `write(2)` on an `O_APPEND` descriptor, so lines
-  from several threads and processes never tear or interleave;
+  from several threads and processes never tear or interleave; a record that does
+  not fit on a full disk is not kept at all (`SharedFileSink`), and a log that cannot
+  be written never stops a program: it is said once on stderr, and the count of lost
+  records goes in the log when it can be written again;
 - rotation is coordinated between the independent processes with an `flock` on a
   lock file next to the log: exactly one process renames, the others notice the new
   inode and reopen. loguru's own `rotation=` is only safe within one process tree.
 - `enqueue=False`: a record is written by the thread that logs it (one O_APPEND
-  write to the page cache). loguru's queue (`enqueue=True`) pickled every record
-  through a pipe to a writer thread: under load that was up to a third of the receiver's
-  Python time and a GIL hand-off per line (py-spy/perf, bench/README.md), and a
-  `kill -9` lost the records still in the pipe.
+  write to the page cache), so a `kill -9` loses no record already logged. loguru's
+  queue (`enqueue=True`) pickles every record through a pipe to a writer thread: a
+  GIL hand-off per line, and the records in the pipe die with the process
+  (bench/README.md has the profile).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +86,8 @@ class EventLog:
 
     The line is rendered here and handed to loguru as a raw message (`opt(raw=True)`):
     loguru still decides by level and serialises the sink, but does not format the
-    line again. Its formatting - the `{time:...}` pattern re-read token by token, a
-    copy of the record, `format_map` - was about a quarter of a log call (26 -> 19 us
-    per call, cProfile), and the receiver pays for every call with the GIL held.
+    line again (its `{time:...}` pattern, a copy of the record and `format_map` cost
+    a quarter of a log call, and the receiver pays for every call with the GIL held).
     """
 
     def __init__(self, program: str, peer: str) -> None:
@@ -95,11 +99,14 @@ class EventLog:
     def with_peer(self, peer: str) -> EventLog:
         return EventLog(self.program, peer)
 
-    def event(self, event: str, outcome: str, level: str = "INFO", **details: Any) -> None:
+    def render(self, event: str, outcome: str, **details: Any) -> str:
+        """The whole line, with its newline, timestamped now."""
         parts = [event, outcome]
         parts.extend(f"{key}={escape(value)}" for key, value in details.items())
-        line = _TIMESTAMPS.now() + self._after_time + " ".join(parts) + "\n"
-        self._logger.log(level, line)
+        return _TIMESTAMPS.now() + self._after_time + " ".join(parts) + "\n"
+
+    def event(self, event: str, outcome: str, level: str = "INFO", **details: Any) -> None:
+        self._logger.log(level, self.render(event, outcome, **details))
 
     def ok(self, event: str, **details: Any) -> None:
         self.event(event, "ok", **details)
@@ -165,30 +172,56 @@ class SharedFileSink:
     descriptor no longer names the file at the path (someone else rotated) reopens.
     A line written just between another process's rename and our reopen lands at
     the end of `.1`: it is never lost nor written twice.
+
+    A record is written whole or not at all. On a full disk `write(2)` comes up short
+    (tmpfs, ext4: at the last free page or block). The bytes that did land are then
+    overwritten IN PLACE with spaces and a newline: a blank line. Truncating them
+    away instead could cut another process's line - with O_APPEND and no lock per
+    record, a line from the other program may already follow ours, and nothing but a
+    lock around every write could rule that out. Writing the rest later could glue
+    such a line into ours. An overwrite of bytes already allocated needs no space on
+    these file systems, and touches only our own bytes.
+
+    While the log cannot be written the sink never raises (mail must keep flowing):
+    it says so once on stderr (supervisord's `*.out`), counts the records it drops,
+    and puts one `log fail lost=N` line in front of the first record it can write
+    again.
     """
 
-    def __init__(self, path: Path, rotate_bytes: int | None, retention: int) -> None:
+    def __init__(self, path: Path, rotate_bytes: int | None, retention: int,
+                 program: str = "-") -> None:
         self.path = Path(path)
         self.rotate_bytes = rotate_bytes
         self.retention = retention
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._mutex = threading.Lock()
+        self._events = EventLog(program, "-")
+        self._outage: _Outage | None = None  # records are being dropped since ...
+        self._rotation_failed = False  # said on stderr, once until a rotation works
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = -1
         self._ino = -1
         self._open()
 
     def _open(self) -> None:
+        """(Re)open the file at the path. The old descriptor is closed first - a removed
+        log's space is freed even if the new open fails - and forgotten at once, so a
+        failed open never leaves a number that the process may reuse for another file."""
         if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o640)
         self._ino = os.fstat(self._fd).st_ino
 
     def _size_if_still_ours(self) -> int | None:
-        """The size of the file at the path if it is still the one we write, else None."""
+        """The size of the file at the path if it is still the one we write, else None
+        (also when it cannot be looked at: reopening says why)."""
+        if self._fd < 0:
+            return None
         try:
             current = os.stat(self.path)
-        except FileNotFoundError:
+        except OSError:
             return None
         return current.st_size if current.st_ino == self._ino else None
 
@@ -197,15 +230,60 @@ class SharedFileSink:
         with self._mutex:
             # Two syscalls per record, stat + write: the stat both notices a rotation
             # by another process and gives the size for our own rotation decision.
-            # (An fstat after the write as well cost a third syscall - and a third GIL
-            # hand-off between session threads - per line.)
-            size = self._size_if_still_ours()
-            if size is None:
-                self._open()
-                size = 0
-            os.write(self._fd, data)
+            try:
+                size = self._size_if_still_ours()
+                if size is None:
+                    self._open()
+                    size = 0
+                if self._outage is not None:
+                    data = self._outage.notice(self._events) + data
+                self._append(data)
+            except OSError as err:
+                self._drop(err)
+                return
+            self._outage = None
             if self.rotate_bytes and size + len(data) >= self.rotate_bytes:
-                self._rotate()
+                try:
+                    self._rotate()
+                    self._rotation_failed = False
+                except OSError as err:  # the log grows past its size; records still go in
+                    if not self._rotation_failed:
+                        self._rotation_failed = True
+                        _say(f"{self._events.program}: cannot rotate the log {self.path}: "
+                             f"{err.strerror or err}")
+
+    def _append(self, data: bytes) -> None:
+        """One O_APPEND write of whole lines; OSError (nothing of them kept) if it fails."""
+        written = os.write(self._fd, data)
+        if written < len(data):
+            if written:
+                self._blank_out(written)
+            raise OSError(errno.ENOSPC, f"No space left on device (wrote {written} of "
+                          f"{len(data)} bytes)")
+
+    def _blank_out(self, written: int) -> None:
+        """Turn the `written` bytes our short write left at the end into a blank line.
+
+        With O_APPEND the file offset is just past our own bytes, wherever other
+        writers' lines are. pwrite(2) ignores its offset on an O_APPEND descriptor
+        (Linux), so the flag is off for this one overwrite (only this process shares
+        the descriptor, and it holds the mutex).
+        """
+        start = os.lseek(self._fd, 0, os.SEEK_CUR) - written
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_APPEND)
+        try:
+            os.pwrite(self._fd, b" " * (written - 1) + b"\n", start)
+        finally:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
+
+    def _drop(self, err: OSError) -> None:
+        """A record could not be written: count it; the first of an outage is told."""
+        if self._outage is None:
+            self._outage = _Outage(since=_TIMESTAMPS.now(), error=err.strerror or str(err))
+            _say(f"{self._events.program}: cannot write the log {self.path}: "
+                 f"{self._outage.error}; dropping log lines until it can be written again")
+        self._outage.lost += 1
 
     def _rotate(self) -> None:
         lock_fd = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -241,6 +319,28 @@ class SharedFileSink:
                 self._fd = -1
 
 
+@dataclass
+class _Outage:
+    """Records dropped because the log could not be written, since the first one."""
+
+    since: str
+    error: str
+    lost: int = 0
+
+    def notice(self, events: EventLog) -> bytes:
+        """The line that goes in front of the first record written again."""
+        line = events.render("log", "fail", lost=self.lost, since=self.since, error=self.error)
+        return line.encode("utf-8", "backslashreplace")
+
+
+def _say(line: str) -> None:
+    """One line on stderr (supervisord's `*.out`); nothing if even that fails."""
+    try:
+        os.write(2, (line + "\n").encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
 def setup_logging(config: LogConfig, program: str, *, enqueue: bool = False) -> EventLog:
     """Send every loguru record of this process to the shared logfile.
 
@@ -250,7 +350,7 @@ def setup_logging(config: LogConfig, program: str, *, enqueue: bool = False) -> 
     """
     logger.remove()
     logger.configure(extra={"program": program, "peer": "-"})
-    sink = SharedFileSink(config.file, config.rotation_bytes, config.retention)
+    sink = SharedFileSink(config.file, config.rotation_bytes, config.retention, program)
     logger.add(
         sink.write,
         format=LOG_FORMAT,

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from loguru import logger
 
 from shared.config import load_config
+from tests.sender_support import Setup
 from tests.support import MailbagProcess, wait_for_banner, write_config
 
 # CI runs the property tests with a fixed seed, so a red run is reproducible and a
@@ -41,3 +43,27 @@ def receiver_factory(tmp_path: Path) -> Iterator:
 def receiver(receiver_factory):
     """A receiver with the default settings on a private port."""
     return receiver_factory()[0]
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    """`env = setup(relay_address, **sender_keys)`: a runner on a real queue, fake clock."""
+    made: list[Setup] = []
+
+    def make(relay_address: str | None, **sender) -> Setup:
+        made.append(Setup(tmp_path, relay_address, **sender))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+@pytest.fixture
+def log_lines():
+    """Every log line this process writes during the test (EventLog renders the whole line)."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")),
+                      format="{extra[program]} {extra[peer]} {message}")
+    yield lines
+    logger.remove(sink)

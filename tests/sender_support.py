@@ -1,4 +1,5 @@
-"""Real relays for the sender's tests: aiosmtpd on a free loopback port, and smtp-sink.
+"""Real relays for the sender's tests (aiosmtpd on a free loopback port, smtp-sink), and
+a runner on a real queue with a fake clock (`Setup`, the `setup` fixture).
 
 `RecordingHandler` records every envelope and the exact content aiosmtpd received,
 and counts QUITs; replies for RCPT/DATA can be scripted per test (4xx, 5xx).
@@ -21,7 +22,12 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from tests.support import free_port
+from services.sender.app import build_relays
+from services.sender.runner import QueueRunner
+from shared.config import load_config
+from shared.log import EventLog
+from shared.queue import QueueReader, QueueWriter
+from tests.support import free_port, write_config
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 
@@ -288,3 +294,73 @@ class PipeliningRelay(LoopbackRelay):
                 return
             else:
                 conn.sendall(b"250 ok\r\n")
+
+
+class FakeClock:
+    """The runner's clock: moved by the test, or by a relay in the middle of an exchange."""
+
+    def __init__(self, now: float = 1e9) -> None:
+        self.now = now
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            return self.now
+
+    def set(self, now: float) -> None:
+        with self.lock:
+            self.now = now
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+
+class Setup:
+    """A config, a queue writer (the receiver's side) and a runner on it."""
+
+    def __init__(self, folder: Path, relay_address: str | None, **sender) -> None:
+        values = {"retry_initial": 10, "retry_max": 40, "max_queue_lifetime": 1000,
+                  "poll_interval": 60, "relay": relay_address or "", **sender}
+        self.config = load_config(write_config(folder, sender=values))
+        self.writer = QueueWriter(self.config.queue.dir)
+        self.reader = QueueReader(self.config.queue.dir, self.config.queue.failed,
+                                  self.config.queue.quarantine)
+        assert self.reader.try_lock()  # the runner delivers only as the queue's owner
+        self.clock = FakeClock()
+        self.stop = threading.Event()
+        self.runner = self.make_runner()
+        self.runner.load_states()
+
+    def make_runner(self) -> QueueRunner:
+        log = EventLog("S-SMTP", "-")
+        return QueueRunner(self.config, self.reader, log, clock=self.clock, stop=self.stop,
+                           relays=build_relays(self.config, log, self.stop))
+
+    def use_real_clock(self) -> None:
+        """From now on the runner lives in real time (failover, rate limits)."""
+        self.clock = time.time  # type: ignore[assignment]
+        self.runner = self.make_runner()
+        self.runner.load_states()
+
+    def pass_at(self, now: float) -> bool:
+        """One pass that starts at `now` (the clock may move on during it)."""
+        self.clock.set(now)
+        return self.runner.run_pass()
+
+    @property
+    def relay_state(self):
+        return self.runner.relays.routes[0].state
+
+    def queued(self) -> list[str]:
+        return [e.name for e in self.reader.scan().ready]
+
+    def queue_file(self, name: str) -> bytes:
+        return (self.config.queue.dir / name).read_bytes()
+
+    def failed(self) -> list[str]:
+        return sorted(p.name for p in self.config.queue.failed.iterdir())
+
+    def close(self) -> None:
+        self.runner.close_relay()
+        self.reader.close()

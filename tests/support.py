@@ -201,3 +201,19 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
         last = point
     pieces.append(data[last:])
     return pieces
+
+
+def fill_disk(mount_point: Path) -> Path:
+    """Fill the file system at `mount_point` to the last page with one file; return it.
+
+    tmpfs allocates whole pages, so a file that already has a page keeps the rest of
+    it: a write that needs a further page then comes up short.
+    """
+    filler = mount_point / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            for _ in range(100_000):  # bounded: 400 MB
+                handle.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler

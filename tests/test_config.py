@@ -39,7 +39,7 @@ def test_empty_file_gives_the_spec_defaults(tmp_path: Path) -> None:
     assert (rcv.max_connections, rcv.max_message_bytes, rcv.idle_timeout) == (5, 10485760, 300)
     assert rcv.relay_networks == (ipaddress.ip_network("127.0.0.0/8"),
                                   ipaddress.ip_network("::1/128"))
-    assert config.sender.relay is None and config.sender.tls == "none"
+    assert config.sender.relay == () and config.sender.tls == "none"
     assert config.sender.poll_interval == 60
     assert config.local.domains == ("localhost",)
     # Default relative paths are relative to the config's folder, not the cwd.
@@ -99,7 +99,56 @@ BAD_CONFIGS = [
     ("bad-tls-mode", "[sender]\ntls = \"maybe\"\n", "sender.tls"),
     ("bad-hostname", "hostname = \"mx example\"\n", "hostname"),
     ("invalid-toml", "[receiver\nlisten = \n", "invalid TOML"),
+    ("bad-service-user", "[service]\nuser = \"root:root\"\n", "service.user"),
+    ("service-user-number", "[service]\nuser = 1000\n", "service.user"),
+    ("aliases-not-table", "aliases = 5\n", "[aliases]"),
+    ("alias-number", "[aliases]\nroot = 5\n", "aliases.root"),
+    ("alias-list-of-numbers", "[aliases]\nroot = [1]\n", "aliases.root"),
+    ("alias-empty", "[aliases]\nroot = \"\"\n", "'root' expands to nothing"),
+    ("alias-empty-list", "[aliases]\nops = []\n", "'ops' expands to nothing"),
+    ("alias-loop", "[aliases]\na = \"b\"\nb = [\"x@example.org\", \"a\"]\n",
+     "alias loop: a -> b -> a"),
+    ("alias-postmaster-loop", "[aliases]\nroot = \"postmaster\"\n", "alias loop"),
+    ("alias-bad-target", "[aliases]\nroot = \"a@@b\"\n", "'root'"),
+    ("rewrite-unknown-key", "[rewrite]\nsender = \"a@b.org\"\n", "sender"),
+    ("rewrite-envelope-not-address", "[rewrite]\nenvelope_sender = \"me\"\n",
+     "rewrite.envelope_sender"),
+    ("rewrite-envelope-domain-only", "[rewrite]\nenvelope_sender = \"@example.com\"\n",
+     "rewrite.envelope_sender"),
+    ("rewrite-senders-not-table", "[rewrite]\nsenders = \"x\"\n", "rewrite.senders"),
+    ("rewrite-senders-value-type", "[rewrite]\nsenders = {\"@a.org\" = 1}\n",
+     "rewrite.senders.@a.org"),
+    ("rewrite-senders-bad-key", "[rewrite]\nsenders = {\"root\" = \"a@b.org\"}\n",
+     "rewrite.senders.'root'"),
+    ("rewrite-senders-bad-value", "[rewrite]\nsenders = {\"@a.org\" = \"b.org\"}\n",
+     "rewrite.senders.'@a.org'"),
+    ("bounce-bad-duration", "[bounce]\ndelay_warning = \"4 fortnights\"\n",
+     "bounce.delay_warning"),
+    ("bounce-zero-duration", "[bounce]\ndelay_warning = 0\n", "bounce.delay_warning"),
+    ("bounce-bool-duration", "[bounce]\ndelay_warning = true\n", "bounce.delay_warning"),
+    ("dkim-partial", "[dkim]\ndomain = \"example.com\"\n", "dkim: domain, selector"),
+    ("dkim-no-domain", "[dkim]\nselector = \"s\"\nkey_file = \"k.pem\"\n", "dkim: domain"),
+    ("dkim-bad-domain", "[dkim]\ndomain = \"exa mple.com\"\nselector = \"s\"\n"
+     "key_file = \"k\"\n", "dkim.domain"),
+    ("dkim-bad-selector", "[dkim]\ndomain = \"example.com\"\nselector = \"s/1\"\n"
+     "key_file = \"k\"\n", "dkim.selector"),
+    ("dkim-keys-unknown", "[[dkim.keys]]\ndomain = \"a.org\"\nfile = \"k\"\n",
+     "dkim.keys[0]"),
+    ("dkim-keys-partial", "[[dkim.keys]]\ndomain = \"a.org\"\n", "dkim.keys[0]"),
+    ("dkim-keys-not-list", "[dkim]\nkeys = 1\n", "dkim.keys"),
+    ("dkim-duplicate-domain", "[dkim]\ndomain = \"a.org\"\nselector = \"s\"\n"
+     "key_file = \"k\"\n[[dkim.keys]]\ndomain = \"A.org\"\nselector = \"t\"\n"
+     "key_file = \"k2\"\n", "dkim.keys[0].domain: 'A.org' has a key already"),
+    ("dkim-keys-bad-selector", "[dkim]\ndomain = \"a.org\"\nselector = \"s\"\n"
+     "key_file = \"k\"\n[[dkim.keys]]\ndomain = \"b.org\"\nselector = \"t t\"\n"
+     "key_file = \"k2\"\n", "dkim.keys[0].selector"),
 ]
+
+
+def test_service_user_is_empty_by_default_and_a_name_when_set(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "")).service.user == ""
+    assert load_config(_write(tmp_path, '[service]\nuser = "mailbag"\n')).service.user == (
+        "mailbag")
 
 
 @pytest.mark.parametrize(("text", "named"), [pytest.param(t, n, id=i) for i, t, n in BAD_CONFIGS])
@@ -109,6 +158,42 @@ def test_bad_config_is_one_line_naming_the_problem(tmp_path: Path, text: str, na
     message = str(failure.value)
     assert named in message
     assert "\n" not in message
+
+
+def test_new_sections_default(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, ""))
+    assert dict(config.aliases) == {}
+    assert config.rewrite.envelope_sender == "" and dict(config.rewrite.senders) == {}
+    assert config.bounce.delay_warning == 4 * 3600
+    assert config.dkim.all_keys == ()
+
+
+def test_new_sections_are_read(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, (
+        '[aliases]\nroot = "ops@example.org"\nops = ["a", "b@example.com"]\n"*" = "root"\n'
+        '[rewrite]\nenvelope_sender = "me@example.com"\n'
+        'senders = {"root@localhost" = "alerts@example.com", "@localhost" = "@example.com"}\n'
+        '[bounce]\ndelay_warning = ""\n'
+        '[dkim]\ndomain = "example.com"\nselector = "s1"\nkey_file = "keys/a.pem"\n'
+        '[[dkim.keys]]\ndomain = "example.org"\nselector = "s2"\nkey_file = "/k/b.pem"\n'
+    )))
+    assert dict(config.aliases) == {"root": ("ops@example.org",), "ops": ("a", "b@example.com"),
+                                    "*": ("root",)}
+    assert config.rewrite.envelope_sender == "me@example.com"
+    assert dict(config.rewrite.senders) == {"root@localhost": "alerts@example.com",
+                                            "@localhost": "@example.com"}
+    assert config.bounce.delay_warning is None
+    assert [(k.domain, k.selector, k.key_file) for k in config.dkim.all_keys] == [
+        ("example.com", "s1", tmp_path / "keys/a.pem"), ("example.org", "s2", Path("/k/b.pem"))]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ('"30m"', 1800), ('"4h"', 14400), ('"2d"', 172800), ('"90"', 90), ("90", 90),
+    ('"1.5h"', 5400), ('" 45 s "', 45), ("0.5", 0.5),
+])
+def test_delay_warning_durations(tmp_path: Path, text: str, seconds: float) -> None:
+    config = load_config(_write(tmp_path, f"[bounce]\ndelay_warning = {text}\n"))
+    assert config.bounce.delay_warning == seconds
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -10,24 +10,16 @@
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import pytest
 
 from shared.config import load_config
-from shared.queue import WORK_DIRNAME, QueueWriter
+from shared.queue import QueueWriter
 from tests.hardening_support import ready_files, wait_for
 from tests.sender_support import RecordingHandler, Relay
 from tests.support import MailbagProcess, tiny_tmpfs, write_config
 
 pytestmark = pytest.mark.e2e
-
-
-def _claimed(queue_dir: Path) -> list[Path]:
-    work = queue_dir / WORK_DIRNAME
-    if not work.exists():
-        return []
-    return [p for d in work.iterdir() if d.is_dir() for p in d.iterdir()]
 
 
 def test_kill_9_of_the_sender_mid_relay_loses_nothing(tmp_path):
@@ -47,7 +39,7 @@ def test_kill_9_of_the_sender_mid_relay_loses_nothing(tmp_path):
         sender.proc.send_signal(signal.SIGKILL)
         sender.proc.wait(10)
         # Nothing acknowledged yet, nothing lost: all four are still on disk somewhere.
-        on_disk = ready_files(config.queue.dir) + _claimed(config.queue.dir)
+        on_disk = ready_files(config.queue.dir)
         assert len(on_disk) == len(markers), on_disk
         handler.data_delay = 0.0
 
@@ -57,8 +49,7 @@ def test_kill_9_of_the_sender_mid_relay_loses_nothing(tmp_path):
             with handler.lock:
                 got = [m.content for m in handler.messages]
             delivered = all(any(marker in c for c in got) for marker in markers)
-            return delivered and not ready_files(config.queue.dir) and not _claimed(
-                config.queue.dir)
+            return delivered and not ready_files(config.queue.dir)
 
         wait_for(all_delivered_and_queue_empty, timeout=20, what="every message delivered")
         with handler.lock:
@@ -100,7 +91,7 @@ def test_full_maildir_disk_defers_leaves_nothing_partial_and_recovers(tmp_path, 
 
         wait_for(one_delivered_one_deferred, timeout=15, what="a delivery and a deferral")
         # The deferred one is still queued (ready or being retried), nothing partial.
-        assert len(ready_files(config.queue.dir) + _claimed(config.queue.dir)) == 1
+        assert len(ready_files(config.queue.dir)) == 1
         wait_for(lambda: not list((box / "tmp").iterdir()), timeout=5,
                  what="an empty Maildir tmp/")
         [delivered] = list((box / "new").iterdir())
@@ -111,7 +102,7 @@ def test_full_maildir_disk_defers_leaves_nothing_partial_and_recovers(tmp_path, 
 
         def second_delivered():
             return (len(list((box / "new").iterdir())) == 1
-                    and not ready_files(config.queue.dir) and not _claimed(config.queue.dir))
+                    and not ready_files(config.queue.dir))
 
         wait_for(second_delivered, timeout=15, what="the deferred message delivered")
         assert not list((box / "tmp").iterdir())

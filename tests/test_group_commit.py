@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import shared.queue as queue_module
+import shared.queue.writer as queue_module
 from shared.queue import GroupCommit, QueueFile, QueueWriteError, QueueWriter
 from tests.support import tiny_tmpfs
 

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.queue import (
     FINISH_BACKLOG,
     LOCK_NAME,
     REWRITE_SUFFIX,
     TMP_DIRNAME,
-    WORK_DIRNAME,
     QueueFile,
     QueueFormatError,
     QueueReader,
     QueueWriteError,
     QueueWriter,
 )
-from tests.support import tiny_tmpfs
+from tests.support import PROPERTY_SETTINGS, tiny_tmpfs
 
 # ---------------------------------------------------------------------------- format
 
@@ -81,12 +79,44 @@ def test_format_errors(raw: bytes) -> None:
         QueueFile.from_bytes(raw)
 
 
-@pytest.mark.parametrize("address", ["a\n@b", "a>@b", "<a@b", "a\r@b", "a\x00@b"])
+@pytest.mark.parametrize("address", ["a\n@b", "a>@b", "<a@b", "a\r@b", "a\x00@b",
+                                     "bad\x01box@localhost", "a\x7f@b", "\ud800@b"])
 def test_unqueueable_address_is_refused_not_written(address: str) -> None:
     with pytest.raises(QueueFormatError):
         QueueFile(address, ("c@d",), b"").to_bytes()
     with pytest.raises(QueueFormatError):
         QueueFile("c@d", (address,), b"").to_bytes()
+
+
+def test_the_parser_refuses_what_the_writer_refuses() -> None:
+    """A control byte in an address used to parse, and then crash the sender when it
+    had to write the message again (fail, rewrite)."""
+    with pytest.raises(QueueFormatError):
+        QueueFile.from_bytes(b"From: <a@b>\nTo: <bad\x01box@localhost>\n\nx")
+    with pytest.raises(QueueFormatError):
+        QueueFile("a@b", (), b"x").to_bytes()  # no recipient: the parser refuses it too
+
+
+_ENVELOPE_BYTES = st.binary(max_size=12) | st.sampled_from(
+    [b"a@b", b"", b"\x01", b"<", b">", b"\xff\xfe", "j\u00f6s\u00e9@b".encode(), b"\x7f"])
+
+
+@given(
+    lines=st.lists(
+        st.tuples(st.sampled_from([b"From", b"To", b"Cc", b"from"]), _ENVELOPE_BYTES),
+        min_size=1, max_size=5),
+    data=st.binary(max_size=40),
+)
+@PROPERTY_SETTINGS
+def test_every_file_the_parser_accepts_round_trips_through_the_writer(
+    lines: list[tuple[bytes, bytes]], data: bytes
+) -> None:
+    raw = b"".join(kind + b": <" + address + b">\n" for kind, address in lines) + b"\n" + data
+    try:
+        message = QueueFile.from_bytes(raw)
+    except QueueFormatError:
+        return
+    assert message.to_bytes() == raw
 
 
 # ---------------------------------------------------------------------------- writer
@@ -209,44 +239,14 @@ def queue(tmp_path: Path) -> Iterator[tuple[QueueWriter, QueueReader]]:
     reader.close()
 
 
-def test_list_ready_is_oldest_first_and_ignores_dot_entries(queue) -> None:
+def test_scan_is_oldest_first_and_ignores_dot_entries(queue) -> None:
     writer, reader = queue
     names = [writer.store("a@b", ["c@d"], b"%d" % n) for n in range(3)]
     for age, name in zip((100, 300, 200), names, strict=True):
         os.utime(writer.dir / name, ns=(0, 1_700_000_000_000_000_000 - age * 10**9))
     (writer.dir / ".hidden").write_bytes(b"x")
     (writer.tmp_dir / "partial").write_bytes(b"x")
-    assert [e.name for e in reader.list_ready()] == [names[1], names[2], names[0]]
-
-
-OLDER_SENDER = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o640)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(60)
-"""
-
-
-def test_no_queue_lock_while_a_sender_of_the_claiming_version_runs(tmp_path: Path) -> None:
-    """A sender of the version that claimed into .work/<pid>/ knows no queue lock:
-    while one lives (its <pid>.lock held) the new sender must wait, not deliver too."""
-    writer = QueueWriter(tmp_path / "queue")
-    work_root = writer.dir / WORK_DIRNAME
-    (work_root / "4242").mkdir(parents=True)
-    older = subprocess.Popen([sys.executable, "-c", OLDER_SENDER, str(work_root / "4242.lock")],
-                             stdout=subprocess.PIPE, text=True)
-    reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
-    try:
-        assert older.stdout is not None and older.stdout.readline() == "locked\n"
-        assert not reader.try_lock()
-        older.kill()
-        older.wait(10)
-        assert reader.try_lock()  # it died: its claims can be taken back, the queue owned
-    finally:
-        older.kill()
-        older.wait(10)
-        reader.close()
+    assert [e.name for e in reader.scan().ready] == [names[1], names[2], names[0]]
 
 
 def test_the_queue_lock_has_one_holder_and_is_kept_until_close(tmp_path: Path) -> None:
@@ -271,16 +271,15 @@ def test_a_message_is_read_where_it_lies_and_a_deferral_keeps_its_place(queue) -
     writer, reader = queue
     assert reader.try_lock()
     first, second = (writer.store("a@b", ["c@d"], b"%d\r\n" % n) for n in range(2))
-    before = [(e.name, e.mtime_ns) for e in reader.list_ready()]
+    before = [(e.name, e.mtime_ns) for e in reader.scan().ready]
     path = reader.path_of(first)
     assert isinstance(path, str) and path == str(writer.dir / first)
     assert reader.read(path) == QueueFile("a@b", ("c@d",), b"0\r\n")
-    assert [(e.name, e.mtime_ns) for e in reader.list_ready()] == before  # untouched
+    assert [(e.name, e.mtime_ns) for e in reader.scan().ready] == before  # untouched
     for name in (first, second):
         reader.finish(reader.path_of(name))
     assert reader.flush() == []
-    assert reader.list_ready() == [] and ready_files(writer.dir) == []
-    assert not (writer.dir / WORK_DIRNAME).exists()  # no work folders any more
+    assert reader.scan().ready == [] and ready_files(writer.dir) == []
 
 
 def test_rewrite_goes_through_a_dot_name_and_keeps_the_place(queue) -> None:
@@ -292,7 +291,7 @@ def test_rewrite_goes_through_a_dot_name_and_keeps_the_place(queue) -> None:
     mtime = os.stat(writer.dir / older).st_mtime_ns
     reader.rewrite(writer.dir / older, QueueFile("a@b", ("e@f",), b"old\r\n"))
     assert reader.read(writer.dir / older) == QueueFile("a@b", ("e@f",), b"old\r\n")
-    assert [(e.name, e.mtime_ns) for e in reader.list_ready()][0] == (older, mtime)
+    assert [(e.name, e.mtime_ns) for e in reader.scan().ready][0] == (older, mtime)
     assert sorted(os.listdir(writer.dir)) == sorted([older, newer, TMP_DIRNAME, LOCK_NAME])
 
 
@@ -303,7 +302,7 @@ def test_a_rewrite_left_by_a_crash_is_removed_by_the_next_owner(tmp_path: Path) 
     stale.write_bytes(b"half")
     reader = QueueReader(writer.dir, tmp_path / "failed", tmp_path / "quarantine")
     try:
-        assert [e.name for e in reader.list_ready()] == [name]  # never listed
+        assert [e.name for e in reader.scan().ready] == [name]  # never listed
         assert reader.try_lock()
         assert not stale.exists()
         assert reader.read(writer.dir / name).recipients == ("c@d", "e@f")  # the original
@@ -320,46 +319,6 @@ def test_close_leaves_what_was_not_finished_in_place(tmp_path: Path) -> None:
     reader.close()
     assert ready_files(writer.dir) == [name]
 
-
-def _fake_work_folder(queue_dir: Path, pid: str, names: list[str]) -> Path:
-    """Pretend sender `pid` claimed `names` (its work folder and lock file)."""
-    work = queue_dir / WORK_DIRNAME / pid
-    work.mkdir(parents=True)
-    for name in names:
-        os.rename(queue_dir / name, work / name)
-    (queue_dir / WORK_DIRNAME / f"{pid}.lock").write_bytes(b"")
-    return work
-
-
-def test_recover_abandoned_takes_back_only_from_dead_senders(queue) -> None:
-    writer, reader = queue
-    dead = writer.store("a@b", ["c@d"], b"dead")
-    alive = writer.store("a@b", ["c@d"], b"alive")
-    dead_work = _fake_work_folder(writer.dir, "999991", [dead])
-    alive_work = _fake_work_folder(writer.dir, "999992", [alive])
-    # A live sender holds the flock on its lock file (a separate open file description).
-    lock_fd = os.open(writer.dir / WORK_DIRNAME / "999992.lock", os.O_WRONLY)
-    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
-        assert reader.recover_abandoned() == [dead]
-        assert ready_files(writer.dir) == [dead]
-        assert not dead_work.exists()
-        assert os.listdir(alive_work) == [alive]
-    finally:
-        os.close(lock_fd)  # the live sender dies
-    assert reader.recover_abandoned() == [alive]
-    assert ready_files(writer.dir) == sorted([dead, alive])
-    assert reader.recover_abandoned() == []
-
-
-def test_recover_abandoned_without_an_older_sender_is_a_no_op(queue) -> None:
-    writer, reader = queue
-    name = writer.store("a@b", ["c@d"], b"x")
-    assert reader.recover_abandoned() == []
-    assert ready_files(writer.dir) == [name] and not (writer.dir / WORK_DIRNAME).exists()
-
-
-# ---------------------------------------------------------------------------- finishing behind
 
 def test_finished_files_are_gone_after_flush_and_close(tmp_path) -> None:
     writer = QueueWriter(tmp_path / "queue")

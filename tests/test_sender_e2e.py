@@ -10,6 +10,7 @@ import os
 import signal
 import smtplib
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from shared.config import Config, load_config
 from shared.queue import QueueWriter
 from tests.sender_support import Relay, SmtpSink, authenticator
-from tests.support import MailbagProcess, TestCA, write_config
+from tests.support import REPO, MailbagProcess, TestCA, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -41,12 +42,9 @@ def log_text(config: Config) -> str:
 
 
 def queued(config: Config) -> list[str]:
-    """Messages still in the queue: ready in queue.dir (dot names are not messages), or
-    claimed in .work/<pid>/ by an older sender version."""
-    ready = [p.name for p in config.queue.dir.iterdir()
-             if p.is_file() and not p.name.startswith(".")]
-    claimed = [p.name for p in config.queue.dir.glob(".work/*/*")]
-    return sorted(ready + claimed)
+    """Messages still in the queue: ready in queue.dir (dot names are not messages)."""
+    return sorted(p.name for p in config.queue.dir.iterdir()
+                  if p.is_file() and not p.name.startswith("."))
 
 
 @pytest.fixture
@@ -243,11 +241,10 @@ def test_term_exits_0_and_leaves_undelivered_mail_queued(tmp_path: Path, sender_
     config = load_config(path)
     sender = sender_factory(path)
     QueueWriter(config.queue.dir).store("a@example.com", ["b@example.org"], b"x\r\n")
-    wait_until(lambda: "no-relay defer" in log_text(config), what="the no-relay notice")
+    wait_until(lambda: "waiting defer" in log_text(config), what="the waiting notice")
     sender.signal(signal.SIGTERM)
     assert sender.proc.wait(10) == 0
     assert len(queued(config)) == 1
-    assert not (config.queue.dir / ".work").exists()  # no claims any more
     assert "S-SMTP - exit ok" in log_text(config)
 
 
@@ -320,3 +317,87 @@ def test_chain_to_smtp_sink_with_smuggling_queue_file(tmp_path: Path, sender_fac
         assert b"X-Rcpt-Args: <b@example.org>" in dump.read_bytes()
     finally:
         sink.stop()
+
+
+def test_a_bad_address_in_a_queue_file_never_stops_the_sender(
+    tmp_path: Path, sender_factory
+) -> None:
+    """A control byte in an address used to crash the sender (exit 1) at the moment the
+    message had to be failed, at every restart: nothing behind it was delivered."""
+    path = write_config(tmp_path, sender=FAST)
+    config = load_config(path)
+    config.queue.dir.mkdir(parents=True)
+    bad = config.queue.dir / "18ec000000000000bad001"
+    bad.write_bytes(b"From: <a@example.com>\nTo: <bad\x01box@localhost>\n\nx\r\n")
+    os.utime(bad, ns=(1, 1))  # the oldest: in the way of the others
+    sender = sender_factory(path)
+    QueueWriter(config.queue.dir).store("a@example.com", ["you@localhost"], b"x\r\n")
+    box = config.local.maildir / "you" / "new"
+    wait_until(lambda: box.exists() and any(box.iterdir()), what="the good message")
+    wait_until(lambda: queued(config) == [], what="the queue to empty")
+    assert sender.proc.poll() is None
+    assert bad.name in os.listdir(config.queue.quarantine)
+    assert " crash " not in log_text(config)
+
+
+def test_term_during_a_hanging_connect_exits_0_within_5_seconds(
+    tmp_path: Path, sender_factory
+) -> None:
+    """The relay's SYN queue is full (a listener that never accepts, its backlog taken
+    by two idle connections): the sender's connect hangs. TERM ends it at once, not
+    after connect_timeout (which supervisord would have cut with a KILL)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        path = write_config(tmp_path, sender={**FAST, "relay": f"127.0.0.1:{port}",
+                                              "connect_timeout": 60})
+        config = load_config(path)
+        sender = sender_factory(path)
+        QueueWriter(config.queue.dir).store("a@example.com", ["b@example.org"], b"x\r\n")
+        time.sleep(1.0)  # the sender is inside its connect now
+        assert sender.proc.poll() is None
+        started = time.monotonic()
+        sender.signal(signal.SIGTERM)
+        assert sender.proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+        assert queued(config) != []
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+CRASHING_SENDER = """
+import sys
+from shared.signals import StopFlag
+stop = StopFlag().install()
+import services.sender.runner as runner
+def crash(self, wake):
+    raise RuntimeError("an injected bug")
+runner.QueueRunner.run = crash
+from services.sender.app import main
+from shared.cli import run_program
+run_program("sender", "crashing sender", main, stop, ["--config", sys.argv[1]])
+"""
+
+
+def test_a_crash_is_never_logged_as_exit_ok(tmp_path: Path) -> None:
+    path = write_config(tmp_path, sender=FAST)
+    config = load_config(path)
+    done = subprocess.run([sys.executable, "-c", CRASHING_SENDER, str(path)],
+                          cwd=REPO, capture_output=True, timeout=30)
+    assert done.returncode == 1
+    lines = log_text(config).splitlines()
+    assert any(" crash fail " in line and "an injected bug" in line for line in lines)
+    (exit_line,) = [line for line in lines if " exit " in line]
+    assert " exit fail " in exit_line and "status=1" in exit_line

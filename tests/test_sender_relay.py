@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from services.sender.client import OutgoingMessage
-from services.sender.relay import RelayConnection, RelayError, RelaySettings
+from services.sender.relay import RelayConnection, RelayError, RelaySettings, Timeouts
 from shared.config import HostPort
 from shared.log import EventLog
 from tests.sender_support import RecordingHandler, Relay, SmtpSink, authenticator
@@ -28,8 +28,7 @@ def settings(address: str, **overrides) -> RelaySettings:
     values = dict(
         address=HostPort.parse(address),
         hostname="mailbag.test",
-        connect_timeout=2.0,
-        timeouts={k: 2.0 for k in ("greeting", "command", "data_init", "data_block", "data_end")},
+        timeouts=Timeouts(2.0, 2.0, 2.0, 2.0, 2.0, 2.0),
     )
     values.update(overrides)
     return RelaySettings(**values)
@@ -68,7 +67,7 @@ def test_content_is_byte_identical_and_quit_is_sent(relay) -> None:
     assert got.content == DATA
     assert got.mail_from == "alice@example.com" and got.rcpt_tos == ["bob@example.org"]
     assert any(o.startswith("SIZE=") for o in got.mail_options)
-    assert "BODY=8BITMIME" in got.mail_options
+    assert not any(o.startswith("BODY=") for o in got.mail_options)  # 7-bit data
     server.handler.wait_quits(1)
 
 
@@ -145,8 +144,7 @@ def test_silent_relay_times_out() -> None:
     thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
     thread.start()
     try:
-        timeouts = {k: 0.3 for k in ("greeting", "command", "data_init", "data_block",
-                                     "data_end")}
+        timeouts = Timeouts(2.0, 0.3, 0.3, 0.3, 0.3, 0.3)
         conn = RelayConnection(settings(f"127.0.0.1:{port}", timeouts=timeouts), LOG)
         with pytest.raises(RelayError) as err:
             conn.open()

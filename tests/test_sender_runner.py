@@ -1,40 +1,46 @@
 """The queue runner with a real queue folder, real Maildirs and a real aiosmtpd relay.
 
-Time is passed in (`now`), so backoff, relay retry and max_queue_lifetime are tested
-without waiting for them.
+Time comes from a fake clock that the tests (and relays, inside an exchange) move
+forward, so backoff, relay retry and max_queue_lifetime are tested without waiting
+for them, with passes that take time.
 """
 
 from __future__ import annotations
 
 import mailbox
 import os
+import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
+from services.sender.app import build_relays
 from services.sender.local import LocalDelivery, is_local, mailbox_name
-from services.sender.relay import RelayConnection, RelaySettings
-from services.sender.runner import Backoff, QueueRunner, RetrySchedule, arrival_time
+from services.sender.runner import QueueRunner
 from shared.config import load_config
 from shared.log import EventLog
-from shared.queue import REASON_SUFFIX, QueueFile, QueueReader, QueueWriter, new_queue_id
-from tests.sender_support import LoopbackRelay, PipeliningRelay, RecordingHandler, Relay
-from tests.support import free_port, write_config
+from shared.queue import (
+    REASON_SUFFIX,
+    QueueFile,
+    QueueReader,
+    QueueWriter,
+    arrival_time,
+    new_queue_id,
+)
+from tests.sender_support import (
+    FakeClock,
+    LoopbackRelay,
+    PipeliningRelay,
+    RecordingHandler,
+    Relay,
+    Setup,
+)
+from tests.support import free_port, tiny_tmpfs, write_config
 
 DATA = b"Subject: hello\r\n\r\nbody\r\n.dot line\r\n"
-
-
-@pytest.fixture
-def log_lines():
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")),
-                      format="{extra[program]} {extra[peer]} {message}")
-    yield lines
-    logger.remove(sink)
 
 
 @pytest.fixture
@@ -44,72 +50,7 @@ def relay():
     server.stop()
 
 
-class Setup:
-    """A config, a queue writer (the receiver's side) and a runner on it."""
-
-    def __init__(self, folder: Path, relay_address: str | None, **sender) -> None:
-        values = {"retry_initial": 10, "retry_max": 40, "max_queue_lifetime": 1000,
-                  "poll_interval": 60, "relay": relay_address or "", **sender}
-        self.config = load_config(write_config(folder, sender=values))
-        self.writer = QueueWriter(self.config.queue.dir)
-        self.reader = QueueReader(self.config.queue.dir, self.config.queue.failed,
-                                  self.config.queue.quarantine)
-        assert self.reader.try_lock()  # the runner delivers only as the queue's owner
-        connect = None
-        if relay_address:
-            relay_settings = RelaySettings.from_config(self.config.sender, "mailbag.test", "")
-            log = EventLog("S-SMTP", "-")
-            connect = lambda: RelayConnection(relay_settings, log)  # noqa: E731
-        self.runner = QueueRunner(self.config, self.reader, EventLog("S-SMTP", "-"),
-                                  connect=connect)
-
-    def queued(self) -> list[str]:
-        return [e.name for e in self.reader.list_ready()]
-
-    def queue_file(self, name: str) -> bytes:
-        return (self.config.queue.dir / name).read_bytes()
-
-    def failed(self) -> list[str]:
-        return sorted(p.name for p in self.config.queue.failed.iterdir())
-
-    def close(self) -> None:
-        self.runner.close_relay()
-        self.reader.close()
-
-
-@pytest.fixture
-def setup(tmp_path: Path):
-    made: list[Setup] = []
-
-    def make(relay_address: str | None, **sender) -> Setup:
-        made.append(Setup(tmp_path, relay_address, **sender))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.close()
-
-
 # ---------------------------------------------------------------------------- pure parts
-
-def test_backoff_doubles_up_to_the_maximum() -> None:
-    backoff = Backoff(60, 3600)
-    assert [backoff.delay(n) for n in range(1, 9)] == [60, 120, 240, 480, 960, 1920, 3600, 3600]
-    assert backoff.delay(10_000) == 3600
-
-
-def test_retry_schedule_counts_attempts_not_holds() -> None:
-    schedule = RetrySchedule(Backoff(10, 40))
-    assert schedule.due("a", 0)
-    assert schedule.defer("a", 100, "451") == 110
-    assert not schedule.due("a", 109) and schedule.due("a", 110)
-    assert schedule.defer("a", 110, "451") == 130
-    schedule.hold("a", 500, "relay down")
-    assert schedule.get("a").attempts == 2
-    assert schedule.defer("a", 500, "451") == 540  # 10 * 2**2 = 40, the maximum
-    schedule.prune(set())
-    assert schedule.due("a", 0) and schedule.next_due() is None
-
 
 def test_arrival_time_comes_from_the_queue_id() -> None:
     assert arrival_time(new_queue_id(1_700_000_000_123_000_000), 0) == pytest.approx(1.7e9 + 0.123)
@@ -151,14 +92,14 @@ def test_local_routing() -> None:
 def test_relayed_message_leaves_the_queue_byte_identical(setup, relay) -> None:
     env = setup(relay.address)
     queue_id = env.writer.store("alice@example.com", ["bob@example.org"], DATA)
-    assert env.runner.run_pass(now=1e12) is True
+    assert env.pass_at(1e12) is True
     env.runner.close_relay()
     (got,) = relay.handler.wait_for(1)
     assert got.content == DATA and got.rcpt_tos == ["bob@example.org"]
     assert env.queued() == [] and env.failed() == []
     assert queue_id not in os.listdir(env.config.queue.dir)
     relay.handler.wait_quits(1)
-    assert env.runner.run_pass(now=1e12) is False
+    assert env.pass_at(1e12) is False
 
 
 def _immutable(path: Path, on: bool) -> None:
@@ -178,16 +119,16 @@ def test_a_delivered_message_that_cannot_be_unlinked_is_not_sent_again(
     path = env.config.queue.dir / queue_id
     _immutable(path, True)
     try:
-        assert env.runner.run_pass(now=1e12) is True
+        assert env.pass_at(1e12) is True
         relay.handler.wait_for(1)
-        assert env.runner.run_pass(now=1e12) is False  # not delivered twice
-        assert env.runner.run_pass(now=1e12) is False
+        assert env.pass_at(1e12) is False  # not delivered twice
+        assert env.pass_at(1e12) is False
         env.runner.close_relay()
         assert len(relay.handler.messages) == 1 and env.queued() == [queue_id]
         assert len([x for x in log_lines if " finish fail " in x]) == 1
     finally:
         _immutable(path, False)
-    env.runner.run_pass(now=1e12)  # the unlink is retried, and now succeeds
+    env.pass_at(1e12)  # the unlink is retried, and now succeeds
     assert env.queued() == [] and len(relay.handler.messages) == 1
 
 
@@ -196,7 +137,7 @@ def test_all_recipients_sent_is_one_line_and_the_file_goes(setup, relay, log_lin
     moves exactly as the general one: one `sent ok` line naming every recipient."""
     env = setup(relay.address)
     queue_id = env.writer.store("a@example.com", ["b@example.org", "c@example.net"], DATA)
-    assert env.runner.run_pass(now=1e12) is True
+    assert env.pass_at(1e12) is True
     env.runner.close_relay()
     (got,) = relay.handler.wait_for(1)
     assert got.rcpt_tos == ["b@example.org", "c@example.net"]
@@ -204,14 +145,14 @@ def test_all_recipients_sent_is_one_line_and_the_file_goes(setup, relay, log_lin
     assert env.queued() == []
     (line,) = [line for line in log_lines if f"id={queue_id}" in line]
     assert " sent ok " in line and "to=<b@example.org>,<c@example.net>" in line
-    assert env.runner.schedule.get(queue_id) is None
+    assert queue_id not in env.runner.states
 
 
 def test_one_connection_carries_the_whole_pass(setup, relay) -> None:
     env = setup(relay.address)
     for number in range(5):
         env.writer.store("a@example.com", ["b@example.org"], b"n %d\r\n" % number)
-    env.runner.run_pass(now=1e12)
+    env.pass_at(1e12)
     env.runner.close_relay()
     got = relay.handler.wait_for(5)
     assert [m.content for m in got] == [b"n %d\r\n" % n for n in range(5)]  # oldest first
@@ -222,7 +163,7 @@ def test_one_connection_carries_the_whole_pass(setup, relay) -> None:
 def test_local_delivery_to_maildir(setup) -> None:
     env = setup(None)
     env.writer.store("alice@example.com", ["you@localhost", "postmaster"], DATA)
-    assert env.runner.run_pass(now=1e12)
+    assert env.pass_at(1e12)
     assert env.queued() == []
     for name in ("you", "postmaster"):
         folder = env.config.local.maildir / name
@@ -238,7 +179,7 @@ def test_unparseable_file_is_quarantined(setup, log_lines) -> None:
     bad = env.config.queue.dir / new_queue_id()
     bad.write_bytes(b"this is not a queue file")
     good = env.writer.store("a@example.com", ["you@localhost"], b"x\r\n")
-    assert env.runner.run_pass(now=1e12)
+    assert env.pass_at(1e12)
     quarantine = env.config.queue.quarantine
     assert (quarantine / bad.name).read_bytes() == b"this is not a queue file"
     assert (quarantine / (bad.name + REASON_SUFFIX)).read_text().strip()
@@ -252,7 +193,7 @@ def test_5xx_goes_to_failed_with_the_reply(setup, log_lines) -> None:
     try:
         env = setup(server.address)
         queue_id = env.writer.store("a@example.com", ["gone@example.org"], DATA)
-        env.runner.run_pass(now=1e12)
+        env.pass_at(1e12)
         env.runner.close_relay()
     finally:
         server.stop()
@@ -274,7 +215,7 @@ def test_mixed_results_rewrite_the_file_and_retry_with_backoff(setup, log_lines)
         env = setup(server.address)
         recipients = ["ok@example.org", "gone@example.org", "later@example.org", "me@localhost"]
         queue_id = env.writer.store("a@example.com", recipients, DATA)
-        env.runner.run_pass(now=1000.0)
+        env.pass_at(1000.0)
         # Delivered ones are gone from the file, the failed one is recorded apart.
         assert env.queued() == [queue_id]
         assert env.queue_file(queue_id).startswith(
@@ -284,9 +225,9 @@ def test_mixed_results_rewrite_the_file_and_retry_with_backoff(setup, log_lines)
                    for line in log_lines)
         # Not due before retry_initial (10 s), due after; the relay accepts now.
         assert env.runner.sleep_time(1000.0) == pytest.approx(10.0)
-        assert env.runner.run_pass(now=1005.0) is False
+        assert env.pass_at(1005.0) is False
         handler.rcpt_replies.clear()
-        assert env.runner.run_pass(now=1010.0) is True
+        assert env.pass_at(1010.0) is True
         env.runner.close_relay()
         got = handler.wait_for(2)
     finally:
@@ -306,10 +247,10 @@ def test_backoff_doubles_for_a_message_that_keeps_failing(setup) -> None:
         now = 5000.0
         waits = []
         for _ in range(4):
-            assert env.runner.run_pass(now=now)
-            entry = env.runner.schedule.get(queue_id)
-            waits.append(entry.until - now)
-            now = entry.until
+            assert env.pass_at(now)
+            state = env.runner.states[queue_id]
+            waits.append(state.next_attempt - now)
+            now = state.next_attempt
         env.runner.close_relay()
     finally:
         server.stop()
@@ -322,18 +263,23 @@ def test_relay_down_holds_mail_and_delivers_when_it_returns(setup, log_lines) ->
     env = setup(relay.address)  # nothing listens there yet
     remote = env.writer.store("a@example.com", ["b@example.org"], DATA)
     local = env.writer.store("a@example.com", ["you@localhost", "c@example.org"], DATA)
-    assert env.runner.run_pass(now=2000.0)
+    assert env.pass_at(2000.0)
     assert any("connect fail" in line for line in log_lines)
     # Local mail is not held hostage; remote mail stays queued.
     assert (env.config.local.maildir / "you" / "new").exists()
     assert sorted(env.queued()) == sorted([remote, local])
-    assert env.runner.relay.retry_at == 2010.0
+    assert env.relay_state.retry_at == 2010.0
     assert env.runner.sleep_time(2000.0) == pytest.approx(10.0)
-    assert env.runner.run_pass(now=2001.0) is False  # backing off: nothing tried
-    assert any("relay-down defer" in line and "waiting=2" in line for line in log_lines)
+    assert env.pass_at(2001.0) is False  # backing off: nothing tried
+    # Each message waiting for the relay has its own line, with its id.
+    for queue_id in (remote, local):
+        (line,) = [x for x in log_lines if f"id={queue_id}" in x and " waiting defer " in x]
+        assert "until=1970-01-01T00:33:30+00:00" in line and "relay unavailable" in line
+    # Not tried (a wait, not a deferral): no attempt counted.
+    assert env.runner.states[remote].attempts == 0
     relay.start()
     try:
-        assert env.runner.run_pass(now=2010.0)
+        assert env.pass_at(2010.0)
         env.runner.close_relay()
         got = relay.handler.wait_for(2)
     finally:
@@ -349,26 +295,26 @@ def test_relay_backoff_doubles_while_it_stays_down(setup) -> None:
     now = 100.0
     retries = []
     for _ in range(4):
-        env.runner.run_pass(now=now)
-        retries.append(env.runner.relay.retry_at - now)
-        now = env.runner.relay.retry_at
+        env.pass_at(now)
+        retries.append(env.relay_state.retry_at - now)
+        now = env.relay_state.retry_at
     assert retries == [10, 20, 40, 40]
 
 
-def test_no_relay_configured_keeps_mail_and_says_so_once_per_pass(setup, log_lines) -> None:
-    env = setup(None)  # poll_interval = 60
+def test_no_relay_configured_keeps_mail_and_says_so_once_per_message(setup, log_lines) -> None:
+    env = setup(None)  # poll_interval = 60, max_queue_lifetime = 1000
     queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
     now = arrival_time(queue_id, 0)
-    for offset in (0, 1, 2):  # quick passes in a row repeat nothing
-        env.runner.run_pass(now=now + offset)
+    for offset in (0, 1, 2, 61):  # later passes repeat nothing: it waits for its expiry
+        env.pass_at(now + offset)
     assert env.queued() == [queue_id]
-    said = [line for line in log_lines if "no-relay" in line]
-    assert len(said) == 1 and "waiting=1" in said[0]
-    env.runner.run_pass(now=now + 61)  # the next poll: said again
-    env.writer.store("a@example.com", ["c@example.org"], DATA)
-    env.runner.run_pass(now=now + 62)  # the situation changed: said at once
-    said = [line for line in log_lines if "no-relay" in line]
-    assert len(said) == 3 and "waiting=2" in said[2]
+    (said,) = [line for line in log_lines if " waiting defer " in line]
+    assert f"id={queue_id}" in said and "no relay configured" in said
+    assert env.runner.states[queue_id].next_attempt == pytest.approx(now + 1000)
+    other = env.writer.store("a@example.com", ["c@example.org"], DATA)
+    env.pass_at(now + 62)
+    said = [line for line in log_lines if " waiting defer " in line]
+    assert len(said) == 2 and f"id={other}" in said[1]
     assert len(env.queued()) == 2
 
 
@@ -379,9 +325,9 @@ def test_max_queue_lifetime_fails_what_is_still_deferred(setup) -> None:
         env = setup(server.address, max_queue_lifetime=100)
         queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
         arrived = arrival_time(queue_id, 0)
-        env.runner.run_pass(now=arrived + 50)
+        env.pass_at(arrived + 50)
         assert env.queued() == [queue_id]
-        env.runner.run_pass(now=arrived + 101)  # expired: due at once, fails for good
+        env.pass_at(arrived + 101)  # expired: due at once, fails for good
         env.runner.close_relay()
     finally:
         server.stop()
@@ -394,9 +340,9 @@ def test_expired_while_no_relay_configured(setup) -> None:
     env = setup(None, max_queue_lifetime=100)
     queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
     arrived = arrival_time(queue_id, 0)
-    env.runner.run_pass(now=arrived + 1)
+    env.pass_at(arrived + 1)
     assert env.queued() == [queue_id]
-    env.runner.run_pass(now=arrived + 200)
+    env.pass_at(arrived + 200)
     assert env.queued() == [] and queue_id in env.failed()
 
 
@@ -404,7 +350,7 @@ def test_messages_per_connection_opens_a_new_session(setup, relay) -> None:
     env = setup(relay.address, messages_per_connection=2)
     for number in range(5):
         env.writer.store("a@example.com", ["b@example.org"], b"n %d\r\n" % number)
-    env.runner.run_pass(now=1e12)
+    env.pass_at(1e12)
     env.runner.close_relay()
     relay.handler.wait_for(5)
     relay.handler.wait_quits(3)
@@ -444,7 +390,7 @@ def test_a_pipelined_pass_attributes_every_outcome_to_its_message(
     env = setup(pipe_relay.address)
     ids = store_all(env, [b"\r\nok\r\n", b"X-Reply: 451 4.3.0 later\r\n\r\n1\r\n",
                           b"X-Reply: 554 5.6.0 no\r\n\r\n2\r\n", b"\r\nok\r\n", b"\r\nok\r\n"])
-    assert env.runner.run_pass(now=1000.0)
+    assert env.pass_at(1000.0)
     env.runner.close_relay()
     (session,) = pipe_relay.sessions  # one session carried the pass
     assert session.count(b"MAIL") == 5 and session[-1] == b"QUIT"
@@ -463,7 +409,7 @@ def test_421_mid_pipeline_defers_what_was_sent_and_the_rest_takes_a_new_session(
     env = setup(pipe_relay.address)
     ids = store_all(env, [b"\r\nok\r\n", b"X-Reply: 421 4.3.2 closing\r\n\r\n1\r\n"]
                     + [b"\r\nok %d\r\n" % n for n in range(2, 6)])
-    assert env.runner.run_pass(now=1000.0)
+    assert env.pass_at(1000.0)
     env.runner.close_relay()
     # Message 1's dot got 421; message 2's commands were already in flight behind it:
     # both deferred with the 421. Message 3, handed over but never started, and the
@@ -524,15 +470,14 @@ def test_a_stop_settles_a_message_read_but_never_sent(tmp_path: Path) -> None:
     def start_runner(stop: threading.Event) -> tuple[QueueReader, QueueRunner]:
         reader = QueueReader(config.queue.dir, config.queue.failed, config.queue.quarantine)
         assert reader.try_lock()
-        settings = RelaySettings.from_config(config.sender, "mailbag.test", "")
         log = EventLog("S-SMTP", "-")
         return reader, QueueRunner(
-            config, reader, log, connect=lambda: RelayConnection(settings, log, stop),
+            config, reader, log, relays=build_relays(config, log, stop),
             local=LocalDelivery(config.local.maildir), stop=stop)
 
     stop = threading.Event()
     reader, runner = start_runner(stop)
-    worker = threading.Thread(target=runner.run_pass, args=(time.time(),))
+    worker = threading.Thread(target=runner.run_pass)
     worker.start()
     try:
         assert relay.got_dot.wait(10)
@@ -549,7 +494,380 @@ def test_a_stop_settles_a_message_read_but_never_sent(tmp_path: Path) -> None:
     assert QueueFile.from_bytes((config.queue.dir / second).read_bytes()).recipients == (
         "c@example.org",)
     reader, runner = start_runner(threading.Event())  # the next start
-    runner.run_pass(time.time())
+    runner.load_states()
+    runner.run_pass()
     runner.close_relay()
     reader.close()
     assert len(mailbox.Maildir(config.local.maildir / "u", create=False)) == 1
+
+
+# ---------------------------------------------------------------------------- time
+
+class ClockMovingHandler(RecordingHandler):
+    """An aiosmtpd handler whose DATA takes (fake) time: it moves the runner's clock
+    on by `seconds` before it answers, as a slow relay would."""
+
+    def __init__(self, clock: FakeClock, seconds: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clock = clock
+        self.seconds = seconds
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        self.clock.advance(self.seconds)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_backoff_counts_from_the_failure_not_from_the_start_of_the_pass(setup) -> None:
+    """The relay takes 300 s (of the fake clock) to say 451: the retry is 10 s after
+    that answer. Computed from the start of the pass it would already be due."""
+    handler = ClockMovingHandler(FakeClock(), 300.0, data_reply="451 4.3.0 later")
+    server = Relay(handler=handler).start()
+    try:
+        env = setup(server.address)
+        handler.clock = env.clock
+        queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+        env.pass_at(5000.0)
+        env.runner.close_relay()
+    finally:
+        server.stop()
+    assert env.runner.states[queue_id].next_attempt == 5000.0 + 300.0 + 10.0
+    assert env.runner.sleep_time(env.clock()) == pytest.approx(10.0)
+
+
+def test_a_relay_failure_backs_off_from_the_time_it_failed(setup) -> None:
+    """A relay that hangs until the greeting timeout: its retry counts from then."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    env = setup(f"127.0.0.1:{port}", greeting_timeout=0.5)
+    env.writer.store("a@example.com", ["b@example.org"], DATA)
+    real_start = time.monotonic()
+
+    class Clock(FakeClock):  # fake time that follows the real time of the wait
+        def __call__(self) -> float:
+            return 5000.0 + (time.monotonic() - real_start)
+
+    env.runner.clock = Clock()
+    try:
+        env.runner.run_pass()
+    finally:
+        listener.close()
+    retry = env.relay_state.retry_at
+    assert retry >= 5000.0 + 0.5 + 10.0 - 0.05  # greeting timeout, then retry_initial
+
+
+class SilentRelay(LoopbackRelay):
+    """Accepts and never says a word (a relay stuck before its greeting)."""
+
+    def session(self, conn) -> None:  # noqa: ANN001
+        self.stop.wait(30)
+
+
+def test_local_delivery_never_waits_for_a_relay_attempt(setup) -> None:
+    """The oldest message is for a relay that never greets (greeting timeout 30 s);
+    the two local messages behind it are delivered at once, while the pass waits."""
+    relay = SilentRelay()
+    env = setup(relay.address, greeting_timeout=30)
+    remote = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    locals_ = [env.writer.store("a@example.com", [f"u{n}@localhost"], DATA) for n in range(2)]
+    os.utime(env.config.queue.dir / remote, ns=(1, 1))  # the oldest
+    worker = threading.Thread(target=env.runner.run_pass)
+    started = time.monotonic()
+    worker.start()
+    try:
+        for n in range(2):
+            new = env.config.local.maildir / f"u{n}" / "new"
+            while not (new.exists() and any(new.iterdir())):
+                assert time.monotonic() - started < 5, "local mail waited for the relay"
+                time.sleep(0.02)
+        assert worker.is_alive()  # the relay attempt is still going on
+    finally:
+        env.stop.set()
+        worker.join(10)
+        relay.close()
+    assert not worker.is_alive()
+    assert env.queued() == [remote] and set(locals_).isdisjoint(env.queued())
+
+
+# ---------------------------------------------------------------------------- state on disk
+
+def test_a_restart_honours_deferrals_and_holds(setup) -> None:
+    handler = RecordingHandler(data_reply="451 4.3.0 later")
+    server = Relay(handler=handler).start()
+    try:
+        env = setup(server.address)
+        queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+        env.pass_at(5000.0)
+        state = env.runner.states[queue_id]
+        assert (state.attempts, state.next_attempt) == (1, 5010.0)
+        assert "451" in state.last_reply
+        handler.data_reply = None
+        restarted = env.make_runner()  # a new process: only the disk remembers
+        env.runner = restarted
+        restarted.load_states()
+        assert restarted.states[queue_id] == state
+        assert env.pass_at(5005.0) is False  # not sent again early
+        assert env.pass_at(5010.0) is True
+        env.runner.close_relay()
+        handler.wait_for(1)
+    finally:
+        server.stop()
+    assert env.queued() == [] and queue_id not in env.runner.states
+    assert os.listdir(env.config.queue.dir / ".state") == []  # no state lingers
+
+
+# ---------------------------------------------------------------------------- bad files
+
+def test_a_control_byte_in_an_address_cannot_stop_delivery(setup, log_lines) -> None:
+    """Such a file used to parse, then crash the runner when the message had to be
+    failed (the writer refused the address): the sender exited, supervisord gave up,
+    and the mail behind it was never sent."""
+    env = setup(None)
+    bad = new_queue_id()
+    (env.config.queue.dir / bad).write_bytes(
+        b"From: <a@example.com>\nTo: <bad\x01box@localhost>\n\nx\r\n")
+    good = env.writer.store("a@example.com", ["you@localhost"], DATA)
+    assert env.pass_at(1e9 + 5)
+    assert env.queued() == []
+    assert bad in os.listdir(env.config.queue.quarantine) and good not in env.failed()
+    assert len(list((env.config.local.maildir / "you" / "new").iterdir())) == 1
+
+
+def test_entries_that_are_no_file_are_quarantined(setup, log_lines) -> None:
+    env = setup(None)
+    queue_dir = env.config.queue.dir
+    os.symlink("/etc/passwd", queue_dir / "link")
+    os.mkfifo(queue_dir / "fifo")
+    (queue_dir / "folder").mkdir()
+    good = env.writer.store("a@example.com", ["you@localhost"], DATA)
+    assert env.pass_at(1e9 + 5)
+    assert env.queued() == [] and good not in os.listdir(env.config.queue.quarantine)
+    for name, kind in (("link", "symlink"), ("fifo", "fifo"), ("folder", "folder")):
+        assert os.path.lexists(env.config.queue.quarantine / name)
+        assert kind in (env.config.queue.quarantine / (name + REASON_SUFFIX)).read_text()
+    assert not any(os.path.lexists(queue_dir / n) for n in ("link", "fifo", "folder"))
+
+
+@pytest.fixture
+def other_filesystem(tmp_path: Path):
+    with tiny_tmpfs(tmp_path / "other-fs", "64k") as mount:
+        yield mount
+
+
+def test_what_cannot_be_quarantined_stays_logged_once_and_mail_flows(
+    tmp_path: Path, other_filesystem: Path, log_lines
+) -> None:
+    """The quarantine on another filesystem: the rename fails (EXDEV). The garbage
+    stays in place, is logged once, and the good message behind it is delivered."""
+    config = load_config(write_config(
+        tmp_path, sender={"relay": ""},
+        queue={"dir": "var/queue", "quarantine_dir": str(other_filesystem / "q")}))
+    writer = QueueWriter(config.queue.dir)
+    reader = QueueReader(config.queue.dir, config.queue.failed, config.queue.quarantine)
+    assert reader.try_lock()
+    runner = QueueRunner(config, reader, EventLog("S-SMTP", "-"), relays=build_relays(
+        config, EventLog("S-SMTP", "-"), threading.Event()))
+    garbage = new_queue_id()
+    (config.queue.dir / garbage).write_bytes(b"not a queue file")
+    good = writer.store("a@example.com", ["you@localhost"], DATA)
+    try:
+        for _ in range(3):
+            runner.run_pass()
+    finally:
+        reader.close()
+    assert [e.name for e in reader.scan().ready] == [garbage]
+    assert good not in os.listdir(config.queue.dir)
+    stuck = [line for line in log_lines if f"id={garbage}" in line and " stuck fail " in line]
+    assert len(stuck) == 1 and "move=quarantine" in stuck[0]
+
+
+def test_a_failure_that_cannot_be_recorded_is_not_sent_again(
+    tmp_path: Path, other_filesystem: Path, log_lines
+) -> None:
+    """The failed folder is full (ENOSPC): the 550'd message cannot be moved there. It
+    stays queued and logged once, is NOT offered to the relay again, and moves as
+    soon as there is room."""
+    handler = RecordingHandler(rcpt_replies={"gone@example.org": "550 5.1.1 no such user"})
+    server = Relay(handler=handler).start()
+    (other_filesystem / "filler").write_bytes(b"x" * 60_000)
+    config = load_config(write_config(
+        tmp_path, sender={"relay": server.address},
+        queue={"dir": "var/queue", "failed_dir": str(other_filesystem / "failed")}))
+    writer = QueueWriter(config.queue.dir)
+    reader = QueueReader(config.queue.dir, config.queue.failed, config.queue.quarantine)
+    assert reader.try_lock()
+    log = EventLog("S-SMTP", "-")
+    runner = QueueRunner(config, reader, log, relays=build_relays(config, log,
+                                                                   threading.Event()))
+    queue_id = writer.store("a@example.com", ["gone@example.org"], DATA * 400)
+    try:
+        for _ in range(3):
+            runner.run_pass()
+        runner.close_relay()
+        assert [e.name for e in reader.scan().ready] == [queue_id]
+        assert handler.sessions_with_mail <= 1  # tried once, not again
+        rcpts = [line for line in log_lines if f"id={queue_id}" in line and "failed fail" in line]
+        assert len(rcpts) == 1
+        assert len([x for x in log_lines if f"id={queue_id}" in x and " stuck " in x]) == 1
+        (other_filesystem / "filler").unlink()
+        assert runner.run_pass() is True
+        assert reader.scan().ready == []
+        assert queue_id in os.listdir(config.queue.failed)
+    finally:
+        reader.close()
+        server.stop()
+
+
+class UnreadableReader(QueueReader):
+    """A reader for which one file cannot be read (EIO): root reads whatever the
+    permissions say, so the error is made here, around the real reader."""
+
+    bad = ""
+
+    def read(self, path, size=None):  # noqa: ANN001, ANN201
+        if os.path.basename(path) == self.bad:
+            raise OSError(5, "Input/output error")
+        return super().read(path, size)
+
+
+def test_an_unreadable_file_backs_off_and_is_quarantined_when_it_expires(
+    tmp_path: Path, log_lines
+) -> None:
+    config = load_config(write_config(tmp_path, sender={
+        "retry_initial": 10, "retry_max": 40, "max_queue_lifetime": 100}))
+    writer = QueueWriter(config.queue.dir)
+    reader = UnreadableReader(config.queue.dir, config.queue.failed, config.queue.quarantine)
+    assert reader.try_lock()
+    clock = FakeClock()
+    runner = QueueRunner(config, reader, EventLog("S-SMTP", "-"), clock=clock,
+                         relays=build_relays(config, EventLog("S-SMTP", "-"),
+                                             threading.Event()))
+    reader.bad = writer.store("a@example.com", ["you@localhost"], DATA)
+    arrived = arrival_time(reader.bad, 0)
+    try:
+        clock.set(arrived + 1)
+        runner.run_pass()
+        assert runner.states[reader.bad].next_attempt == arrived + 11
+        clock.set(arrived + 5)
+        runner.run_pass()  # not due: not read again
+        assert len([x for x in log_lines if " read fail " in x]) == 1
+        clock.set(arrived + 101)
+        runner.run_pass()
+    finally:
+        reader.close()
+    assert reader.bad in os.listdir(config.queue.quarantine)
+    assert "max_queue_lifetime" in (config.queue.quarantine /
+                                    (reader.bad + REASON_SUFFIX)).read_text()
+
+
+def test_a_queue_folder_that_cannot_be_read_is_logged_once_and_survived(
+    setup, log_lines
+) -> None:
+    env = setup(None)
+    queue_dir = env.config.queue.dir
+    aside = queue_dir.with_name("aside")
+    os.rename(queue_dir, aside)
+    try:
+        for _ in range(3):
+            assert env.pass_at(1e9 + 5) is False
+    finally:
+        os.rename(aside, queue_dir)
+    assert len([x for x in log_lines if " queue fail " in x]) == 1
+    env.writer.store("a@example.com", ["you@localhost"], DATA)
+    assert env.pass_at(1e9 + 6) is True
+    assert any(" queue ok " in x and "readable again" in x for x in log_lines)
+
+
+# ---------------------------------------------------------------------------- operators
+
+class Running:
+    """The runner's loop on a thread of its own, with the real clock, as the sender
+    runs it; requests come from the test's thread, as from the control socket."""
+
+    def __init__(self, env: Setup) -> None:
+        self.env = env
+        env.runner.clock = time.time
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=env.runner.run, args=(self.wake,), daemon=True)
+        self.thread.start()
+
+    def request(self, action: str, *ids: str) -> dict[str, str]:
+        result = self.env.runner.request(action, ids, timeout=10)
+        assert result is not None, "the runner did not answer"
+        return result
+
+    def stop(self) -> None:
+        self.env.stop.set()
+        self.wake.set()
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+
+
+def test_hold_release_and_delete_at_rest(setup) -> None:
+    handler = RecordingHandler(data_reply="451 4.3.0 later")
+    server = Relay(handler=handler).start()
+    env = setup(server.address, retry_initial=3600, retry_max=3600)
+    kept, dropped = (env.writer.store("a@example.com", [f"{n}@example.org"], DATA)
+                     for n in ("kept", "dropped"))
+    running = Running(env)
+    try:
+        wait = time.monotonic() + 10
+        while not {kept, dropped} <= set(env.runner.states) and time.monotonic() < wait:
+            time.sleep(0.02)  # both deferred for an hour
+        handler.data_reply = None
+        assert running.request("hold", kept) == {kept: "held"}
+        assert running.request("hold", kept) == {kept: "already held"}
+        assert running.request("delete", dropped, "nosuchid") == {
+            dropped: "deleted", "nosuchid": "not in the queue"}
+        assert running.request("flush") == {}  # nothing deferred that is not held
+        time.sleep(0.3)
+        assert handler.messages == [] and env.queued() == [kept]
+        assert env.runner.states[kept].held
+        assert running.request("release", kept) == {kept: "released"}
+        (got,) = handler.wait_for(1)
+        assert got.rcpt_tos == ["kept@example.org"]
+    finally:
+        running.stop()
+        server.stop()
+    assert env.queued() == [] and os.listdir(env.config.queue.dir / ".state") == []
+
+
+def test_flush_makes_deferred_mail_and_the_relay_due_at_once(setup) -> None:
+    relay = Relay()
+    env = setup(relay.address, retry_initial=3600, retry_max=3600,  # nothing listens yet
+                relay_retry=3600)
+    queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    running = Running(env)
+    try:
+        wait = time.monotonic() + 10
+        while queue_id not in env.runner.states and time.monotonic() < wait:
+            time.sleep(0.02)
+        assert env.runner.states[queue_id].next_attempt > time.time() + 900  # at expiry
+        relay.start()
+        started = time.monotonic()
+        assert running.request("flush") == {queue_id: "due now"}
+        relay.handler.wait_for(1)
+        assert time.monotonic() - started < 2
+    finally:
+        running.stop()
+        relay.stop()
+
+
+def test_a_hold_during_the_attempt_applies_if_the_attempt_does_not_deliver(setup) -> None:
+    handler = RecordingHandler(data_reply="451 4.3.0 later", data_delay=1.0)
+    server = Relay(handler=handler).start()
+    env = setup(server.address)
+    queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    running = Running(env)
+    try:
+        assert handler.in_data.wait(10)
+        assert running.request("hold", queue_id) == {
+            queue_id: "being delivered now: held unless this attempt delivers it"}
+        wait = time.monotonic() + 10
+        while queue_id not in env.runner.states and time.monotonic() < wait:
+            time.sleep(0.02)
+        state = env.runner.states[queue_id]
+        assert state.held and state.attempts == 1
+    finally:
+        running.stop()
+        server.stop()
+    assert env.queued() == [queue_id]

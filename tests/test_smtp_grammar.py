@@ -21,6 +21,7 @@ from shared.smtp import (
     ReplySyntaxError,
     check_mailbox,
     domain_of,
+    dot_unstuff,
     local_part_of,
     parse_path_argument,
     to_wire_data,
@@ -152,6 +153,22 @@ def test_domain_and_local_part() -> None:
 
 
 @pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", b""),
+        (b"plain\r\n", b"plain\r\n"),
+        (b"..a\r\n", b".a\r\n"),
+        (b".\r\n", b"\r\n"),
+        (b"a\r\n..b\r\n", b"a\r\n.b\r\n"),
+        (b"a\r\n...\r\n", b"a\r\n..\r\n"),
+        (b"a.\r\nb..c\r\n", b"a.\r\nb..c\r\n"),
+    ],
+)
+def test_dot_unstuff(content: bytes, expected: bytes) -> None:
+    assert dot_unstuff(content) == expected
+
+
+@pytest.mark.parametrize(
     ("data", "wire"),
     [
         (b"", b".\r\n"),
@@ -190,6 +207,14 @@ def test_to_wire_data_properties(data: bytes) -> None:
     assert wire == b".\r\n" or wire.endswith(b"\r\n.\r\n")
     assert wire.count(b"\n") == wire.count(b"\r\n") == wire.count(b"\r")
     assert b"\0" not in wire
+
+
+@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+                max_size=10))
+def test_dot_unstuff_undoes_to_wire_data(lines: list[bytes]) -> None:
+    data = b"".join(line + b"\r\n" for line in lines).replace(b"\0", b"")
+    wire = to_wire_data(data)
+    assert dot_unstuff(wire[:-3]) == data
 
 
 # ---------------------------------------------------------------------------- replies
@@ -288,3 +313,24 @@ def test_reply_str_is_rendered_once_and_unchanged() -> None:
     assert str(reply) is str(reply)
     assert reply == Reply(250, "first\nsecond", "2.0.0")  # the cache is not a field
     assert hash(reply) == hash(Reply(250, "first\nsecond", "2.0.0"))
+
+
+@pytest.mark.parametrize(
+    ("code", "success", "intermediate", "positive", "transient", "permanent"),
+    [
+        (221, True, False, True, False, False),
+        (250, True, False, True, False, False),
+        (334, False, True, True, False, False),
+        (354, False, True, True, False, False),
+        (421, False, False, False, True, False),
+        (452, False, False, False, True, False),
+        (500, False, False, False, False, True),
+        (554, False, False, False, False, True),
+    ],
+)
+def test_reply_classes_by_first_digit(code, success, intermediate, positive, transient,
+                                      permanent) -> None:
+    reply = Reply(code, "text")
+    assert (reply.is_success, reply.is_intermediate, reply.is_positive,
+            reply.is_transient, reply.is_permanent) == (
+        success, intermediate, positive, transient, permanent)

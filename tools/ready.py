@@ -83,7 +83,8 @@ def main() -> int:
         print("mailbag: supervisord is still running: fix the problem, then make stop; "
               "make run", file=sys.stderr)
         return 1
-    relay = config.sender.relay or "none (only local domains are delivered; set [sender] relay)"
+    relay = (", ".join(map(str, config.sender.relay))
+             or "none (only local domains are delivered; set [sender] relay)")
     host = WILDCARDS.get(listen.host, listen.host)
     server = f"[{host}]:{listen.port}" if ":" in host else f"{host}:{listen.port}"
     print(f"""mailbag is running (receiver answers 220 on {listen}).

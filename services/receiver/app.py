@@ -16,10 +16,11 @@ from collections.abc import Callable
 from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits, SlotPool
 from services.receiver.session import SessionPolicy
 from services.receiver.users import UserFileError, load_users, verify_password
-from shared.cli import EXIT_OK, StartupError, StopFlag, open_log
+from shared.cli import EXIT_OK, StartupError, open_log
 from shared.config import Config, HostPort
 from shared.log import shutdown_logging
 from shared.queue import GroupCommit, MessageStore, QueueWriter
+from shared.signals import StopFlag
 
 GRACE_SECONDS = 8.0  # how long a stop waits for DATA in progress (supervisor waits 15)
 
@@ -115,7 +116,7 @@ def build_servers(config: Config, queue: MessageStore) -> list[ReceiverServer]:
     return servers
 
 
-def main(config: Config) -> int:
+def main(config: Config, stop: StopFlag) -> int:
     writer = build_queue(config)
     servers = build_servers(config, message_store(config, writer))
     try:
@@ -127,10 +128,8 @@ def main(config: Config) -> int:
     removed = writer.clean_leftovers()
     if removed:
         log.info("cleanup", removed_tmp_files=len(removed))
-    stop = StopFlag()
-    stop.install()
     threads = [
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True)
+        threading.Thread(target=server.serve_forever, daemon=True)
         for server in servers
     ]
     for thread in threads:

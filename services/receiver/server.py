@@ -228,7 +228,8 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
 
     def serve_forever(self, poll_interval: float = READ_SLICE) -> None:
         """Accept until `shutdown()`: one accept(2) per connection, no poll before it
-        (the listening socket's SO_RCVTIMEO ends each wait after READ_SLICE)."""
+        (the listening socket's SO_RCVTIMEO ends each wait after READ_SLICE, which
+        takes the place of `poll_interval`)."""
         self._serving.set()
         try:
             while not self.stopping.is_set():

@@ -1,7 +1,13 @@
 """`python -m services.sender --config FILE`: run the sender in the foreground."""
 
-from services.sender.app import main
-from shared.cli import run_program
+from shared.signals import StopFlag
+
+# First of all: a TERM during start-up (the imports below take a while) is a stop.
+STOP = StopFlag().install()
+
+from services.sender.app import main  # noqa: E402
+from shared.cli import run_program  # noqa: E402
 
 if __name__ == "__main__":
-    run_program("sender", "mailbag Sender-SMTP: deliver the queue to the relay and Maildirs", main)
+    run_program("sender", "mailbag Sender-SMTP: deliver the queue to the relay and Maildirs",
+                main, STOP)

@@ -17,16 +17,20 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable
 
+from services.sender.decision import Backoff
 from services.sender.local import LocalDelivery
 from services.sender.relay import RelayConnection, RelaySettings, build_tls_context
+from services.sender.relays import RelayPool, RelayRoute, RelayState
 from services.sender.runner import PROGRAM, QueueRunner
 from services.sender.watch import watch_queue
-from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, StopFlag, open_log
-from shared.config import Config, SenderConfig
+from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, open_log
+from shared.config import Config, RouteConfig
 from shared.log import EventLog, shutdown_logging
 from shared.queue import QueueReader
+from shared.signals import StopFlag
 
 
 def build_reader(config: Config) -> QueueReader:
@@ -38,41 +42,47 @@ def build_reader(config: Config) -> QueueReader:
         ) from None
 
 
-def read_password(sender: SenderConfig) -> str:
-    """The relay password: the first line of password_file (never the TOML itself)."""
-    if not sender.username:
+def read_password(route: RouteConfig) -> str:
+    """A relay's password: the first line of its password_file (never the TOML)."""
+    if not route.username:
         return ""
-    assert sender.password_file is not None  # the config checks this
+    assert route.password_file is not None  # the config checks this
     try:
-        text = sender.password_file.read_text(encoding="utf-8")
+        text = route.password_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         detail = getattr(err, "strerror", None) or str(err)
         raise StartupError(
-            f"cannot read sender.password_file {sender.password_file}: {detail}"
-        ) from None
+            f"cannot read the password_file {route.password_file} of relay {route.address}: "
+            f"{detail}") from None
     password = text.splitlines()[0] if text else ""
     if not password:
-        raise StartupError(f"sender.password_file {sender.password_file} is empty")
+        raise StartupError(f"the password_file {route.password_file} of relay "
+                           f"{route.address} is empty")
     return password
 
 
-def build_connect(
-    config: Config, log: EventLog, stop: threading.Event
-) -> Callable[[], RelayConnection] | None:
-    """A factory of relay sessions, or None when no relay is configured."""
-    if config.sender.relay is None:
-        return None
-    settings = RelaySettings.from_config(
-        config.sender, config.hostname, read_password(config.sender)
-    )
-    context = None
-    if settings.tls != "none":
-        try:
-            context = build_tls_context(settings)
-        except (OSError, ssl.SSLError) as err:
-            raise StartupError(
-                f"cannot load sender.ca_file {settings.ca_file}: {getattr(err, 'strerror', err)}"
-            ) from None
+def build_relays(config: Config, log: EventLog, stop: threading.Event) -> RelayPool:
+    """The configured relays, in order, each with its session factory (none: no relay
+    configured). StartupError (one line) for an unreadable password or CA file."""
+    snd = config.sender
+    routes = []
+    for route in snd.routes():
+        settings = RelaySettings.from_route(route, snd, config.hostname, read_password(route))
+        context = None
+        if settings.tls != "none":
+            try:
+                context = build_tls_context(settings)
+            except (OSError, ssl.SSLError) as err:
+                raise StartupError(f"cannot load the ca_file {settings.ca_file} of relay "
+                                   f"{route.address}: {getattr(err, 'strerror', err)}") from None
+        state = RelayState(Backoff(snd.retry_initial, snd.retry_max), snd.relay_retry)
+        routes.append(RelayRoute(str(route.address), _factory(settings, log, stop, context),
+                                 state))
+    return RelayPool(routes)
+
+
+def _factory(settings: RelaySettings, log: EventLog, stop: threading.Event,
+             context: ssl.SSLContext | None) -> Callable[[], RelayConnection]:
     return lambda: RelayConnection(settings, log, stop, context)
 
 
@@ -92,11 +102,10 @@ def wait_for_queue(reader: QueueReader, log: EventLog, stop: threading.Event,
     return False
 
 
-def main(config: Config) -> int:
+def main(config: Config, stop: StopFlag) -> int:
     reader = build_reader(config)
-    stop = StopFlag()
     try:
-        connect = build_connect(config, EventLog(PROGRAM, "-"), stop.event)
+        relays = build_relays(config, EventLog(PROGRAM, "-"), stop.event)
     except StartupError:
         reader.close()
         raise
@@ -105,26 +114,25 @@ def main(config: Config) -> int:
     except StartupError:
         reader.close()
         raise
-    stop.install()
     if not wait_for_queue(reader, log, stop.event, min(LOCK_RETRY, config.sender.poll_interval)):
         reader.close()  # stopped while on standby: nothing was ours
         log.ok("exit", signal=stop.signal_name or "-", status=EXIT_OK)
         shutdown_logging()
         return EXIT_OK
-    recovered = reader.recover_abandoned()
-    if recovered:
-        log.info("recover", messages=len(recovered))
+    cleaned = LocalDelivery(config.local.maildir).clean_stale_tmp(time.time())
+    if cleaned:
+        log.info("maildir-clean", removed=len(cleaned), maildir=config.local.maildir)
     wake = threading.Event()
     # The runner waits on `wake`; a stop must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
     runner = QueueRunner(
-        config, reader, log, connect=connect,
+        config, reader, log, relays=relays,
         local=LocalDelivery(config.local.maildir), stop=stop.event,
     )
     observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)
     log.ok(
         "start",
-        relay=config.sender.relay or "none",
+        relay=",".join(map(str, config.sender.relay)) or "none",
         tls=config.sender.tls,
         queue=config.queue.dir,
         pid=os.getpid(),
@@ -140,6 +148,9 @@ def main(config: Config) -> int:
         observer.stop()
         observer.join(timeout=5)
         runner.report_unfinished(reader.close())
-    log.ok("exit", signal=stop.signal_name or "-", status=status)
+    if status == EXIT_OK:
+        log.ok("exit", signal=stop.signal_name or "-", status=status)
+    else:
+        log.error("exit", signal=stop.signal_name or "-", status=status)
     shutdown_logging()
     return status

@@ -28,6 +28,9 @@ Rules this module guarantees (SPEC §4):
   DATA goes out only if at least one RCPT was accepted (otherwise RSET);
 - the data is re-encoded by `to_wire_data` (CRLF only, dot-stuffed, no NUL), so no
   queued body can smuggle an end-of-data past the relay;
+- 8-bit data goes with `BODY=8BITMIME` to a relay that offers it, and is converted
+  to 7 bit for one that does not (`downgrade.py`); a message that cannot be
+  converted is never started: every recipient gets 554 5.6.3 (`CANNOT_CONVERT`);
 - with PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write, and the
   next queued message's MAIL/RCPT/DATA follow the previous message's final dot
   without waiting for its reply (§3.1: the message content may be the first
@@ -48,7 +51,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.sender.downgrade import NotConvertible, for_relay
 from shared.smtp import Reply, ReplyParser, to_wire_data
+
+# RFC 6152 §3 / RFC 3463 X.6.3: 8-bit data that a relay without 8BITMIME cannot take.
+CANNOT_CONVERT = Reply(554, "8-bit data for a relay without 8BITMIME: {why}", "5.6.3")
 
 
 class Step(enum.Enum):
@@ -183,7 +190,7 @@ class OutgoingMessage:
 
 class _Transaction:
     """One message in flight (aiosmtpd's Envelope, client side). A slotted class,
-    not a dataclass: one is made per message (issue 6)."""
+    not a dataclass: one is made per message, on the sender's hot path."""
 
     __slots__ = ("message", "wire", "pipelined", "mail_reply", "next_rcpt", "results",
                  "accepted", "discard")
@@ -200,7 +207,7 @@ class _Transaction:
 
     @property
     def mail_ok(self) -> bool:
-        return self.mail_reply is not None and self.mail_reply.code // 100 == 2
+        return self.mail_reply is not None and self.mail_reply.is_success
 
 
 # ---------------------------------------------------------------------------- session
@@ -214,7 +221,6 @@ class ClientSession:
         self.step = Step.GREETING
         self.extensions: dict[str, str] = {}  # EHLO keyword -> parameters
         self.authenticated = False
-        self.messages_sent = 0
         self._parser = ReplyParser()
         # The replies still to come, in order, each with the transaction it belongs to.
         self._expected: deque[tuple[Step, _Transaction | None]] = deque(
@@ -266,10 +272,6 @@ class ClientSession:
         return TIMEOUT_KIND.get(self._expected[0][0], "command")
 
     @property
-    def in_transaction(self) -> bool:
-        return bool(self._txns)
-
-    @property
     def unsent(self) -> int:
         """Messages given to send_message() whose commands have not gone out yet."""
         return len(self._queued)
@@ -284,7 +286,7 @@ class ClientSession:
             raise SessionUsageError("a message needs at least one recipient")
         self._queued.append(message)
         if not self._txns and not self._expected:
-            self._start(self._queued.popleft())
+            self._idle()
 
     def take_unsent(self) -> list[OutgoingMessage]:
         """Withdraw the queued messages that have not started (nothing of them was sent)."""
@@ -377,14 +379,10 @@ class ClientSession:
         else:
             raise AssertionError(following)
 
-    @staticmethod
-    def _positive(reply: Reply) -> bool:
-        return reply.code // 100 == 2
-
     # -- handshake ------------------------------------------------------------------
 
     def _on_greeting(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self._advance(Step.GREETING)
         else:  # RFC 5321 §3.1: a 554 greeting still waits for our QUIT
             self._fail(Step.GREETING, reply, "the relay refused the session")
@@ -393,7 +391,7 @@ class ClientSession:
         self._command(f"EHLO {self.policy.hostname}\r\n".encode(), Step.EHLO)
 
     def _on_ehlo(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self.extensions = parse_extensions(reply)
             self._advance(Step.EHLO)
         elif reply.is_permanent:  # RFC 5321 §4.1.1.1: an old server, try HELO
@@ -402,7 +400,7 @@ class ClientSession:
             self._fail(Step.EHLO, reply, "EHLO refused")
 
     def _on_helo(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self.extensions = {}
             self._advance(Step.HELO)
         else:
@@ -425,7 +423,7 @@ class ClientSession:
             self._idle()
 
     def _on_starttls(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self._advance(Step.STARTTLS)
         else:
             self._fail(Step.STARTTLS, reply, "STARTTLS refused")
@@ -451,7 +449,7 @@ class ClientSession:
     def _on_auth(self, reply: Reply) -> None:
         if reply.code == 334 and self._auth_lines:
             self._command(self._auth_lines.popleft() + b"\r\n", Step.AUTH)
-        elif self._positive(reply):
+        elif reply.is_success:
             self.authenticated = True
             self._auth_lines.clear()
             self._advance(Step.AUTH)
@@ -463,11 +461,11 @@ class ClientSession:
 
     # -- a transaction ----------------------------------------------------------------
 
-    def _mail_command(self, sender: str, size: int) -> bytes:
+    def _mail_command(self, sender: str, size: int, eight_bit: bool) -> bytes:
         params = ""
         if "SIZE" in self.extensions:  # RFC 1870
             params += f" SIZE={size}"
-        if "8BITMIME" in self.extensions:  # RFC 6152
+        if eight_bit:  # RFC 6152: only ever when the relay offers 8BITMIME
             params += " BODY=8BITMIME"
         return f"MAIL FROM:<{sender}>{params}\r\n".encode("utf-8", "surrogateescape")
 
@@ -475,15 +473,32 @@ class ClientSession:
     def _rcpt_command(recipient: str) -> bytes:
         return f"RCPT TO:<{recipient}>\r\n".encode("utf-8", "surrogateescape")
 
-    def _start(self, message: OutgoingMessage) -> None:
-        """Send a message's commands: all at once with PIPELINING (RFC 2920), else MAIL."""
-        wire = to_wire_data(message.data)
+    def _start_queued(self) -> None:
+        """Start the first queued message this relay can take; fail those before it."""
+        while self._queued:
+            if self._start(self._queued.popleft()):
+                return
+
+    def _start(self, message: OutgoingMessage) -> bool:
+        """Send a message's commands: all at once with PIPELINING (RFC 2920), else MAIL.
+
+        False, with its outcome already given, for data the relay cannot take.
+        """
+        try:
+            data, eight_bit = for_relay(message.data, "8BITMIME" in self.extensions)
+        except NotConvertible as err:
+            reply = CANNOT_CONVERT.format(why=str(err))
+            self._pending.append(
+                MessageDone(message.ref, tuple((r, reply) for r in message.recipients))
+            )
+            return False
+        wire = to_wire_data(data)
         txn = _Transaction(message, wire, self.policy.use_pipelining and self._pipelining)
         self._txns.append(txn)
-        mail = self._mail_command(message.sender, len(wire) - 3)
+        mail = self._mail_command(message.sender, len(wire) - 3, eight_bit)
         if not txn.pipelined:
             self._command(mail, Step.MAIL, txn)
-            return
+            return True
         commands = [mail]
         commands.extend(self._rcpt_command(r) for r in message.recipients)
         commands.append(b"DATA\r\n")
@@ -491,6 +506,7 @@ class ClientSession:
         self._expected.extend((Step.RCPT, txn) for _ in message.recipients)
         self._expected.append((Step.DATA, txn))
         self._send(b"".join(commands), Step.MAIL)
+        return True
 
     @property
     def _pipelining(self) -> bool:
@@ -498,17 +514,16 @@ class ClientSession:
 
     def _idle(self) -> None:
         """Nothing in flight: start the next queued message, or say Ready."""
-        if self._queued:
-            self._start(self._queued.popleft())
-        else:
+        self._start_queued()
+        if not self._txns:
             self.step = Step.READY
             self._pending.append(Ready())
 
     def _on_mail(self, reply: Reply, txn: _Transaction) -> None:
-        if reply.code // 100 == 3:  # nonsense from the relay: never a verdict on the mail
+        if reply.is_intermediate:  # nonsense from the relay: never a verdict on the mail
             raise ProtocolError(f"MAIL answered {reply}")
         txn.mail_reply = reply
-        if not self._positive(reply):
+        if not reply.is_success:
             # Every recipient shares the sender's fate. Pipelined: the RCPT/DATA
             # replies still to come are read and ignored.
             for index in range(len(txn.message.recipients)):
@@ -520,12 +535,12 @@ class ClientSession:
             self._command(self._rcpt_command(txn.message.recipients[0]), Step.RCPT, txn)
 
     def _on_rcpt(self, reply: Reply, txn: _Transaction) -> None:
-        if reply.code // 100 == 3:
+        if reply.is_intermediate:
             raise ProtocolError(f"RCPT answered {reply}")
         index = txn.next_rcpt
         txn.next_rcpt += 1
         if txn.mail_ok:
-            if self._positive(reply):
+            if reply.is_success:
                 txn.accepted.append(index)
             else:
                 txn.results[index] = reply
@@ -551,23 +566,21 @@ class ClientSession:
                 body = b".\r\n"
             self._expected.append((Step.BODY, txn))
             self._send(body, Step.BODY, body=True)
-            if txn.pipelined and self._queued:  # §3.1: the next group follows the dot
-                self._start(self._queued.popleft())
+            if txn.pipelined:  # §3.1: the next group follows the dot
+                self._start_queued()
             return
-        if reply.code // 100 in (2, 3):
+        if reply.is_positive:
             raise ProtocolError(f"DATA answered {reply}")
         for index in txn.accepted:
             txn.results[index] = reply
         self._end_transaction(txn, rset=txn.mail_ok)
 
     def _on_body(self, reply: Reply, txn: _Transaction) -> None:
-        if reply.code // 100 == 3:
+        if reply.is_intermediate:
             raise ProtocolError(f"the final dot answered {reply}")
         if not txn.discard:
             for index in txn.accepted:
                 txn.results[index] = reply
-            if self._positive(reply):
-                self.messages_sent += 1
         # Whatever the dot's reply, the relay's transaction is over (RFC 5321 §4.1.1.4):
         # no RSET, and the next message's commands (if in flight) stand.
         self._end_transaction(txn, rset=False)
@@ -588,7 +601,7 @@ class ClientSession:
         results = []
         for index, recipient in enumerate(txn.message.recipients):
             decided = txn.results.get(index)
-            if decided is None or (unresolved_only and decided.code // 100 == 2):
+            if decided is None or (unresolved_only and decided.is_success):
                 decided = reply
             if decided is None:  # cannot happen: every path resolves every recipient
                 raise AssertionError(f"recipient {index} unresolved")
@@ -596,7 +609,7 @@ class ClientSession:
         self._pending.append(MessageDone(txn.message.ref, tuple(results)))
 
     def _on_rset(self, reply: Reply) -> None:
-        if self._positive(reply):
+        if reply.is_success:
             self._idle()
         else:
             self._fail(Step.RSET, reply, "RSET refused")

@@ -12,6 +12,12 @@ queue runner decides on local and relayed recipients by the same rule (the code)
 The stored file is the queued data with `Return-Path:` and `Delivered-To:` in front
 (RFC 5321 §4.4), with LF line ends as Maildir readers expect. Local parts are folded
 to lower case: `You@localhost` and `you@localhost` share one Maildir.
+
+A sender killed while it writes leaves its file in a Maildir's `tmp/`, where no
+reader ever looks. `clean_stale_tmp` (called at the sender's start) deletes what is
+there and was neither read nor written for 36 hours, as the Maildir spec asks of
+whoever cleans `tmp/`: a delivery in progress - ours, or another delivery agent's
+into the same Maildir - is never that old.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import errno
 import mailbox
 import os
 import re
+import stat
 from pathlib import Path
 
 from shared.queue import fsync_dir
@@ -31,6 +38,8 @@ DISK_FULL = Reply(452, "cannot deliver to {folder}: {error}", "4.3.1")
 IO_ERROR = Reply(451, "cannot deliver to {folder}: {error}", "4.3.0")
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+STALE_TMP_SECONDS = 36 * 3600  # the Maildir spec's age for leftovers in tmp/
 
 
 def is_local(recipient: str, local_domains: tuple[str, ...] | frozenset[str]) -> bool:
@@ -78,6 +87,34 @@ class LocalDelivery:
             return IO_ERROR.format(folder=folder, error=str(err))
         return DELIVERED.format(folder=f"{folder}/new/{key}")
 
+    def clean_stale_tmp(self, now: float) -> list[Path]:
+        """Delete the files in every `<root>/<mailbox>/tmp/` that were neither read nor
+        written for STALE_TMP_SECONDS before `now`; return them. What cannot be looked
+        at or removed is left for the next start (never raises OSError)."""
+        removed: list[Path] = []
+        try:
+            folders = [entry.path for entry in os.scandir(self.root)]
+        except OSError:
+            return removed
+        for folder in folders:
+            tmp = Path(folder) / "tmp"
+            try:
+                entries = list(os.scandir(tmp))
+            except OSError:  # not a Maildir, or not readable
+                continue
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(info.st_mode):
+                        continue
+                    if now - max(info.st_atime, info.st_mtime) < STALE_TMP_SECONDS:
+                        continue
+                    os.unlink(entry.path)
+                except OSError:
+                    continue
+                removed.append(tmp / entry.name)
+        return removed
+
     def _open(self, folder: Path) -> mailbox.Maildir:
         created = not folder.exists()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -92,7 +129,6 @@ class LocalDelivery:
         header = f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n"
         body = data.replace(b"\r\n", b"\n")
         return header.encode("utf-8", "surrogateescape") + body
-
 
 
 def _remove_own_leftovers(folder: Path) -> None:

@@ -11,7 +11,12 @@ runs TLS, keeps the RFC 5321 §4.5.3.2 timeouts and moves bytes.
 - Every failure to talk to the relay is a `RelayError` (connect, TLS, protocol,
   timeout, or a refused greeting/EHLO/STARTTLS/AUTH): the messages stay queued.
 - A stop (TERM) lets the transaction in progress finish for `STOP_GRACE` seconds,
-  then abandons it: without its 250 the message simply stays queued.
+  then abandons it: without its 250 the message simply stays queued. Every wait -
+  the name lookup, the connect, the TLS handshake, each reply - watches the stop
+  flag, so the sender exits well within supervisord's stopwaitsecs.
+- While it waits for the relay longer than `IDLE_AFTER`, the connection calls its
+  `on_idle` hook (the runner delivers local mail meanwhile): local delivery never
+  waits behind a slow or hanging relay.
 
 Many messages on one session (RFC 2920): `submit()` hands messages to the session,
 `pump()` carries out what it says without blocking (everything it asks to send
@@ -20,22 +25,26 @@ for the relay's next bytes. Outcomes queue up in `results` as they come, so a
 failure never loses one that arrived before it. `deliver()` is the one-message
 form of the same loop.
 
-Syscalls per message matter (issue 6): after the handshake the socket is
-non-blocking; a read or write is tried first and poll(2) runs only when it would
-block. No settimeout() per call (each was an ioctl, and every recv/send under a
-timeout was a poll + the call). Timeouts (RFC 5321 §4.5.3.2) are kept as
-deadlines; the stop flag is looked at every `READ_SLICE` while waiting.
+Syscalls per message matter: the socket is non-blocking from the connect on; a
+read or write is tried first and poll(2) runs only when it would block. No
+settimeout() per call (each is an ioctl, and every recv/send under a timeout is a
+poll + the call). Timeouts (RFC 5321 §4.5.3.2, `Timeouts`) are kept as deadlines;
+the stop flag is looked at every `READ_SLICE` while waiting.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import os
 import select
 import socket
 import ssl
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.sender.client import (
@@ -51,13 +60,15 @@ from services.sender.client import (
     SessionError,
     StartTLS,
 )
-from shared.config import HostPort, SenderConfig
+from shared.config import HostPort, RouteConfig, SenderConfig
 from shared.log import EventLog, describe_exception
 from shared.smtp import Reply
 
-READ_SLICE = 0.5  # seconds a recv may block before the stop flag is looked at
-STOP_GRACE = 5.0  # seconds a transaction may still take after TERM
+READ_SLICE = 0.5  # seconds a wait may block before the stop flag is looked at
+IDLE_AFTER = 0.02  # seconds of waiting for the relay before the on_idle hook runs
+STOP_GRACE = 2.5  # seconds a transaction may still take after TERM
 QUIT_TIMEOUT = 5.0  # waiting for the 221 when we are leaving anyway
+QUIT_TIMEOUT_STOPPING = 1.0  # ... and when the program is stopping
 BLOCK_SIZE = 64 * 1024  # one "data block" of RFC 5321 §4.5.3.2.5
 RECV_SIZE = 64 * 1024
 
@@ -73,6 +84,28 @@ class RelayError(Exception):
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """RFC 5321 §4.5.3.2: how long each reply may take, in seconds. The field names
+    are the kinds `ClientSession.waiting_for` names."""
+
+    connect: float = 30.0
+    greeting: float = 300.0  # §4.5.3.2.1
+    command: float = 300.0  # MAIL, RCPT, and the handshake's commands
+    data_init: float = 120.0  # the 354 after DATA
+    data_block: float = 180.0  # each block of data written
+    data_end: float = 600.0  # the reply to the final dot
+
+    @classmethod
+    def from_config(cls, sender: SenderConfig) -> Timeouts:
+        return cls(sender.connect_timeout, sender.greeting_timeout, sender.command_timeout,
+                   sender.data_init_timeout, sender.data_block_timeout,
+                   sender.data_end_timeout)
+
+    def of(self, kind: str) -> float:
+        return float(getattr(self, kind))
+
+
+@dataclass(frozen=True)
 class RelaySettings:
     """Everything needed to reach the smarthost (built once from the config)."""
 
@@ -84,33 +117,22 @@ class RelaySettings:
     username: str = ""
     password: str = ""
     auth_without_tls: bool = False
-    connect_timeout: float = 30.0
-    timeouts: dict[str, float] | None = None  # greeting/command/data_init/data_block/data_end
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
     @classmethod
-    def from_config(cls, sender: SenderConfig, hostname: str, password: str) -> RelaySettings:
-        assert sender.relay is not None
+    def from_route(cls, route: RouteConfig, sender: SenderConfig, hostname: str,
+                   password: str) -> RelaySettings:
         return cls(
-            address=sender.relay,
+            address=route.address,
             hostname=hostname,
-            tls=sender.tls,
-            tls_verify=sender.tls_verify,
-            ca_file=sender.ca_file,
-            username=sender.username,
+            tls=route.tls,
+            tls_verify=route.tls_verify,
+            ca_file=route.ca_file,
+            username=route.username,
             password=password,
-            auth_without_tls=sender.auth_without_tls,
-            connect_timeout=sender.connect_timeout,
-            timeouts={
-                "greeting": sender.greeting_timeout,
-                "command": sender.command_timeout,
-                "data_init": sender.data_init_timeout,
-                "data_block": sender.data_block_timeout,
-                "data_end": sender.data_end_timeout,
-            },
+            auth_without_tls=route.auth_without_tls,
+            timeouts=Timeouts.from_config(sender),
         )
-
-    def timeout(self, kind: str) -> float:
-        return (self.timeouts or {}).get(kind, 300.0)
 
 
 def build_tls_context(settings: RelaySettings) -> ssl.SSLContext:
@@ -158,26 +180,26 @@ class RelayConnection:
         self.idle = False  # Ready: nothing in flight (QUIT may follow)
         self.messages = 0  # submitted on this session
         self.results: deque[MessageDone] = deque()  # outcomes not yet taken
+        # Called while a wait for the relay lasts longer than IDLE_AFTER; returns True
+        # if it did some work (then the wait polls again at once).
+        self.on_idle: Callable[[], bool] | None = None
+        self._stopped_at: float | None = None
 
     # -- public --------------------------------------------------------------------
 
     def open(self) -> None:
         """Connect, greet, STARTTLS/AUTH as configured; RelayError if the relay is not usable."""
         address = self.settings.address
-        try:
-            sock = socket.create_connection(
-                (address.host, address.port), timeout=self.settings.connect_timeout
-            )
-        except OSError as err:
-            raise RelayError("connect", _os_error_text(err)) from None
-        self._use(sock)
-        ip = sock.getpeername()[0]
+        self._use(self._connect())
+        assert self.sock is not None
+        ip = self.sock.getpeername()[0]
         if ip != address.host:
             self.peer = f"{address.host}[{ip}]:{address.port}"
             self.log = self.log.with_peer(self.peer)
         if self.settings.tls == "tls":
             self._handshake()
         self._run_until(Ready, stage="session")
+        assert self.sock is not None
         self.usable = self.idle = True
         self.log.ok(
             "connect",
@@ -242,14 +264,78 @@ class RelayConnection:
         try:
             if self.usable:
                 self.client.take_unsent()
+                limit = QUIT_TIMEOUT_STOPPING if self.stop.is_set() else QUIT_TIMEOUT
                 if not self.idle:
-                    self._run_until(Ready, stage="quit", limit=QUIT_TIMEOUT)
+                    self._run_until(Ready, stage="quit", limit=limit)
                 self.usable = False
                 self.client.quit()
-                self._run_until(Closed, stage="quit", limit=QUIT_TIMEOUT)
+                self._run_until(Closed, stage="quit", limit=limit)
         except RelayError as err:
             self.log.fail("quit", error=str(err))
         self._drop()
+
+    # -- connecting -----------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        """A non-blocking connect to each address of the relay in turn, every wait
+        bounded by the connect timeout and watching the stop flag."""
+        address = self.settings.address
+        timeout = self.settings.timeouts.connect
+        deadline = time.monotonic() + timeout
+        infos = self._resolve(address, deadline)
+        error = "no address"
+        for family, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                 proto)
+            try:
+                code = sock.connect_ex(sockaddr)
+                if code not in (0, errno.EINPROGRESS):
+                    raise OSError(code, os.strerror(code))
+                if code:
+                    self._wait_fd(sock, select.POLLOUT, deadline, "connect",
+                                  "the connection", timeout)
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                return sock
+            except OSError as err:
+                sock.close()
+                error = _os_error_text(err)
+            except RelayError:
+                sock.close()
+                raise
+        raise RelayError("connect", error)
+
+    def _resolve(self, address: HostPort, deadline: float) -> list:
+        """getaddrinfo, off the main thread unless the host is an IP literal: a lookup
+        cannot be interrupted, so the wait for it is what watches the stop flag."""
+        try:
+            ipaddress.ip_address(address.host)
+            literal = True
+        except ValueError:
+            literal = False
+        if literal:
+            return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        found: list = []
+        failure: list[OSError] = []
+        done = threading.Event()
+
+        def lookup() -> None:
+            try:
+                found.extend(socket.getaddrinfo(address.host, address.port,
+                                                type=socket.SOCK_STREAM))
+            except OSError as err:
+                failure.append(err)
+            done.set()
+
+        threading.Thread(target=lookup, name="relay-lookup", daemon=True).start()
+        while not done.wait(self._slice(deadline, "connect", f"the address of {address.host}",
+                                        self.settings.timeouts.connect)):
+            pass
+        if failure:
+            raise RelayError("connect", f"cannot resolve {address.host}: "
+                             f"{_os_error_text(failure[0])}")
+        return found
 
     # -- driving the machine ----------------------------------------------------------
 
@@ -316,7 +402,7 @@ class RelayConnection:
         """One recv of whatever the relay sent; waits (poll) only if nothing is there."""
         sock = self._need_sock(stage)
         kind = self.client.waiting_for or "command"
-        timeout = limit or self.settings.timeout(kind)
+        timeout = limit or self.settings.timeouts.of(kind)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -360,7 +446,7 @@ class RelayConnection:
             if sent == len(data):
                 return
             view = view[sent:]
-        timeout = self.settings.timeout(
+        timeout = self.settings.timeouts.of(
             "data_block" if any(s.body for s in sends) else "command"
         )
         deadline = time.monotonic() + timeout
@@ -381,8 +467,33 @@ class RelayConnection:
     def _wait_io(
         self, events: int, deadline: float, stage: str, what: str, timeout: float
     ) -> None:
-        """poll(2) until the socket is ready, at most READ_SLICE at a time; RelayError
-        on the deadline, or when a stop has waited STOP_GRACE."""
+        """Wait until the session's socket is ready (see `_wait_fd`)."""
+        self._wait_fd(self._need_sock(stage), events, deadline, stage, what, timeout)
+
+    def _wait_fd(self, sock: socket.socket, events: int, deadline: float, stage: str,
+                 what: str, timeout: float) -> None:
+        """poll(2) until `sock` is ready, at most READ_SLICE at a time; RelayError on
+        the deadline, or when a stop has waited STOP_GRACE. A wait longer than
+        IDLE_AFTER lets the `on_idle` hook work in between."""
+        fd = sock.fileno()
+        self._poll.register(fd, events)
+        try:
+            if self._poll.poll(int(min(IDLE_AFTER, max(0.0, deadline - time.monotonic()))
+                                   * 1000)):
+                return
+            while True:
+                busy = self.on_idle is not None and not self.stop.is_set() and self.on_idle()
+                wait = 0.0 if busy else self._slice(deadline, stage, what, timeout)
+                if self._poll.poll(int(wait * 1000)):
+                    return
+                if busy:
+                    self._slice(deadline, stage, what, timeout)  # the deadline still holds
+        finally:
+            self._poll.unregister(fd)
+
+    def _slice(self, deadline: float, stage: str, what: str, timeout: float) -> float:
+        """How long the next wait may block (at most READ_SLICE); RelayError when the
+        deadline has passed or a stop has waited long enough."""
         now = time.monotonic()
         if now >= deadline:
             self._drop()
@@ -390,11 +501,7 @@ class RelayConnection:
         if self.stop.is_set() and now >= self._stop_deadline():
             self._drop()  # abandoned: without its 250 the message stays queued
             raise RelayError(stage, f"abandoned waiting for {what}: stopping")
-        sock = self._need_sock(stage)
-        self._poll.register(sock, events)
-        self._poll.poll(max(10, int(min(READ_SLICE, deadline - now) * 1000)))
-
-    _stopped_at: float | None = None
+        return max(0.01, min(READ_SLICE, deadline - now))
 
     def _stop_deadline(self) -> float:
         if self._stopped_at is None:
@@ -407,17 +514,31 @@ class RelayConnection:
         sock.settimeout(0.0)
 
     def _handshake(self) -> None:
+        """The TLS handshake, non-blocking: each wait bounded by the connect timeout
+        and watching the stop flag."""
         sock = self._need_sock("tls")
         assert self.tls_context is not None
-        sock.settimeout(self.settings.connect_timeout)
+        timeout = self.settings.timeouts.connect
+        deadline = time.monotonic() + timeout
         try:
             wrapped = self.tls_context.wrap_socket(
-                sock, server_hostname=self.settings.address.host
+                sock, server_hostname=self.settings.address.host, do_handshake_on_connect=False
             )
         except (OSError, ssl.SSLError, ValueError) as err:
             self._drop(sock)
             raise RelayError("tls", _os_error_text(err)) from None
         self._use(wrapped)
+        while True:
+            try:
+                wrapped.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self._wait_io(select.POLLIN, deadline, "tls", "the TLS handshake", timeout)
+            except ssl.SSLWantWriteError:
+                self._wait_io(select.POLLOUT, deadline, "tls", "the TLS handshake", timeout)
+            except (OSError, ssl.SSLError, ValueError) as err:
+                self._drop()
+                raise RelayError("tls", _os_error_text(err)) from None
 
     def _need_sock(self, stage: str) -> socket.socket:
         if self.sock is None:

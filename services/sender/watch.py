@@ -2,11 +2,10 @@
 
 Only arrivals matter: a file created in, or renamed into, queue.dir (the receiver's
 rename from `.tmp`). The sender's own work must cost nothing: with watchdog's
-default mask every move and unlink woke its threads, which parsed the event in
-Python and took the GIL from the runner - ~7 % of the drain and ~30 futex calls
-per message (py-spy, strace -c). So the kernel is asked for IN_CREATE and
-IN_MOVED_TO only (inotify(7)): the sender's unlinks (IN_DELETE) and its moves
-out to failed/ or quarantine/ never reach Python. Dot names (`.sender.lock`,
+default mask every move and unlink wakes its threads, which parse the event in
+Python and take the GIL from the runner (bench/README.md). So the kernel is asked
+for IN_CREATE and IN_MOVED_TO only (inotify(7)): the sender's unlinks (IN_DELETE)
+and its moves out to failed/ or quarantine/ never reach Python. Dot names (`.sender.lock`,
 `.tmp`, a rewrite's `.<id>.new`) never wake the runner; a rewrite's rename over
 `<id>` (IN_MOVED_TO) is still reported, and the runner's `ignore(name)` (its own
 moves) filters it out.
@@ -94,7 +93,7 @@ def watch_queue(
 
 
 def _no_move_pairing_delay() -> None:
-    """Deliver inotify events at once (250 -> upstream p50 ~450 ms -> ~2 ms, bench/).
+    """Deliver inotify events at once, not after a pairing delay (bench/README.md).
 
     watchdog holds each IN_MOVED_FROM for 0.5 s to pair it with an IN_MOVED_TO, in a
     FIFO, holding back the events behind it. With the arrivals-only mask no

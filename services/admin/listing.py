@@ -1,0 +1,282 @@
+"""The read-only queue listing: `mailbag queue`, `mailbag-sendmail -bp` and `mailq`.
+
+One row per message (SPEC §7): id, age, size, sender, recipients, state, attempts,
+next attempt, last reply. The state comes from the message's delivery state
+(`.state/<id>`, shared/queue/state.py):
+
+    held       `held` is set (by `mailbag hold`): not sent until released
+    deferred   its next attempt is in the future (also when the relay was down)
+    ready      due now: never tried, or its next attempt has come
+    failed     in the failed folder (`<id>` or `<id>.<n>`), the reason as last reply
+
+`--failed` lists the failed folder instead of the queue (as `mailbag delete
+--failed` acts on it). Reading is strictly read-only and light: only the envelope
+of each file is read (up to its blank line), never the message; nothing is
+created, locked or moved, so any user who may read the folders can list them
+while the sender runs. A file that vanishes meanwhile (delivered) is left out.
+
+`queue_rows` / `failed_rows` read the disk; `format_text` / `format_json` are pure
+(rows and `now` in, lines out); `list_queue` is both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import Config
+from shared.queue import (
+    BLANK,
+    REASON_SUFFIX,
+    STATE_DIRNAME,
+    DeliveryState,
+    QueueFile,
+    QueueFormatError,
+    StateStore,
+    arrival_time,
+)
+
+ENVELOPE_READ = 4096  # most envelopes come in one read
+ENVELOPE_MAX = 1024 * 1024  # an envelope is lines of addresses: far below this
+SHOWN_RECIPIENTS = 3  # in the text form; the JSON form has them all
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ListingError(Exception):
+    """The queue cannot be listed; str() is one line, `exit_code` a sysexits code."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """One message as listed."""
+
+    id: str
+    state: str  # ready / deferred / held / failed
+    arrival: float  # epoch seconds (from the queue id)
+    size: int  # bytes of the message (the file without its envelope)
+    sender: str  # "" for the null sender <>
+    recipients: tuple[str, ...]
+    attempts: int = 0
+    next_attempt: float | None = None  # only for a deferred message
+    last_reply: str = ""
+
+
+# ---------------------------------------------------------------------------- reading
+
+def list_queue(config: Config, *, failed: bool, as_json: bool, now: float) -> Iterator[str]:
+    """The listing's lines. Reads the folders at once: ListingError is raised here,
+    not while the lines are iterated."""
+    rows = failed_rows(config.queue.failed) if failed else queue_rows(config.queue.dir, now)
+    return format_json(rows, now) if as_json else format_text(rows, now, failed=failed)
+
+
+def queue_rows(queue_dir: Path, now: float) -> list[QueueRow]:
+    """The messages in queue.dir with their delivery state, oldest first."""
+    states = _load_states(queue_dir)
+    rows = []
+    for entry in _regular_files(queue_dir):
+        state = states.get(entry.name, BLANK)
+        kind, next_attempt = state_of(state, now)
+        rows.append(_read_row(entry, kind, state, next_attempt, ""))
+    return _oldest_first(rows)
+
+
+def failed_rows(failed_dir: Path) -> list[QueueRow]:
+    """The messages in the failed folder, each with the reason beside it."""
+    rows = []
+    for entry in _regular_files(failed_dir):
+        if entry.name.endswith(REASON_SUFFIX):
+            continue
+        reason = _read_reason(Path(entry.path + REASON_SUFFIX))
+        rows.append(_read_row(entry, "failed", BLANK, None, reason))
+    return _oldest_first(rows)
+
+
+def state_of(state: DeliveryState, now: float) -> tuple[str, float | None]:
+    """The listed state of a queued message, and its next attempt if deferred."""
+    if state.held:
+        return "held", None
+    if state.next_attempt > now:
+        return "deferred", state.next_attempt
+    return "ready", None
+
+
+def _load_states(queue_dir: Path) -> dict[str, DeliveryState]:
+    """Every readable state file; none when there is no `.state` folder yet (a
+    StateStore would create it, and the listing creates nothing)."""
+    if not (queue_dir / STATE_DIRNAME).is_dir():
+        return {}
+    try:
+        states, _unreadable = StateStore(queue_dir).load_all()
+    except OSError as err:
+        raise _listing_error(err, queue_dir / STATE_DIRNAME) from None
+    return states
+
+
+def _regular_files(folder: Path) -> list[os.DirEntry[str]]:
+    """The regular files of `folder` whose names do not start with "." (the queue's
+    own). A folder that does not exist yet holds nothing."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise _listing_error(err, folder) from None
+    files = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                files.append(entry)
+        except FileNotFoundError:
+            continue
+    return files
+
+
+def _listing_error(err: OSError, folder: Path) -> ListingError:
+    code = os.EX_NOPERM if isinstance(err, PermissionError) else os.EX_IOERR
+    return ListingError(code, f"cannot read {folder}: {err.strerror or err}")
+
+
+def _read_row(entry: os.DirEntry[str], kind: str, state: DeliveryState,
+              next_attempt: float | None, reason: str) -> QueueRow:
+    fallback = entry.stat(follow_symlinks=False).st_mtime
+    try:
+        envelope, size = read_envelope(entry.path)
+        sender, recipients = envelope.sender, envelope.recipients
+    except (OSError, QueueFormatError) as err:
+        why = getattr(err, "strerror", None) or str(err)
+        sender, recipients, size = "", (), 0
+        reason = f"unreadable queue file: {why}"
+    return QueueRow(
+        id=entry.name, state=kind, arrival=arrival_time(entry.name, fallback), size=size,
+        sender=sender, recipients=recipients, attempts=state.attempts,
+        next_attempt=next_attempt, last_reply=reason or state.last_reply)
+
+
+def read_envelope(path: str) -> tuple[QueueFile, int]:
+    """The envelope of a queue file (parsed by the queue format, data left empty)
+    and the size of the message after it; reads only up to the blank line.
+    OSError, QueueFormatError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        head = b""
+        while (end := head.find(b"\n\n")) < 0:
+            chunk = os.read(fd, ENVELOPE_READ)
+            if not chunk or len(head) > ENVELOPE_MAX:
+                raise QueueFormatError("no blank line after the envelope")
+            head += chunk
+    finally:
+        os.close(fd)
+    return QueueFile.from_bytes(head[:end + 2]), size - (end + 2)
+
+
+def _read_reason(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no reason recorded)"
+    return " / ".join(line for line in text.splitlines() if line.strip())
+
+
+def _oldest_first(rows: list[QueueRow]) -> list[QueueRow]:
+    return sorted(rows, key=lambda row: (row.arrival, row.id))
+
+
+# ---------------------------------------------------------------------------- formatting
+
+_COLUMNS = ("ID", "STATE", "AGE", "SIZE", "TRIES", "NEXT", "SENDER")
+_RIGHT_ALIGNED = frozenset({"SIZE", "TRIES"})
+
+
+def format_text(rows: Sequence[QueueRow], now: float, *, failed: bool = False) -> Iterator[str]:
+    """A header line, one aligned line per message, and a summary line (like
+    `postqueue -p`); the recipients and the last reply close each line."""
+    if not rows:
+        yield "No failed messages" if failed else "Mail queue is empty"
+        return
+    table = [_COLUMNS] + [_cells(row, now) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+    for number, line in enumerate(table):
+        cells = [cell.rjust(width) if _COLUMNS[i] in _RIGHT_ALIGNED else cell.ljust(width)
+                 for i, (cell, width) in enumerate(zip(line, widths, strict=True))]
+        tail = "RECIPIENTS (LAST REPLY)" if number == 0 else _tail(rows[number - 1])
+        yield "  ".join(cells) + "  " + tail
+    yield _summary(rows, failed)
+
+
+def format_json(rows: Sequence[QueueRow], now: float) -> Iterator[str]:
+    """One JSON object per message and line, the same fields as the text form."""
+    for row in rows:
+        yield json.dumps({
+            "id": row.id,
+            "state": row.state,
+            "arrival_time": round(row.arrival, 3),
+            "age": int(max(0.0, now - row.arrival)),
+            "size": row.size,
+            "sender": row.sender,
+            "recipients": list(row.recipients),
+            "attempts": row.attempts,
+            "next_attempt": round(row.next_attempt, 3) if row.next_attempt else None,
+            "last_reply": row.last_reply,
+        })
+
+
+def _cells(row: QueueRow, now: float) -> tuple[str, ...]:
+    return (row.id, row.state, duration(now - row.arrival), str(row.size), str(row.attempts),
+            _next(row, now), f"<{_printable(row.sender)}>")
+
+
+def _next(row: QueueRow, now: float) -> str:
+    if row.state == "deferred" and row.next_attempt is not None:
+        return "in " + duration(row.next_attempt - now)
+    return "now" if row.state == "ready" else "-"
+
+
+def _tail(row: QueueRow) -> str:
+    shown = ", ".join(f"<{_printable(r)}>" for r in row.recipients[:SHOWN_RECIPIENTS])
+    more = len(row.recipients) - SHOWN_RECIPIENTS
+    if more > 0:
+        shown += f" +{more} more"
+    reply = f" ({_printable(row.last_reply)})" if row.last_reply else ""
+    return (shown or "-") + reply
+
+
+def _summary(rows: Sequence[QueueRow], failed: bool) -> str:
+    total = sum(row.size for row in rows)
+    noun = "failed message" if failed else "message"
+    line = f"-- {len(rows)} {noun}{'' if len(rows) == 1 else 's'}, {total} bytes"
+    if failed:
+        return line
+    counts = {state: sum(row.state == state for row in rows)
+              for state in ("ready", "deferred", "held")}
+    return line + " (" + ", ".join(f"{n} {state}" for state, n in counts.items() if n) + ")"
+
+
+def duration(seconds: float) -> str:
+    """A compact span: 45s, 12m, 2h03m, 3d04h (never negative)."""
+    whole = int(max(0.0, seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _printable(text: str) -> str:
+    """One line on a terminal: a multi-line reply joined with " / ", control
+    characters shown as "?"."""
+    return _CONTROL.sub("?", " / ".join(text.splitlines()))

@@ -1,0 +1,199 @@
+"""A locally submitted message made ready for the queue: pure, no I/O.
+
+What `mailbag-sendmail` does to what a program hands it (SPEC §7):
+
+- the input ends at EOF, or at a line holding only "." unless -i/-oi (`InputCollector`);
+- line ends become CRLF: the queue holds SMTP data (SPEC §3), whatever the caller
+  wrote; every other byte (8-bit text, NUL) is stored as is;
+- recipients come from the command line and, with -t, from To:, Cc: and Bcc: (read
+  with the `email` package); a bare name (`root`) gets the first local domain, so
+  that the sender's aliases apply; every address passes the receiver's check
+  (`shared.smtp.check_mailbox`);
+- `Bcc:` fields are removed whether or not -t was given: they must never reach a
+  recipient (what Postfix's cleanup does);
+- `Received:` goes on top, a missing `From:`, `Date:`, `Message-ID:` at the end of
+  the header section (shared/headers.py, the same fields the receiver adds).
+
+Errors are `SubmissionError` carrying the sysexits code and one line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from email import policy
+from email.parser import BytesHeaderParser
+
+from shared.headers import (
+    body_separator,
+    from_field,
+    local_received,
+    missing_fields,
+    scan_headers,
+    without_fields,
+)
+from shared.smtp import CRLF, PathSyntaxError, check_mailbox, crlf_lines
+
+RECIPIENT_FIELDS = ("to", "cc", "bcc")  # -t reads these (RFC 5322 §3.6.3)
+REMOVED_FIELDS = frozenset({"bcc"})
+_DOT_LINES = frozenset({b".", b".\n", b".\r\n"})
+
+
+class SubmissionError(Exception):
+    """The message cannot be queued; `exit_code` is its sysexits.h code."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class InputCollector:
+    """The message as it arrives on stdin, in pieces of at most one line each.
+
+    Bounded: more than `limit` bytes raise SubmissionError (EX_DATAERR) at once,
+    so an endless input is never held in memory.
+    """
+
+    def __init__(self, *, dot_ends_input: bool, limit: int) -> None:
+        self.dot_ends_input = dot_ends_input
+        self.limit = limit
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._at_line_start = True
+
+    def feed(self, piece: bytes) -> bool:
+        """Take the next piece (a line, or part of a long one); True once the input
+        is complete (a lone "." line without -i). The dot line is not data."""
+        if self.dot_ends_input and self._at_line_start and piece in _DOT_LINES:
+            return True
+        self._size += len(piece)
+        if self._size > self.limit:
+            raise SubmissionError(os.EX_DATAERR,
+                                  f"message larger than max_message_bytes ({self.limit})")
+        self._pieces.append(piece)
+        self._at_line_start = piece.endswith(b"\n")
+        return False
+
+    def data(self) -> bytes:
+        return b"".join(self._pieces)
+
+
+@dataclass(frozen=True)
+class Submitter:
+    """Who submits, and the names the configuration gives."""
+
+    uid: int
+    login: str  # the invoking user's name: the default envelope sender
+    hostname: str  # our name, in Received: and Message-ID:
+    domain: str  # the first local domain: qualifies bare names
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A message ready for `QueueWriter.store(sender, recipients, chunks)`."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    chunks: tuple[bytes, ...]  # Received:, headers, added fields, body
+
+    @property
+    def size(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
+
+def envelope_sender(given: str | None, submitter: Submitter) -> str:
+    """The `-f` address (qualified and checked), `""` for `-f '<>'`, else the user."""
+    if given is None:
+        return qualify(submitter.login, submitter.domain, "sender")
+    address = given.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    return qualify(address, submitter.domain, "sender") if address else ""
+
+
+def qualify(address: str, domain: str, role: str) -> str:
+    """`root` -> `root@<domain>`; any address checked as the receiver checks it.
+    SubmissionError (EX_DATAERR) names the address and what is wrong."""
+    full = address if "@" in address else f"{address}@{domain}"
+    try:
+        check_mailbox(full)
+    except PathSyntaxError as err:
+        raise SubmissionError(os.EX_DATAERR, f"bad {role} address {address!r}: {err}") from None
+    return full
+
+
+def header_recipients(header: bytes) -> list[tuple[str, str]]:
+    """The addresses in the To:, Cc: and Bcc: fields of a header section, as
+    (field, address) pairs: what -t sends to. 8-bit addresses (RFC 6532) come back
+    as text; empty groups (`undisclosed-recipients:;`) give none."""
+    message = BytesHeaderParser(policy=policy.default).parsebytes(header)
+    found = []
+    for name in RECIPIENT_FIELDS:
+        field = name.capitalize()
+        try:
+            values = message.get_all(name, [])
+            addresses = [a.addr_spec for value in values for a in value.addresses]
+        except Exception as err:  # noqa: BLE001 - the parser raises IndexError and more
+            raise SubmissionError(os.EX_DATAERR, f"cannot read the {field}: field of "
+                                                 f"the message: {err or type(err).__name__}"
+                                  ) from None
+        found.extend((field, _as_text(address)) for address in addresses)
+    return found
+
+
+def _as_text(parsed: str) -> str:
+    """The email parser keeps 8-bit header bytes as surrogates: UTF-8 back to text
+    (anything else stays as surrogates, which `check_mailbox` refuses)."""
+    try:
+        return parsed.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeDecodeError:
+        return parsed
+
+
+def recipients_of(arguments: Sequence[str], header: bytes, *, extract: bool,
+                  domain: str) -> tuple[str, ...]:
+    """Command-line recipients, then (with -t) those of the header; qualified, checked,
+    each once in the order first named. SubmissionError: EX_USAGE if there are
+    none, EX_DATAERR for a bad address."""
+    named: list[tuple[str, str]] = [("recipient", arg) for arg in arguments]
+    if extract:
+        named.extend((f"{field}: recipient", address)
+                     for field, address in header_recipients(header))
+    recipients: dict[str, None] = {}
+    for role, address in named:
+        recipients.setdefault(qualify(address, domain, role))
+    if not recipients:
+        where = " (none on the command line, none in To:, Cc:, Bcc:)" if extract else ""
+        raise SubmissionError(os.EX_USAGE, f"no recipients{where}")
+    return tuple(recipients)
+
+
+def prepare(raw: bytes, *, recipients: Sequence[str], extract: bool, sender: str | None,
+            full_name: str | None, submitter: Submitter, queue_id: str,
+            now: datetime) -> Submission:
+    """The envelope and the data to store for the message `raw` read from stdin."""
+    data = crlf_lines(raw)
+    section = replace(scan_headers(data), eol=CRLF)  # also for an empty message
+    header = data[:section.end]
+    envelope_to = recipients_of(recipients, header, extract=extract, domain=submitter.domain)
+    envelope_from = envelope_sender(sender, submitter)
+    added = b""
+    if not section.has("from"):
+        added += from_field(envelope_from or f"MAILER-DAEMON@{submitter.hostname}",
+                            full_name)
+    added += missing_fields(section, queue_id=queue_id, hostname=submitter.hostname, now=now)
+    trace = local_received(uid=submitter.uid, hostname=submitter.hostname, queue_id=queue_id,
+                           recipient=envelope_to[0] if len(envelope_to) == 1 else None, now=now)
+    kept = without_fields(header, REMOVED_FIELDS) if "bcc" in section.names else header
+    chunks = (trace, kept, added, body_separator(data, section), data[section.end:])
+    return Submission(envelope_from, envelope_to, tuple(c for c in chunks if c))
+
+
+def collect(pieces: Iterable[bytes], collector: InputCollector) -> bytes:
+    """Feed `pieces` until the input is complete; the message data."""
+    for piece in pieces:
+        if collector.feed(piece):
+            break
+    return collector.data()

@@ -1,0 +1,151 @@
+"""Each message's delivery state, kept next to it on disk (SPEC §7 "Delivery state").
+
+`queue.dir/.state/<id>` holds one JSON object, and only while the message has a
+state worth keeping (it was deferred, is held, or was warned about); a message
+delivered at its first attempt never gets one::
+
+    {"attempts": 2, "next_attempt": 1764601234.5, "last_reply": "451 4.3.0 busy",
+     "held": false, "warned": false}
+
+Never inside the queue file, whose format SPEC §3 fixes. Written atomically (a
+temporary dot-name, fsync, rename), so a crash leaves the old state or the new one,
+never half of one. The sender is its only writer while it runs; the `mailbag`
+command writes it only while it holds the queue lock (no sender runs) or through
+the running sender (services/sender/control.py). Every state file whose message
+is gone is removed (`prune`): a finished or deleted message's state never lingers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from shared.queue.files import (
+    fsync_dir,
+    read_file,
+    unlink_quietly,
+    write_durably,
+    write_durably_replacing,
+)
+
+STATE_DIRNAME = ".state"
+
+
+@dataclass(frozen=True)
+class DeliveryState:
+    """What the queue remembers of a message between attempts."""
+
+    attempts: int = 0  # delivery attempts that ended in a temporary failure
+    next_attempt: float = 0.0  # epoch seconds; not tried before (0: due now)
+    last_reply: str = ""  # the reply (or why nothing was tried) of the last attempt
+    held: bool = False  # by `mailbag hold`: not sent until released
+    warned: bool = False  # the delay warning (SPEC §8) has been sent
+
+    @property
+    def is_blank(self) -> bool:
+        """Nothing worth a file: the state of a message never tried."""
+        return self == BLANK
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> DeliveryState:
+        """Parse a state file; ValueError if it is not one."""
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        known = {f.name: f.type for f in fields(cls)}
+        kwargs = {}
+        for key, item in value.items():
+            if key not in known:
+                continue  # written by a newer version: ignore what we do not know
+            expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[known[key]]
+            if isinstance(item, bool) and known[key] != "bool" or not isinstance(item, expected):
+                raise ValueError(f"{key}: unexpected value {item!r}")
+            kwargs[key] = float(item) if known[key] == "float" else item
+        state = cls(**kwargs)
+        if state.attempts < 0 or not math.isfinite(state.next_attempt):
+            raise ValueError("attempts or next_attempt out of range")
+        return state
+
+
+BLANK = DeliveryState()
+
+
+class StateStore:
+    """The `.state/` folder of one queue."""
+
+    def __init__(self, queue_dir: Path) -> None:
+        self.dir = Path(queue_dir) / STATE_DIRNAME
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, queue_id: str) -> Path:
+        return self.dir / queue_id
+
+    def load(self, queue_id: str) -> DeliveryState:
+        """The message's state (BLANK if it has none); ValueError if the file is bad."""
+        try:
+            return DeliveryState.from_json(read_file(self.path(queue_id)))
+        except FileNotFoundError:
+            return BLANK
+
+    def load_all(self) -> tuple[dict[str, DeliveryState], list[tuple[str, str]]]:
+        """Every state on disk, and the files that could not be read (name, why)."""
+        states: dict[str, DeliveryState] = {}
+        problems: list[tuple[str, str]] = []
+        for entry in os.scandir(self.dir):
+            if entry.name.startswith("."):
+                continue  # a write in progress (or its leftover)
+            try:
+                states[entry.name] = DeliveryState.from_json(read_file(entry.path))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as err:
+                problems.append((entry.name, getattr(err, "strerror", None) or str(err)))
+        return states, problems
+
+    def save(self, queue_id: str, state: DeliveryState, *, durable: bool = False) -> None:
+        """Replace the message's state atomically (a blank state removes the file).
+
+        `durable`: fsync the file and the folder, so that the change survives a
+        power cut (an operator's hold). Otherwise the rename alone makes it atomic:
+        a power cut may lose a deferral's next attempt, and the message is then
+        simply tried once more (a file it leaves unreadable counts as no state)."""
+        if state.is_blank:
+            self.remove(queue_id, durable=durable)
+            return
+        path = self.path(queue_id)
+        if durable:
+            write_durably_replacing(path, state.to_json())
+            fsync_dir(self.dir)
+            return
+        tmp = self.dir / f".{queue_id}.{secrets.token_hex(4)}"
+        try:
+            write_durably(tmp, (state.to_json(),), sync=False)
+            os.rename(tmp, path)
+        except OSError:
+            unlink_quietly(tmp)
+            raise
+
+    def remove(self, queue_id: str, *, durable: bool = False) -> None:
+        unlink_quietly(self.path(queue_id))
+        if durable:
+            fsync_dir(self.dir)
+
+    def prune(self, present: Iterable[str]) -> list[str]:
+        """Remove the states (and leftover temporary files) of messages no longer
+        queued; returns the ids removed."""
+        keep = set(present)
+        removed = []
+        for entry in os.scandir(self.dir):
+            if entry.name not in keep:
+                unlink_quietly(entry.path)
+                if not entry.name.startswith("."):
+                    removed.append(entry.name)
+        return removed

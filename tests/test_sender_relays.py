@@ -1,0 +1,150 @@
+"""Smarthost failover and the outbound rate limit, with real aiosmtpd relays.
+
+The runner uses the real clock here: failover and the limit are about seconds that
+really pass (each test is bounded to a few of them).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from services.sender.rate import RATE_FILE, TokenBucket
+from shared.config import Rate
+from tests.sender_support import Relay
+
+DATA = b"Subject: hello\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def relays():
+    made: list[Relay] = []
+
+    def make(count: int) -> list[Relay]:
+        made.extend(Relay() for _ in range(count))
+        return made[-count:]
+
+    yield make
+    for relay in made:
+        relay.stop()
+
+
+def test_failover_to_the_second_relay_and_back_to_the_first_after_relay_retry(
+    setup, relays
+) -> None:
+    first, second = relays(2)
+    second.start()  # the first is down: nothing listens on its port
+    env = setup([first.address, second.address], relay_retry=1.0, retry_initial=0.5)
+    env.use_real_clock()
+    for n in range(3):
+        env.writer.store("a@example.com", [f"b{n}@example.org"], DATA)
+    started = time.monotonic()
+    assert env.runner.run_pass()
+    env.runner.close_relay()
+    assert len(second.handler.wait_for(3)) == 3
+    assert time.monotonic() - started < 3  # within seconds
+    first.start()
+    env.writer.store("a@example.com", ["soon@example.org"], DATA)
+    env.runner.run_pass()  # the first is still left alone (relay_retry)
+    env.runner.close_relay()
+    assert second.handler.wait_for(4)[-1].rcpt_tos == ["soon@example.org"]
+    time.sleep(1.1)
+    env.writer.store("a@example.com", ["back@example.org"], DATA)
+    env.runner.run_pass()
+    env.runner.close_relay()
+    assert first.handler.wait_for(1)[0].rcpt_tos == ["back@example.org"]
+
+
+def test_every_relay_down_defers_each_message_naming_each_relay(
+    setup, relays, log_lines
+) -> None:
+    first, second = relays(2)  # neither started
+    env = setup([first.address, second.address], relay_retry=30)
+    queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    env.pass_at(5000.0)
+    (line,) = [x for x in log_lines if f"id={queue_id}" in x]
+    assert " waiting defer " in line and "until=" in line
+    connects = [x for x in log_lines if " connect fail " in x]
+    assert [str(first.port) in x for x in connects] == [True, False]
+    assert [str(second.port) in x for x in connects] == [False, True]
+    assert env.runner.states[queue_id].next_attempt == 5010.0  # the first relay: retry_initial
+
+
+def test_a_5xx_from_the_first_relay_is_final(setup, relays) -> None:
+    first, second = relays(2)
+    first.handler.rcpt_replies["gone@example.org"] = "550 5.1.1 no such user"
+    first.start()
+    second.start()
+    env = setup([first.address, second.address])
+    queue_id = env.writer.store("a@example.com", ["gone@example.org"], DATA)
+    env.pass_at(5000.0)
+    env.runner.close_relay()
+    assert queue_id in env.failed() and second.handler.messages == []
+
+
+def test_the_rate_limit_spaces_messages_and_holds_across_a_restart(setup, relays) -> None:
+    (relay,) = relays(1)
+    relay.start()
+    env = setup(relay.address, max_rate="20/s")
+    env.use_real_clock()
+    for n in range(30):
+        env.writer.store("a@example.com", [f"b{n}@example.org"], DATA)
+    started = time.monotonic()
+    while env.queued() and time.monotonic() - started < 10:
+        env.runner.run_pass()  # as the runner's loop does: pass after pass
+    elapsed = time.monotonic() - started
+    env.runner.close_relay()
+    assert len(relay.handler.wait_for(30)) == 30
+    # The bucket starts empty: 30 tokens at 20/s take 1.5 s; without it, ~0.1 s.
+    assert elapsed >= 1.4
+    assert env.runner.states == {}  # held back is not deferred: no state, no backoff
+    assert (env.config.queue.dir / RATE_FILE).exists()
+    restarted = TokenBucket.load(Rate(20, 1.0), env.config.queue.dir, time.time())
+    assert restarted.tokens < 2  # the restart does not hand out a fresh bucket
+
+
+def test_local_mail_does_not_wait_for_the_rate_limit(setup, relays) -> None:
+    (relay,) = relays(1)
+    relay.start()
+    env = setup(relay.address, max_rate="1/min")
+    env.use_real_clock()
+    env.writer.store("a@example.com", ["far@example.org"], DATA)
+    env.writer.store("a@example.com", ["far2@example.org"], DATA)
+    worker = threading.Thread(target=env.runner.run_pass)
+    worker.start()
+    try:
+        time.sleep(0.3)  # the first remote message waits for its token (a minute)
+        env.writer.store("a@example.com", ["you@localhost"], DATA)
+        env.runner._due.append(env.reader.scan().ready[-1])  # as the next pass would list it
+        new = env.config.local.maildir / "you" / "new"
+        deadline = time.monotonic() + 5
+        while not (new.exists() and any(new.iterdir())):
+            assert time.monotonic() < deadline, "local mail waited for the rate limit"
+            time.sleep(0.05)
+    finally:
+        env.stop.set()
+        worker.join(10)
+    assert not worker.is_alive()
+
+
+@pytest.mark.parametrize(("text", "count", "seconds"), [
+    ("14/s", 14, 1.0), ("100/min", 100, 60.0), ("500/h", 500, 3600.0), (" 7 / d ", 7, 86400.0)])
+def test_rates_parse(text: str, count: int, seconds: float) -> None:
+    assert Rate.parse(text) == Rate(count, seconds)
+
+
+@pytest.mark.parametrize("text", ["14", "0/s", "14/week", "-1/s", "fast"])
+def test_bad_rates_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        Rate.parse(text)
+
+
+def test_the_token_bucket() -> None:
+    bucket = TokenBucket(Rate(2, 1.0), tokens=0.0, at=100.0)
+    assert bucket.wait(100.0) == pytest.approx(0.5)
+    assert bucket.wait(100.5) == 0.0
+    bucket.take(100.5)
+    assert bucket.wait(100.5) == pytest.approx(0.5)
+    assert bucket.wait(110.0) == 0.0 and bucket.tokens == 2.0  # never above its size
