@@ -78,6 +78,7 @@ def build_servers(config: Config, queue: MessageStore) -> list[ReceiverServer]:
         max_message_bytes=rcv.max_message_bytes,
         max_recipients=rcv.max_recipients,
         max_bad_commands=rcv.max_bad_commands,
+        max_hops=rcv.max_hops,
         local_domains=frozenset(config.local.domains),
         tls_available=tls_context is not None,
         auth_available=check_password is not None,

@@ -14,7 +14,9 @@ Rules this module guarantees:
   how the bytes were cut (too big, then bare newline, then line too long);
 - memory is bounded: complete lines are taken out once `run_size` bytes are
   buffered; a line with no end in sight is dropped as it arrives (after its bytes
-  were checked), and so is everything once the message is too big.
+  were checked), and so is everything once the message is too big;
+- the header section is read as the runs are kept (`headers`, a HeaderScanner):
+  where it ends and how many Received: fields it has, whatever its size.
 
 Invariant while reading: the input buffer starts with the CRLF that ended the
 previous line (for the first line, a virtual CRLF put there by `start`), so each run
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import enum
 
+from shared.headers import HeaderScanner
 from shared.smtp import MAX_TEXT_LINE
 
 END_OF_DATA = b"\r\n.\r\n"
@@ -48,6 +51,7 @@ class DataReader:
         self.max_bytes = max_bytes
         self.run_size = run_size
         self.chunks: list[bytearray] = []  # the message so far, dot-unstuffed
+        self.headers = HeaderScanner()  # fed the chunks, as they are kept
         self._consumed = 0  # octets taken from the buffer, with the virtual CRLF
         self._scanned = 0  # the buffer before this offset holds no end of data
         self._too_big = False
@@ -120,6 +124,8 @@ class DataReader:
             del run[:2]  # the virtual CRLF
         if run:
             self.chunks.append(run)
+            if not self.headers.done:
+                self.headers.feed(run)
 
     def _check_bare(self, data: bytearray, start: int, end: int) -> None:
         """A CR or LF that is not part of a CRLF, or a NUL, in data[start:end]."""
@@ -139,3 +145,4 @@ class DataReader:
             if self._consumed - 2 > self.max_bytes:
                 self._too_big = True
                 self.chunks.clear()
+

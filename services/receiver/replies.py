@@ -58,6 +58,9 @@ S554_BARE_NEWLINE = Reply(
 S554_LINE_TOO_LONG = Reply(
     554, "Message rejected: a line is longer than 1000 octets (RFC 5321 §4.5.3.1.6)", "5.6.0"
 )
+S554_TOO_MANY_HOPS = Reply(
+    554, "Too many hops: {hops} Received: fields, more than {limit} (a routing loop?)", "5.4.6"
+)
 S555_BAD_PARAMETER = Reply(555, "Unsupported parameter {name}", "5.5.4")
 
 # Why a command is out of sequence (503), by verb.

@@ -1,7 +1,8 @@
 """The receiver's socket shell: a ThreadingTCPServer with a bounded pool of session slots.
 
 All SMTP decisions are made by `ServerSession`; this module moves bytes, keeps time,
-stores messages through the queue (`shared/queue.py`), and carries out the session's events.
+stores messages through the queue (`shared/queue/`) with the trace `trace.py` adds,
+and carries out the session's events.
 
 - Slots: at most `max_connections` sessions (and `max_connections_per_ip` per client),
   counted over all listeners together (one `SlotPool` shared by the plain and the
@@ -48,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from services.receiver import replies as R
 from services.receiver.session import (
@@ -60,9 +62,10 @@ from services.receiver.session import (
     SessionPolicy,
     StartTLS,
 )
+from services.receiver.trace import stored_chunks
 from shared.config import IPNetwork
 from shared.log import EventLog, describe_exception
-from shared.queue import MessageStore, QueueWriteError
+from shared.queue import MessageStore, QueueWriteError, new_queue_id
 from shared.smtp import Reply
 
 PROGRAM = "R-SMTP"
@@ -533,9 +536,12 @@ class SessionHandler(socketserver.BaseRequestHandler):
         """Store the message; its size. The session then has the reply to send."""
         envelope = event.envelope
         size = event.size
+        queue_id = new_queue_id()
+        chunks = stored_chunks(event, hostname=self.server.policy.hostname, queue_id=queue_id,
+                               now=datetime.now().astimezone())
         try:
-            queue_id = self.server.queue.store(envelope.mail_from, envelope.rcpt_tos,
-                                               event.chunks)
+            self.server.queue.store(envelope.mail_from, envelope.rcpt_tos, chunks,
+                                    queue_id=queue_id)
         except QueueWriteError as err:
             reply = R.S452_NO_SPACE if err.no_space else R.S451_LOCAL_ERROR
             self.session.message_not_stored(reply)

@@ -24,7 +24,8 @@ Rules this module guarantees (SPEC §3):
   the current state is out of sequence (503); only a positive reply moves the state;
 - the message data is read by `DataReader` (data.py) as it streams: the end of data
   is `<CRLF>.<CRLF>` and nothing else; data with a bare CR, bare LF or NUL is
-  rejected whole (SMTP smuggling), as is a line over 1000 octets;
+  rejected whole (SMTP smuggling), as is a line over 1000 octets, and a message
+  with more than `max_hops` Received: fields (a mail loop, RFC 5321 §6.3);
 - input is held in bounded memory: an over-long command line is dropped as it
   arrives, an oversize message is counted and discarded while it is read to its end;
 - every command answered 5xx counts against `max_bad_commands`, and so does a 452
@@ -39,10 +40,11 @@ import enum
 import functools
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.receiver import replies as R
 from services.receiver.data import DataReader, Refusal
+from shared.headers import HeaderSection
 from shared.smtp import (
     MAX_COMMAND_LINE,
     PathSyntaxError,
@@ -106,14 +108,27 @@ class SendReply:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a message came from, for its Received: field (RFC 5321 §4.4)."""
+
+    helo: str  # the name the client gave in HELO/EHLO
+    client_ip: str
+    protocol: str  # SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848)
+    trusted: bool  # may relay or authenticated: missing Date:/Message-ID: are added
+
+
+@dataclass(frozen=True)
 class MessageReady:
     """A complete, valid message: store it, then call message_stored()/not_stored().
 
     The data is in `chunks` (runs of whole lines, dot-unstuffed, in order): written
-    out as they are, never joined into one copy of the message."""
+    out as they are, never joined into one copy of the message. `headers` is its
+    header section as read while it streamed."""
 
     envelope: Envelope
     chunks: Sequence[bytes | bytearray]
+    headers: HeaderSection
+    origin: Origin
 
     @property
     def size(self) -> int:
@@ -162,6 +177,7 @@ class SessionPolicy:
     max_message_bytes: int = 10 * 1024 * 1024  # SIZE, RFC 1870
     max_recipients: int = 100  # RFC 5321 §4.5.3.1.8: at least 100
     max_bad_commands: int = 20
+    max_hops: int = 50  # Received: fields a message may have (RFC 5321 §6.3: loops)
     local_domains: frozenset[str] = frozenset({"localhost"})
     tls_available: bool = False  # STARTTLS is advertised only when configured (RFC 3207)
     auth_available: bool = False  # AUTH is advertised only under TLS (RFC 4954 §4)
@@ -541,8 +557,24 @@ class ServerSession:
         refusal = reader.refusal
         if refusal is not None:
             return self._reply(self._refusal_reply(refusal), END_OF_DATA)
+        # SMTP data is CRLF lines (a bare LF is refused): fields added at the end of
+        # the header section end in CRLF, also when the data has no line end at all.
+        headers = replace(reader.headers.finish(), eol=b"\r\n")
+        if headers.received > self.policy.max_hops:
+            return self._reply(R.S554_TOO_MANY_HOPS.format(hops=headers.received,
+                                                           limit=self.policy.max_hops),
+                               END_OF_DATA)
         self._waiting_for = "store"
-        return MessageReady(envelope, reader.chunks)
+        return MessageReady(envelope, reader.chunks, headers, self._origin())
+
+    def _origin(self) -> Origin:
+        authenticated = self.authenticated_user is not None
+        if self._esmtp:
+            protocol = "ESMTP" + "S" * self.tls_active + "A" * authenticated
+        else:
+            protocol = "SMTP"
+        return Origin(self.helo_name, self.client_ip, protocol,
+                      trusted=self.may_relay or authenticated)
 
     def _refusal_reply(self, refusal: Refusal) -> Reply:
         if refusal is Refusal.TOO_BIG:
