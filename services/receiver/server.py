@@ -208,9 +208,9 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.check_password = check_password
         self.stopping = threading.Event()
         self.slots = slots or SlotPool(limits.max_connections, limits.max_connections_per_ip)
-        # Room for every session, and as many again finishing their last reply
-        # after giving their slot back.
-        self.threads = SessionThreads(self._run_session, 2 * limits.max_connections)
+        # Room for every session, and two more finishing their last reply after
+        # giving their slot back (a connection waits for one of them, not for a slot).
+        self.threads = SessionThreads(self._run_session, limits.max_connections + 2)
         self._lock = threading.Condition()
         self._sessions: set[SessionHandler] = set()
         self._serving = threading.Event()
@@ -276,13 +276,16 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
 
     def _run_session(self, request: socket.socket, client_address: tuple) -> None:
         slot = Slot(self.slots, client_address[0])
+        received = 0
         try:
-            SessionHandler(request, client_address, self, slot)
+            received = SessionHandler(request, client_address, self, slot).received
         except Exception as exc:  # noqa: BLE001 - a session's bug must not kill the server
             self.handle_error(request, client_address, exc)
         finally:
             slot.give_back()
             request.close()
+        if received >= TRIM_AFTER:  # the session and its buffers are gone now
+            give_memory_back()
 
     def handle_error(  # type: ignore[override]
         self, request: object, client_address: tuple, exc: BaseException | None = None
@@ -404,8 +407,9 @@ _malloc_trim = _load_malloc_trim()
 
 
 def give_memory_back() -> None:
-    """After a big message: without this, glibc keeps the freed runs of lines in the
-    session thread's arena and the resident size stays at its high-water mark."""
+    """After a big message, or a session that sent a lot: without this, glibc keeps
+    what was freed (runs of lines, long lines dropped) in the session thread's arena,
+    and the resident size stays at its high-water mark."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 
@@ -434,6 +438,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.started = self.line_started = time.monotonic()
         self.close_reason = "peer"
         self.queued = 0  # messages this session queued
+        self.received = 0  # bytes read from the client
         server.session_started(self)
 
     def handle(self) -> None:
@@ -521,6 +526,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             if not size:
                 self.close_reason = "peer closed"
                 return False
+            self.received += size
             if self._recv_buffer.find(b"\n", 0, size) >= 0:
                 self.line_started = time.monotonic()  # a line is complete: the next begins
             self.session.receive_data(self._recv_view[:size])
