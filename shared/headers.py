@@ -31,11 +31,11 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from email import errors, policy
 from email.headerregistry import Address, AddressHeader, Group
 from email.utils import format_datetime, formataddr
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 §3.6.8 field name, ':'
@@ -199,7 +199,14 @@ def separator_before(following: bytes | bytearray, eol: bytes) -> bytes:
 
 def rfc5322_date(now: datetime) -> str:
     """`Tue, 01 Dec 2026 14:50:33 +0000` (RFC 5322 §3.3); `now` must be aware."""
-    return format_datetime(now)
+    return _rfc5322_second(int(now.timestamp()), now.utcoffset())
+
+
+@lru_cache(maxsize=8)
+def _rfc5322_second(second: int, offset: timedelta | None) -> str:
+    """Rendered once per second: the receiver dates every message it stores twice
+    (Received:, and a missing Date:), and format_datetime is slow."""
+    return format_datetime(datetime.fromtimestamp(second, timezone(offset or timedelta())))
 
 
 def message_id(queue_id: str, hostname: str) -> str:
