@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -463,7 +463,10 @@ def start_postfix(workdir: Path) -> postfix_peer.PostfixPeer | None:
     return peer
 
 
-def receive_figures(report: Report, workdir: Path, mode: Mode) -> tuple[Server, Server]:
+def receive_figures(report: Report, workdir: Path, mode: Mode,
+                    stack: ExitStack) -> tuple[Server, Server]:
+    """The receive figures; mailbag's receiver and the aiosmtpd peer stay up (and are
+    stopped by `stack`) for the latency and idle figures."""
     loads = [
         (Load("1 KiB, 5 sessions, -d", 1024, 5, mode.small, True), "≥3x, ≥2,000/s"),
         (Load("100 KiB, 5 sessions, -d", 100 * 1024, 5, mode.large, True), "≥2.5x"),
@@ -473,15 +476,21 @@ def receive_figures(report: Report, workdir: Path, mode: Mode) -> tuple[Server, 
     ]
     cpu_targets = {loads[0][0].label: "< aiosmtpd", loads[3][0].label: "< aiosmtpd"}
     mailbag = start_receiver(workdir)
+    stack.callback(mailbag.stop)
     peer = start_peer(workdir)
-    postfix = start_postfix(workdir)
-    # The same receiver with each session fsyncing its own file (no group commit),
-    # on the first load only: the design choice, measured in every run.
-    per_session = start_receiver(workdir, queue={"group_commit": False}, name="per-session")
+    stack.callback(peer.stop)
     results: dict[str, dict[str, list[LoadResult]]] = {}
-    try:
+    with ExitStack() as loads_only:
+        postfix = start_postfix(workdir)
+        if postfix is not None:
+            loads_only.callback(postfix.stop)
+        # The same receiver with each session fsyncing its own file (no group commit),
+        # on 1 KiB messages with and without reuse: the design choice, measured in
+        # every run.
+        per_session = start_receiver(workdir, queue={"group_commit": False}, name="per-session")
+        loads_only.callback(per_session.stop)
         for index, (load, _) in enumerate(loads):
-            servers: list[ReceiveServer] = [mailbag, per_session, peer] if index == 0 \
+            servers: list[ReceiveServer] = [mailbag, per_session, peer] if index in (0, 3) \
                 else [mailbag, peer]
             if postfix is not None:
                 servers.append(postfix)
@@ -489,10 +498,6 @@ def receive_figures(report: Report, workdir: Path, mode: Mode) -> tuple[Server, 
             for _ in range(mode.repeat):
                 for server in servers:
                     runs[server.name].append(drive(server, load))
-    finally:
-        per_session.stop()
-        if postfix is not None:
-            postfix.stop()
 
     def median(runs: dict[str, list[LoadResult]], name: str, field: str) -> float | None:
         if name not in runs:
@@ -965,13 +970,10 @@ def run_all(workdir: Path, mode: Mode, only: set[str]) -> int:
             report.line(f"raw disk 1 KiB: fsync+rename+{how}, {threads} thr (ops/s)",
                         rate, None)
     if wanted("receive"):
-        mailbag, peer = receive_figures(report, workdir, mode)
-        try:
+        with ExitStack() as stack:
+            mailbag, peer = receive_figures(report, workdir, mode, stack)
             latency_figures(report, mailbag, peer, mode)
             idle_figures(report, mailbag, peer, mode)
-        finally:
-            mailbag.stop()
-            peer.stop()
     if wanted("sender"):
         drain_figures(report, workdir, mode)
         upstream_figures(report, workdir, mode)
