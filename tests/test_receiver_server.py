@@ -14,15 +14,17 @@ from collections.abc import Iterator
 import pytest
 
 from services.receiver import replies as R
-from services.receiver.server import ReceiverServer, ServerLimits
+from services.receiver.server import ReceiverServer, ServerLimits, SlotPool
 from services.receiver.session import SessionPolicy
 from shared.config import ReceiverConfig
+from shared.queue import QueueWriter
 
 
 class ExplodingQueue:
     """Stands in for QueueWriter: every store is a bug."""
 
-    def store(self, sender: str, recipients: list[str], data: bytes) -> str:
+    def store(self, sender: str, recipients: list[str], data: object, *,
+              queue_id: str | None = None) -> str:
         raise RuntimeError("boom")
 
 
@@ -63,3 +65,39 @@ def test_an_unexpected_error_is_answered_421_not_a_silent_drop(server: ReceiverS
     # The slot came back: a new client is served.
     with socket.create_connection(server.server_address[:2], timeout=5) as sock:
         assert sock.recv(512).startswith(b"220 ")
+
+
+def test_slot_pool_counts_all_clients_and_each_address() -> None:
+    pool = SlotPool(max_connections=3, max_per_ip=2)
+    assert pool.take("192.0.2.1") and pool.take("192.0.2.1")
+    assert not pool.take("192.0.2.1")  # its two are taken
+    assert pool.take("192.0.2.2")
+    assert not pool.take("192.0.2.3")  # three in all
+    pool.give_back("192.0.2.1")
+    assert pool.take("192.0.2.3") and not pool.take("192.0.2.1")
+
+
+def test_session_threads_outlive_their_sessions(tmp_path) -> None:
+    """Twenty clients one after the other are served by the same thread or two."""
+    srv = ReceiverServer(
+        ("127.0.0.1", 0),
+        policy=SessionPolicy(hostname="mailbag.test"),
+        limits=ServerLimits(max_connections=2),
+        queue=QueueWriter(tmp_path / "queue"),
+        relay_networks=ReceiverConfig().relay_networks,
+    )
+    thread = threading.Thread(target=srv.serve_forever)
+    thread.start()
+    before = {t.ident for t in threading.enumerate()}
+    try:
+        for _ in range(20):
+            with socket.create_connection(srv.server_address[:2], timeout=5) as sock:
+                assert sock.recv(512).startswith(b"220 ")
+                sock.sendall(b"QUIT\r\n")
+                assert read_all(sock).startswith(b"221 ")
+        started = {t.ident for t in threading.enumerate()} - before
+        assert 1 <= len(started) <= 2 + 2  # max_connections + 2 at the most
+    finally:
+        srv.begin_shutdown()
+        srv.wait_for_sessions(5)
+        thread.join(5)
