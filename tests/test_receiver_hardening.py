@@ -259,7 +259,7 @@ def test_memory_returns_near_idle_after_a_hostile_burst(receiver_factory):
     def big_message(index: int) -> None:
         with connect_when_free(config) as client:
             assert client.command("EHLO big.example").code == 250
-            body = _short_lines_message(8 * MIB, b"burst-%d" % index)
+            body = _short_lines_message(4 * MIB, b"burst-%d" % index)
             assert send_message(client, "a@localhost", ["b@localhost"], body).code == 250
 
     def connection_storm() -> None:
