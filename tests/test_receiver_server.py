@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from services.receiver import replies as R
-from services.receiver.server import ReceiverServer, ServerLimits, SlotPool
+from services.receiver.pool import SlotPool
+from services.receiver.server import ReceiverServer, ServerLimits
 from services.receiver.session import SessionPolicy
 from shared.config import ReceiverConfig
 from shared.queue import QueueWriter

@@ -13,7 +13,8 @@ import ssl
 import threading
 from collections.abc import Callable
 
-from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits, SlotPool
+from services.receiver.pool import SlotPool
+from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits
 from services.receiver.session import SessionPolicy
 from services.receiver.users import UserFileError, load_users, verify_password
 from shared.cli import EXIT_OK, StartupError, open_log

@@ -4,16 +4,15 @@ All SMTP decisions are made by `ServerSession`; this module moves bytes, keeps t
 stores messages through the queue (`shared/queue/`) with the trace `trace.py` adds,
 and carries out the session's events.
 
-- Slots: at most `max_connections` sessions (and `max_connections_per_ip` per client),
-  counted over all listeners together (one `SlotPool` shared by the plain and the
-  implicit-TLS server). The connection after that is accepted, answered 421 and
-  closed at once, from the accepting thread, so it never waits for a slot (SPEC §3).
-  A session gives its slot back before it sends its last reply (221, or a 421): a
-  client that reconnects as soon as it sees that reply and the close (Postfix does)
-  finds the slot free.
-- Threads: sessions run on `SessionThreads`, threads that outlive their sessions.
-  The accepting thread hands each connection to an idle one and starts a new
-  thread only when none is idle, so a connection costs no thread start.
+- Slots (`pool.py`): at most `max_connections` sessions (and
+  `max_connections_per_ip` per client), counted over all listeners together (one
+  `SlotPool` shared by the plain and the implicit-TLS server). The connection after
+  that is accepted, answered 421 and closed at once, from the accepting thread, so
+  it never waits for a slot (SPEC §3). A session gives its slot back before it sends
+  its last reply (221, or a 421): a client that reconnects as soon as it sees that
+  reply and the close (Postfix does) finds the slot free.
+- Threads (`pool.py`): sessions run on `SessionThreads`, threads that outlive their
+  sessions: a connection costs no thread start.
 - Sockets: TCP_NODELAY and the read slices (SO_RCVTIMEO / SO_SNDTIMEO) are set on
   the listening socket, which every accepted socket inherits (Linux): a connection
   costs no setsockopt. The accept loop blocks in accept(2) for one slice at a time.
@@ -39,7 +38,6 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import queue
 import socket
 import socketserver
 import ssl
@@ -52,6 +50,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.receiver import replies as R
+from services.receiver.pool import SessionThreads, Slot, SlotPool
 from services.receiver.session import (
     NEED_DATA,
     AuthRequest,
@@ -72,99 +71,8 @@ PROGRAM = "R-SMTP"
 READ_SLICE = 0.5  # seconds a recv may block before timers and the stop flag are checked
 RECV_SIZE = 64 * 1024  # receive buffer of a session thread: one loopback segment
 AUTH_FAILURE_DELAY = 1.0  # seconds a failed login waits before its 535 (slows guessing)
-TRIM_AFTER = 1024 * 1024  # a message this big: give freed memory back to the system
+TRIM_AFTER = 1024 * 1024  # a message or a session's input this big: give memory back
 RELAY_DECISIONS_KEPT = 4096  # client addresses whose relay decision is remembered
-
-
-class SlotPool:
-    """The session slots of the whole receiver: `max_connections` in all, and at most
-    `max_connections_per_ip` for one client address (0 = no per-address limit)."""
-
-    def __init__(self, max_connections: int, max_per_ip: int = 0) -> None:
-        self._max = max_connections
-        self._max_per_ip = max_per_ip or max_connections
-        self._used = 0
-        self._per_ip: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def take(self, ip: str) -> bool:
-        """A slot for this client, or False at once (never waits)."""
-        with self._lock:
-            held = self._per_ip.get(ip, 0)
-            if self._used >= self._max or held >= self._max_per_ip:
-                return False
-            self._used += 1
-            self._per_ip[ip] = held + 1
-        return True
-
-    def give_back(self, ip: str) -> None:
-        with self._lock:
-            self._used -= 1
-            left = self._per_ip[ip] - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                del self._per_ip[ip]
-
-
-class Slot:
-    """One session's slot; given back once, by whichever comes first: the session
-    before its last reply, or its thread when the session ends."""
-
-    __slots__ = ("_pool", "_ip")
-
-    def __init__(self, pool: SlotPool, ip: str) -> None:
-        self._pool: SlotPool | None = pool
-        self._ip = ip
-
-    def give_back(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.give_back(self._ip)
-
-
-class SessionThreads:
-    """Threads that run one session after another.
-
-    `submit` hands a connection to an idle thread, or starts a new one when none is
-    idle (at most `max_threads`; past that the connection waits for the next thread
-    to come free). A thread stays for the next connection when its session ends.
-    """
-
-    def __init__(self, run: Callable[[socket.socket, tuple], None], max_threads: int) -> None:
-        self._run = run
-        self._max_threads = max_threads
-        self._jobs: queue.SimpleQueue[tuple[socket.socket, tuple] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0  # threads waiting for a job, not yet promised one
-        self._threads = 0
-
-    def submit(self, request: socket.socket, client_address: tuple) -> None:
-        with self._lock:
-            start = not self._idle and self._threads < self._max_threads
-            if start:
-                self._threads += 1
-            elif self._idle:
-                self._idle -= 1
-        self._jobs.put((request, client_address))
-        if start:
-            threading.Thread(target=self._work, name="session", daemon=True).start()
-
-    def close(self) -> None:
-        """End every thread once it is idle (sessions in progress run to their end)."""
-        with self._lock:
-            count = self._threads
-        for _ in range(count):
-            self._jobs.put(None)
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._run(*job)
-            job = None  # the connection is closed: do not keep it while idle
-            with self._lock:
-                self._idle += 1
-        with self._lock:
-            self._threads -= 1
 
 
 @dataclass(frozen=True)
