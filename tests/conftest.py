@@ -50,8 +50,9 @@ def setup(tmp_path: Path):
     """`env = setup(relay_address, **sender_keys)`: a runner on a real queue, fake clock."""
     made: list[Setup] = []
 
-    def make(relay_address: str | None, **sender) -> Setup:
-        made.append(Setup(tmp_path, relay_address, **sender))
+    def make(relay_address: str | list[str] | None, sections: dict | None = None,
+             **sender) -> Setup:
+        made.append(Setup(tmp_path, relay_address, sections, **sender))
         return made[-1]
 
     yield make
@@ -67,3 +68,14 @@ def log_lines():
                       format="{extra[program]} {extra[peer]} {message}")
     yield lines
     logger.remove(sink)
+
+
+@pytest.fixture
+def make_app() -> Iterator:
+    """A private appliance (tests/appliance_support.py) whose folder also holds what
+    `make run|stop|status|reload` need; not started. Torn down whatever its state."""
+    from tests.appliance_support import Appliance, with_make
+
+    appliance = with_make(Appliance())
+    yield appliance
+    appliance.cleanup()

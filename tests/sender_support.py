@@ -25,8 +25,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from services.sender.app import build_relays
 from services.sender.runner import QueueRunner
 from shared.config import load_config
+from shared.dkim import DkimSigner
 from shared.log import EventLog
-from shared.queue import QueueReader, QueueWriter
+from shared.queue import QueueFile, QueueReader, QueueWriter
 from tests.support import free_port, write_config
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -137,11 +138,15 @@ class Relay:
 class SmtpSink:
     """Postfix's smtp-sink on a free port, dumping every message to a folder."""
 
-    def __init__(self, folder: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, folder: Path, extra: tuple[str, ...] = (), *,
+                 one_file: bool = False) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.extra = extra
+        # one_file: every message appended to one dump file (`-D`), which keeps up
+        # with a fast sender; else one file per message (`-d`).
+        self.dump = ["-D", str(folder / "all")] if one_file else ["-d", str(folder) + "/%M."]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -153,10 +158,9 @@ class SmtpSink:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> SmtpSink:
-        # -u (required as root): the user to run as; -d: one dump file per message.
+        # -u (required as root): the user to run as.
         user = ["-u", getpass.getuser()] if os.geteuid() == 0 else []
-        command = [SMTP_SINK, *user, "-d", str(self.folder) + "/%M.",
-                   *self.extra, f"127.0.0.1:{self.port}", "100"]
+        command = [SMTP_SINK, *user, *self.dump, *self.extra, f"127.0.0.1:{self.port}", "100"]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + 5
@@ -319,10 +323,11 @@ class FakeClock:
 class Setup:
     """A config, a queue writer (the receiver's side) and a runner on it."""
 
-    def __init__(self, folder: Path, relay_address: str | None, **sender) -> None:
+    def __init__(self, folder: Path, relay_address: str | list[str] | None,
+                 sections: dict | None = None, **sender) -> None:
         values = {"retry_initial": 10, "retry_max": 40, "max_queue_lifetime": 1000,
                   "poll_interval": 60, "relay": relay_address or "", **sender}
-        self.config = load_config(write_config(folder, sender=values))
+        self.config = load_config(write_config(folder, sender=values, **(sections or {})))
         self.writer = QueueWriter(self.config.queue.dir)
         self.reader = QueueReader(self.config.queue.dir, self.config.queue.failed,
                                   self.config.queue.quarantine)
@@ -330,18 +335,19 @@ class Setup:
         self.clock = FakeClock()
         self.stop = threading.Event()
         self.runner = self.make_runner()
-        self.runner.load_states()
+        self.runner.settler.load_states()
 
     def make_runner(self) -> QueueRunner:
         log = EventLog("S-SMTP", "-")
         return QueueRunner(self.config, self.reader, log, clock=self.clock, stop=self.stop,
-                           relays=build_relays(self.config, log, self.stop))
+                           relays=build_relays(self.config, log, self.stop),
+                           signer=DkimSigner.from_config(self.config.dkim))
 
     def use_real_clock(self) -> None:
         """From now on the runner lives in real time (failover, rate limits)."""
         self.clock = time.time  # type: ignore[assignment]
         self.runner = self.make_runner()
-        self.runner.load_states()
+        self.runner.settler.load_states()
 
     def pass_at(self, now: float) -> bool:
         """One pass that starts at `now` (the clock may move on during it)."""
@@ -353,7 +359,23 @@ class Setup:
         return self.runner.relays.routes[0].state
 
     def queued(self) -> list[str]:
+        """The messages queued, but the notices the runner queued itself (from <>)."""
+        return [name for name in self.all_queued() if name not in self.notices()]
+
+    def all_queued(self) -> list[str]:
         return [e.name for e in self.reader.scan().ready]
+
+    def notices(self) -> dict[str, QueueFile]:
+        """The delivery status notices queued (null sender), by id."""
+        found = {}
+        for name in self.all_queued():
+            try:
+                message = QueueFile.from_bytes(self.queue_file(name))
+            except (OSError, ValueError):
+                continue
+            if message.sender == "":
+                found[name] = message
+        return found
 
     def queue_file(self, name: str) -> bytes:
         return (self.config.queue.dir / name).read_bytes()

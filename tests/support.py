@@ -46,6 +46,9 @@ def _toml_value(value: Any) -> str:
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
     raise TypeError(value)
 
 

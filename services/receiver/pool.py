@@ -1,7 +1,8 @@
 """Who may have a session, and which thread runs it.
 
 - `SlotPool`: the session slots of the whole receiver, `max_connections` in all
-  and `max_connections_per_ip` for one client address; taking one never waits.
+  and `max_connections_per_ip` for one client address; taking one never waits; a
+  reload resizes it.
 - `Slot`: one session's slot, given back exactly once, whoever is first: the
   session before its last reply, or its thread when the session ends.
 - `SessionThreads`: threads that run one session after another. The accepting
@@ -20,33 +21,41 @@ from collections.abc import Callable
 
 class SlotPool:
     """The session slots of the whole receiver: `max_connections` in all, and at most
-    `max_connections_per_ip` for one client address (0 = no per-address limit)."""
+    `max_connections_per_ip` for one client address (0 = no per-address limit).
+    `resize` (a reload) changes the limits for the sessions to come; sessions over a
+    lowered limit go on until they end."""
 
     def __init__(self, max_connections: int, max_per_ip: int = 0) -> None:
         self._max = max_connections
-        self._max_per_ip = max_per_ip or max_connections
-        self._used = 0
+        self._max_per_ip = max_per_ip
+        self._taken = 0
         self._per_ip: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def take(self, ip: str) -> bool:
         """A slot for this client, or False at once (never waits)."""
         with self._lock:
-            held = self._per_ip.get(ip, 0)
-            if self._used >= self._max or held >= self._max_per_ip:
+            if self._taken >= self._max:
                 return False
-            self._used += 1
-            self._per_ip[ip] = held + 1
+            if self._max_per_ip and self._per_ip.get(ip, 0) >= self._max_per_ip:
+                return False
+            self._taken += 1
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return True
 
     def give_back(self, ip: str) -> None:
         with self._lock:
-            self._used -= 1
-            left = self._per_ip[ip] - 1
+            self._taken -= 1
+            left = self._per_ip.get(ip, 1) - 1
             if left:
                 self._per_ip[ip] = left
             else:
-                del self._per_ip[ip]
+                self._per_ip.pop(ip, None)
+
+    def resize(self, max_connections: int, max_per_ip: int) -> None:
+        with self._lock:
+            self._max = max_connections
+            self._max_per_ip = max_per_ip
 
 
 class Slot:
@@ -91,6 +100,11 @@ class SessionThreads:
         self._jobs.put((request, client_address))
         if start:
             threading.Thread(target=self._work, name="session", daemon=True).start()
+
+    def resize(self, max_threads: int) -> None:
+        """A new limit (a reload); threads over a lowered one stay until `close`."""
+        with self._lock:
+            self._max_threads = max_threads
 
     def close(self) -> None:
         """End every thread once it is idle (sessions in progress run to their end)."""

@@ -116,9 +116,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.check_password = check_password
         self.stopping = threading.Event()
         self.slots = slots or SlotPool(limits.max_connections, limits.max_connections_per_ip)
-        # Room for every session, and two more finishing their last reply after
-        # giving their slot back (a connection waits for one of them, not for a slot).
-        self.threads = SessionThreads(self._run_session, limits.max_connections + 2)
+        self.threads = SessionThreads(self._run_session, _thread_limit(limits))
         self._lock = threading.Condition()
         self._sessions: set[SessionHandler] = set()
         self._serving = threading.Event()
@@ -218,7 +216,30 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         with self._lock:
             return len(self._sessions)
 
-    # -- relay policy ---------------------------------------------------------------
+    # -- settings ---------------------------------------------------------------------
+
+    def reconfigure(
+        self, *, policy: SessionPolicy, limits: ServerLimits,
+        relay_networks: tuple[IPNetwork, ...], tls_context: ssl.SSLContext | None,
+        check_password: Callable[[str, str], bool] | None,
+    ) -> None:
+        """New settings for the sessions that start from now on (a reload); a session
+        already open keeps the ones it started with (`session_settings`)."""
+        with self._lock:
+            self.policy, self.limits, self.relay_networks = policy, limits, relay_networks
+            self.tls_context, self.check_password = tls_context, check_password
+            self._relay_decisions = {}
+        self.threads.resize(_thread_limit(limits))
+
+    def session_settings(self, ip: str) -> tuple[SessionPolicy, ServerLimits, bool,
+                                                 ssl.SSLContext | None,
+                                                 Callable[[str, str], bool] | None]:
+        """What a new session keeps for its whole life: the policy, the limits,
+        whether `ip` may relay, the TLS context and the password check - all of one
+        reload."""
+        with self._lock:
+            return (self.policy, self.limits, self.may_relay(ip), self.tls_context,
+                    self.check_password)
 
     def may_relay(self, ip: str) -> bool:
         """Whether a client address is in relay_networks (remembered per address)."""
@@ -266,6 +287,12 @@ def _receive_buffer() -> tuple[bytearray, memoryview]:
         buffer = bytearray(RECV_SIZE)
         buffers = _thread_buffers.buffers = (buffer, memoryview(buffer))
     return buffers
+
+
+def _thread_limit(limits: ServerLimits) -> int:
+    """Room for every session, and two more finishing their last reply after giving
+    their slot back (a connection waits for one of them, not for a slot)."""
+    return limits.max_connections + 2
 
 
 def _peer_text(client_address: tuple) -> str:
@@ -338,8 +365,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.log = server.log.with_peer(_peer_text(self.client_address))
         self.rejections = RejectionLog(self.log)
         self.sock: socket.socket = self.request
+        policy, self.limits, may_relay, self.tls_context, self.check_password = (
+            server.session_settings(ip))
         self.session = ServerSession(
-            server.policy, ip, may_relay=server.may_relay(ip), tls_active=server.implicit_tls
+            policy, ip, may_relay=may_relay, tls_active=server.implicit_tls
         )
         self.outgoing: list[bytes] = []
         self._recv_buffer, self._recv_view = _receive_buffer()
@@ -415,7 +444,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def _read_more(self) -> bool:
         """Read the next bytes, or decide the session is over. False = close now."""
-        limits = self.server.limits
+        limits = self.limits
         while True:
             now = time.monotonic()
             if self.server.stopping.is_set() and not self.session.in_data:
@@ -451,7 +480,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         envelope = event.envelope
         size = event.size
         queue_id = new_queue_id()
-        chunks = stored_chunks(event, hostname=self.server.policy.hostname, queue_id=queue_id,
+        chunks = stored_chunks(event, hostname=self.session.policy.hostname, queue_id=queue_id,
                                now=datetime.now().astimezone())
         try:
             self.server.queue.store(envelope.mail_from, envelope.rcpt_tos, chunks,
@@ -470,7 +499,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         return size
 
     def _authenticate(self, event: AuthRequest) -> None:
-        check = self.server.check_password
+        check = self.check_password
         ok = bool(check and check(event.username, event.password))
         if ok:
             self.log.ok("auth", user=event.username, mechanism=event.mechanism)
@@ -481,11 +510,11 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.session.auth_result(ok, event.username)
 
     def _start_tls(self) -> bool:
-        context = self.server.tls_context
+        context = self.tls_context
         assert context is not None
         # One bound for the whole handshake (ssl applies a socket timeout to the whole
         # do_handshake), never beyond the idle timeout or the session's deadline.
-        limits = self.server.limits
+        limits = self.limits
         left = limits.session_deadline - (time.monotonic() - self.started)
         bound = min(limits.tls_handshake_timeout, limits.idle_timeout, left)
         self.sock.settimeout(max(0.01, bound))

@@ -31,6 +31,9 @@ Rules this module guarantees (SPEC §4):
 - 8-bit data goes with `BODY=8BITMIME` to a relay that offers it, and is converted
   to 7 bit for one that does not (`downgrade.py`); a message that cannot be
   converted is never started: every recipient gets 554 5.6.3 (`CANNOT_CONVERT`);
+- a message with a UTF-8 address in its envelope goes with `SMTPUTF8` on MAIL
+  (RFC 6531) to a relay that offers it; to one that does not it is never started:
+  every recipient gets 553 5.6.7 (`NO_SMTPUTF8`), a failure that bounces;
 - with PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write, and the
   next queued message's MAIL/RCPT/DATA follow the previous message's final dot
   without waiting for its reply (§3.1: the message content may be the first
@@ -56,6 +59,7 @@ from shared.smtp import Reply, ReplyParser, to_wire_data
 
 # RFC 6152 §3 / RFC 3463 X.6.3: 8-bit data that a relay without 8BITMIME cannot take.
 CANNOT_CONVERT = Reply(554, "8-bit data for a relay without 8BITMIME: {why}", "5.6.3")
+NO_SMTPUTF8 = Reply(553, "the relay does not offer SMTPUTF8, needed for {address}", "5.6.7")
 
 
 class Step(enum.Enum):
@@ -461,12 +465,20 @@ class ClientSession:
 
     # -- a transaction ----------------------------------------------------------------
 
-    def _mail_command(self, sender: str, size: int, eight_bit: bool) -> bytes:
+    def _refuse(self, message: OutgoingMessage, reply: Reply) -> bool:
+        """A message this relay cannot take: its outcome at once, nothing sent."""
+        self._pending.append(MessageDone(message.ref, tuple((r, reply)
+                                                            for r in message.recipients)))
+        return False
+
+    def _mail_command(self, sender: str, size: int, eight_bit: bool, utf8: bool) -> bytes:
         params = ""
         if "SIZE" in self.extensions:  # RFC 1870
             params += f" SIZE={size}"
         if eight_bit:  # RFC 6152: only ever when the relay offers 8BITMIME
             params += " BODY=8BITMIME"
+        if utf8:  # RFC 6531 §3.4: only ever when the relay offers SMTPUTF8
+            params += " SMTPUTF8"
         return f"MAIL FROM:<{sender}>{params}\r\n".encode("utf-8", "surrogateescape")
 
     @staticmethod
@@ -484,18 +496,17 @@ class ClientSession:
 
         False, with its outcome already given, for data the relay cannot take.
         """
+        utf8 = needs_smtputf8(message)
+        if utf8 and "SMTPUTF8" not in self.extensions:  # RFC 6531 §3.4: never downgraded
+            return self._refuse(message, NO_SMTPUTF8.format(address=utf8))
         try:
             data, eight_bit = for_relay(message.data, "8BITMIME" in self.extensions)
         except NotConvertible as err:
-            reply = CANNOT_CONVERT.format(why=str(err))
-            self._pending.append(
-                MessageDone(message.ref, tuple((r, reply) for r in message.recipients))
-            )
-            return False
+            return self._refuse(message, CANNOT_CONVERT.format(why=str(err)))
         wire = to_wire_data(data)
         txn = _Transaction(message, wire, self.policy.use_pipelining and self._pipelining)
         self._txns.append(txn)
-        mail = self._mail_command(message.sender, len(wire) - 3, eight_bit)
+        mail = self._mail_command(message.sender, len(wire) - 3, eight_bit, bool(utf8))
         if not txn.pipelined:
             self._command(mail, Step.MAIL, txn)
             return True
@@ -616,6 +627,15 @@ class ClientSession:
 
     def _on_quit(self, reply: Reply) -> None:
         self._closed("quit")
+
+
+def needs_smtputf8(message: OutgoingMessage) -> str:
+    """The first address of the envelope that is not ASCII ("" if none): such a
+    message needs SMTPUTF8 (RFC 6531), whatever its data holds."""
+    for address in (message.sender, *message.recipients):
+        if not address.isascii():
+            return address
+    return ""
 
 
 def parse_extensions(reply: Reply) -> dict[str, str]:

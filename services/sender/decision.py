@@ -51,10 +51,11 @@ class Outcome:
     detail: str  # the reply as one line, or why nothing was tried
     peer: str  # relay host:port, "local", or "-" when nobody was asked
     enhanced: str = ""  # the RFC 3463 status code, when known (a DSN's Status)
+    reply: Reply | None = None  # the reply itself, when there was one
 
     @classmethod
     def of_reply(cls, recipient: str, reply: Reply, peer: str) -> Outcome:
-        return cls(recipient, classify(reply), str(reply), peer, reply.enhanced)
+        return cls(recipient, classify(reply), str(reply), peer, reply.enhanced, reply)
 
 
 def classify(reply: Reply) -> Status:
@@ -162,4 +163,5 @@ def _expire(outcome: Outcome, lifetime: float) -> Outcome:
     if outcome.status not in (Status.DEFERRED, Status.WAITING):
         return outcome
     detail = f"message expired after {lifetime:g}s in the queue; last: {outcome.detail}"
-    return Outcome(outcome.recipient, Status.FAILED, detail, outcome.peer, EXPIRED_STATUS)
+    return Outcome(outcome.recipient, Status.FAILED, detail, outcome.peer, EXPIRED_STATUS,
+                   outcome.reply)
