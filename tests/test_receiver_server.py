@@ -102,3 +102,38 @@ def test_session_threads_outlive_their_sessions(tmp_path) -> None:
         srv.begin_shutdown()
         srv.wait_for_sessions(5)
         thread.join(5)
+
+
+def test_a_reload_reaches_new_sessions_on_the_pooled_threads(tmp_path) -> None:
+    """More connections after a reload are all served (the thread limit follows
+    max_connections), and a new relay_networks applies to the next session."""
+    limits = ServerLimits(max_connections=1)
+    relay = ReceiverConfig().relay_networks
+    srv = ReceiverServer(("127.0.0.1", 0), policy=SessionPolicy(hostname="mailbag.test"),
+                         limits=limits, queue=QueueWriter(tmp_path / "queue"),
+                         relay_networks=relay)
+    thread = threading.Thread(target=srv.serve_forever)
+    thread.start()
+    clients = []
+    try:
+        with socket.create_connection(srv.server_address[:2], timeout=5) as sock:
+            assert sock.recv(512).startswith(b"220 ")
+            sock.sendall(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nQUIT\r\n")
+            assert b"250 2.1.5" in read_all(sock)  # loopback may relay
+        more = ServerLimits(max_connections=6)
+        srv.slots.resize(6, 0)
+        srv.reconfigure(policy=SessionPolicy(hostname="mailbag.test"), limits=more,
+                        relay_networks=(), tls_context=None, check_password=None)
+        for _ in range(6):
+            clients.append(socket.create_connection(srv.server_address[:2], timeout=5))
+        for sock in clients:  # each one greeted: a thread for every session
+            assert sock.recv(512).startswith(b"220 ")
+        clients[0].sendall(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"
+                           b"QUIT\r\n")
+        assert b"554 5.7.1" in read_all(clients[0])  # no relay_networks any more
+    finally:
+        for sock in clients:
+            sock.close()
+        srv.begin_shutdown()
+        srv.wait_for_sessions(5)
+        thread.join(5)
