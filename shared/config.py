@@ -366,6 +366,8 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 (byte {err.start})") from None
     return parse_config(raw, path)
 
 

@@ -15,8 +15,9 @@ Invariants (SPEC §4, §7):
   the start of a pass;
 - local delivery never waits for a relay: while the relay keeps the runner waiting
   (a connect, a slow reply, the rate limit) the relay connection calls back
-  `_local_work`, which delivers the local recipients of the next messages and sets
-  aside, for the next pass, what needs the relay;
+  `_local_work`, which delivers the local recipients of the next messages and
+  settles them at once (a crash never delivers them twice), keeping what needs only
+  the relay for later in this pass or the next;
 - no single message, file or folder can stop the runner: an unreadable queue
   folder is logged once and tried again; a bug while preparing one message is
   logged and that message backs off; what cannot be moved is the Settler's;
@@ -123,6 +124,7 @@ class QueueRunner:
         self._ready: deque[Job] = deque()
         self._ready_bytes = 0
         self._flight: dict[str, Job] = {}  # handed to the relay session, outcome not read
+        self._in_hand: Job | None = None  # read, its relay session being opened
         # Operators' requests (another thread puts them), and what to do with a
         # message held or deleted while it was being delivered, once its attempt ends.
         self._requests: queue.SimpleQueue[AdminRequest] = queue.SimpleQueue()
@@ -285,7 +287,14 @@ class QueueRunner:
             if self.bucket is not None and self.bucket.wait(self.clock()) > 0:
                 self._put_ready(job, front=True)  # its turn comes with the next token
                 break
-            conn, why = self._connection()
+            self._in_hand = job  # opening a session serves requests: they must see it
+            try:
+                conn, why = self._connection()
+            finally:
+                self._in_hand = None
+            if self._after_attempt.get(job.queue_id):  # held or deleted meanwhile
+                self._apply_to_read(job, self._after_attempt.pop(job.queue_id))
+                continue
             if conn is None:
                 self._hold(job, why)
                 continue
@@ -396,10 +405,10 @@ class QueueRunner:
             return True
         if not job.remote:
             self._settle(job, [])
+        elif job.outcomes:  # its local part is done: written down now, the rest waits
+            self._hold(job, "the relay was busy")
         elif room:
             self._put_ready(job)
-        elif job.outcomes:  # its local part is done: keep the rest for the next pass
-            self._hold(job, "the relay was busy")
         else:  # a message for the relay only, untouched: the next pass takes it
             self._remote_only.add(job.queue_id)
         return True
@@ -487,6 +496,10 @@ class QueueRunner:
                 done = "held" if action == "hold" else "deleted"
                 return f"being delivered now: {done} unless this attempt delivers it"
             return "being delivered now"
+        if self._in_hand is not None and self._in_hand.queue_id == queue_id \
+                and action in ("hold", "delete"):  # applied before it can be handed over
+            self._after_attempt[queue_id] = action
+            return "held" if action == "hold" else "deleted"
         job = next((j for j in self._ready if j.queue_id == queue_id), None)
         if job is not None and action in ("hold", "delete"):  # read, waiting for the relay
             self._ready.remove(job)
@@ -557,16 +570,20 @@ class QueueRunner:
             return None, "no relay configured; non-local mail stays queued"
         why = ""
         for route in self.relays.candidates(self.clock()):
+            if self.stop.is_set():
+                return None, "stopping"
             conn = route.connect()
             conn.on_idle = self._local_work
             try:
                 conn.open()
             except RelayError as err:
+                conn.close()
+                if self.stop.is_set():  # abandoned for the stop: not the relay's fault
+                    return None, "stopping"
                 retry_at = route.state.failed(self.clock())
                 event = {"connect": "connect", "tls": "tls", "STARTTLS": "tls",
                          "AUTH": "auth"}.get(err.stage, "session")
                 conn.log.error(event, error=str(err), retry=format_time(retry_at))
-                conn.close()
                 why = f"{route.name}: {err}"
                 continue
             route.state.succeeded()

@@ -114,6 +114,7 @@ class Settler:
         # restart they are, once (at-least-once).
         self.undeletable: set[str] = set()
         self.stuck: dict[str, Stuck] = {}
+        self._unreadable_states: set[str] = set()  # state files load_all could not read
         # Names renamed into queue.dir by our own rewrites: their "moved in" event is
         # not an arrival and must not wake the runner (see watch.py).
         self._own_moves: set[str] = set()
@@ -127,6 +128,7 @@ class Settler:
         counts as none: the message is simply tried."""
         states, problems = self.store.load_all()
         self.states = states
+        self._unreadable_states = {name for name, _ in problems}
         for name, why in problems:
             self.log.error("state", id=name, error=why)
 
@@ -135,9 +137,11 @@ class Settler:
         return state is None or (not state.held and state.next_attempt <= now)
 
     def next_due(self) -> float:
-        """When the first message that is not held is due (inf: none waits)."""
-        return min((s.next_attempt for s in self.states.values() if not s.held),
-                   default=math.inf)
+        """When the first message that is not held is due (inf: none waits). A message
+        whose move is stuck is not due: the move is retried once per pass, and passes
+        come at least every poll_interval."""
+        return min((s.next_attempt for name, s in self.states.items()
+                    if not s.held and name not in self.stuck), default=math.inf)
 
     def set_state(self, queue_id: str, state: DeliveryState) -> None:
         """Remember a message's state, on disk too when it changed."""
@@ -158,8 +162,9 @@ class Settler:
         gone = [name for name in self.states if name not in present]
         for name in gone:
             del self.states[name]
-        if gone:
+        if gone or not self._unreadable_states <= present:
             self.store.prune(present)
+            self._unreadable_states &= present
         self.undeletable &= present
         for name in [n for n in self.stuck if n not in present and n not in strange]:
             del self.stuck[name]
@@ -197,14 +202,22 @@ class Settler:
                           waiting_until=waiting_until)
         self.log_outcomes(job.queue_id, decision)
         if decision.bounce or decision.warn:  # queued before the move: never lost
-            self.notifier.notify(job.queue_id, job.message, decision, job.origins,
-                                 job.arrival, at)
+            self._notify(job, decision, at)
         try:
             self.carry_out(job, decision)
         except (OSError, QueueFormatError) as err:  # e.g. a full disk: keep it, retry
             self._set_stuck(job.queue_id, Stuck(_why(err), decision))
             return None
         return decision
+
+    def _notify(self, job: Job, decision: Decision, at: float) -> None:
+        """Queue the notices; a notice that cannot be built (whatever the sender's
+        address holds) is logged with the id and never stops the message's move."""
+        try:
+            self.notifier.notify(job.queue_id, job.message, decision, job.origins,
+                                 job.arrival, at)
+        except Exception as exc:  # noqa: BLE001 - one odd address must not stop delivery
+            self.log.error("bounce", id=job.queue_id, to=f"<{job.message.sender}>", exc=exc)
 
     def finish_sent(self, job: Job, peer: str, results: Sequence[tuple[str, Reply]]) -> None:
         """The common case of `settle`, without its lists: every recipient relayed with
@@ -280,11 +293,14 @@ class Settler:
         stuck = self.stuck[entry.name]
         if stuck.decision is None:
             return self.quarantine(entry.name, stuck.reason)
+        decision = stuck.decision
+        if self.states.get(entry.name, BLANK).held:  # held by an operator meanwhile
+            decision = replace(decision, state=replace(decision.state, held=True))
         try:
             message = self.reader.read(self.reader.path_of(entry.name), entry.size)
             job = Job(entry.name, self.reader.path_of(entry.name), message,
                       arrival_time(entry.name, entry.mtime_ns / 1e9), [], ())
-            self.carry_out(job, stuck.decision)
+            self.carry_out(job, decision)
         except (OSError, QueueFormatError) as err:
             self._set_stuck(entry.name, replace(stuck, error=_why(err)))
             return False
