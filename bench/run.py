@@ -7,10 +7,12 @@
 Everything runs as real processes on 127.0.0.1 with private ports, in a temporary
 folder under /tmp (the same disk as the checkout on the reference machine). The load
 is Postfix's own `smtp-source`; the upstream of the sender is Postfix's `smtp-sink`.
-The peer is `bench/aiosmtpd_peer.py`: aiosmtpd storing one fsynced file per message
-and fsyncing the folder before its 250 - the same promise mailbag makes.
+The peers: `bench/aiosmtpd_peer.py`, aiosmtpd storing one fsynced file per message
+and fsyncing the folder before its 250 - the same promise mailbag makes; and, for
+the receive figures, `bench/postfix_peer.py`, a private Postfix instance on the same
+filesystem that queues (fsyncs) each message before its 250 and delivers nothing.
 
-Each line is one figure: mailbag's value, the peer's, and the ratio mailbag/peer.
+Each line is one figure: mailbag's value, each peer's, and the ratios mailbag/peer.
 Throughput: higher is better; CPU, memory and latency: lower is better. Throughput
 and CPU are the median of `repeat` runs, mailbag and peer run back to back each time
 so that both see the same background load. CPU is utime+stime of the server process
@@ -35,13 +37,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import postfix_peer  # noqa: E402
 from shared.queue import QueueWriter  # noqa: E402
 from shared.smtp import ReplyParser  # noqa: E402
 from tests.support import free_port, wait_for_banner, write_config  # noqa: E402
@@ -111,6 +114,9 @@ class Server:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
 
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             # The whole process group: under --strace the server is strace's child.
@@ -142,27 +148,30 @@ def rss_kib(pid: int) -> int:
 
 
 class RssSampler:
-    """The highest VmRSS of a process while the `with` block runs (sampled every 20 ms)."""
+    """The highest VmRSS of a process while the `with` block runs (sampled every 20 ms);
+    `rss` reads it (in KiB), None: nothing is sampled (peak stays 0)."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, rss: Callable[[], int] | None) -> None:
+        self.rss = rss
         self.peak = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._done.wait(0.02):
-            self.peak = max(self.peak, rss_kib(self.pid))
+        while self.rss is not None and not self._done.wait(0.02):
+            self.peak = max(self.peak, self.rss())
 
     def __enter__(self) -> RssSampler:
-        self.peak = rss_kib(self.pid)
-        self._thread.start()
+        if self.rss is not None:
+            self.peak = self.rss()
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_kib(self.pid))
+        if self.rss is not None:
+            self._done.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
 
 
 def start_receiver(workdir: Path, *, wrapper: Sequence[str] = (), level: str = "INFO",
@@ -199,7 +208,7 @@ def stored_files(folder: Path) -> list[Path]:
     return [Path(e.path) for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
 
 
-def stored_count(server: Server) -> int:
+def stored_count(server: Server | postfix_peer.PostfixPeer) -> int:
     """Messages in the server's folder. Nothing is deleted between runs: on ext4 a
     file created soon after many deletions pays for skipping the recently freed
     inodes (`recently_deleted` in perf), which would tax whichever server runs next."""
@@ -226,7 +235,7 @@ class LoadResult:
     rss_kib: int
 
 
-def drive(server: Server, load: Load) -> LoadResult:
+def drive(server: Server | postfix_peer.PostfixPeer, load: Load) -> LoadResult:
     """Run smtp-source against a server; check that every message was stored."""
     before = stored_count(server)
     argv = [SMTP_SOURCE, "-s", str(load.sessions), "-m", str(load.count), "-l", str(load.size),
@@ -235,7 +244,7 @@ def drive(server: Server, load: Load) -> LoadResult:
         argv.append("-d")
     argv.append(f"127.0.0.1:{server.port}")
     cpu_before = server.cpu_seconds()
-    with RssSampler(server.pid) as rss:
+    with RssSampler(getattr(server, "rss_kib", None)) as rss:
         started = time.perf_counter()
         done = subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT)
         elapsed = time.perf_counter() - started
@@ -411,20 +420,24 @@ def creation_cost_us(folder: Path, files: int = 200) -> float:
 
 
 class Report:
-    """One line per figure: mailbag, peer, mailbag/peer, and the issue's target."""
+    """One line per figure: mailbag, each peer with mailbag/peer, and the target."""
 
-    HEADER = f"{'figure':<60} {'mailbag':>10} {'peer':>10} {'ratio':>7}  target"
+    HEADER = (f"{'figure':<58} {'mailbag':>9} {'aiosmtpd':>9} {'ratio':>6} "
+              f"{'postfix':>9} {'ratio':>6}  target")
 
     def __init__(self) -> None:
         print(self.HEADER, flush=True)
 
     def line(self, figure: str, ours: float | None, peer: float | None, target: str = "",
-             digits: int = 0) -> None:
+             digits: int = 0, postfix: float | None = None) -> None:
         def show(value: float | None) -> str:
             return "-" if value is None else f"{value:,.{digits}f}"
 
-        ratio = f"{ours / peer:.2f}x" if ours is not None and peer else "-"
-        print(f"{figure:<60} {show(ours):>10} {show(peer):>10} {ratio:>7}  {target}", flush=True)
+        def ratio(other: float | None) -> str:
+            return f"{ours / other:.2f}x" if ours is not None and other else "-"
+
+        print(f"{figure:<58} {show(ours):>9} {show(peer):>9} {ratio(peer):>6} "
+              f"{show(postfix):>9} {ratio(postfix):>6}  {target}", flush=True)
 
     def note(self, text: str) -> None:
         print(f"# {text}", flush=True)
@@ -432,45 +445,84 @@ class Report:
 
 # ---------------------------------------------------------------------- the benchmark
 
+ReceiveServer = Server | postfix_peer.PostfixPeer
 
-def receive_figures(report: Report, workdir: Path, mode: Mode) -> tuple[Server, Server]:
+
+def start_postfix(workdir: Path) -> postfix_peer.PostfixPeer | None:
+    """The private Postfix instance, or None (and why) where it cannot run."""
+    why_not = postfix_peer.available()
+    if why_not:
+        print(f"# postfix peer skipped: {why_not}")
+        return None
+    peer = postfix_peer.PostfixPeer.start(workdir / "postfix", free_port())
+    try:
+        wait_for_banner("127.0.0.1", peer.port, timeout=15.0)
+    except TimeoutError:
+        peer.stop()
+        raise SystemExit(f"postfix did not answer: {peer.log_tail()}") from None
+    return peer
+
+
+def receive_figures(report: Report, workdir: Path, mode: Mode,
+                    stack: ExitStack) -> tuple[Server, Server]:
+    """The receive figures; mailbag's receiver and the aiosmtpd peer stay up (and are
+    stopped by `stack`) for the latency and idle figures."""
     loads = [
         (Load("1 KiB, 5 sessions, -d", 1024, 5, mode.small, True), "≥3x, ≥2,000/s"),
         (Load("100 KiB, 5 sessions, -d", 100 * 1024, 5, mode.large, True), "≥2.5x"),
-        (Load("1 KiB, 50 sessions, -d", 1024, 50, mode.many_sessions, True), ""),
-        (Load("1 KiB, 5 sessions, 1 msg/connection", 1024, 5, mode.per_connection, False), ""),
+        (Load("1 KiB, 50 sessions, -d", 1024, 50, mode.many_sessions, True), "≥2x"),
+        (Load("1 KiB, 5 sessions, 1 msg/connection", 1024, 5, mode.per_connection, False),
+         "≥1.5x, ≥ postfix"),
     ]
+    cpu_targets = {loads[0][0].label: "< aiosmtpd", loads[3][0].label: "< aiosmtpd"}
     mailbag = start_receiver(workdir)
+    stack.callback(mailbag.stop)
     peer = start_peer(workdir)
-    # The same receiver with each session fsyncing its own file (no group commit),
-    # on the first load only: the design choice, measured in every run.
-    per_session = start_receiver(workdir, queue={"group_commit": False}, name="per-session")
+    stack.callback(peer.stop)
     results: dict[str, dict[str, list[LoadResult]]] = {}
-    try:
+    with ExitStack() as loads_only:
+        postfix = start_postfix(workdir)
+        if postfix is not None:
+            loads_only.callback(postfix.stop)
+        # The same receiver with each session fsyncing its own file (no group commit),
+        # on 1 KiB messages with and without reuse: the design choice, measured in
+        # every run.
+        per_session = start_receiver(workdir, queue={"group_commit": False}, name="per-session")
+        loads_only.callback(per_session.stop)
         for index, (load, _) in enumerate(loads):
-            servers = (mailbag, per_session, peer) if index == 0 else (mailbag, peer)
+            servers: list[ReceiveServer] = [mailbag, per_session, peer] if index in (0, 3) \
+                else [mailbag, peer]
+            if postfix is not None:
+                servers.append(postfix)
             runs = results[load.label] = {server.name: [] for server in servers}
             for _ in range(mode.repeat):
                 for server in servers:
                     runs[server.name].append(drive(server, load))
-    finally:
-        per_session.stop()
+
+    def median(runs: dict[str, list[LoadResult]], name: str, field: str) -> float | None:
+        if name not in runs:
+            return None
+        return statistics.median(getattr(r, field) for r in runs[name])
+
     for load, target in loads:
         runs = results[load.label]
-        rate = {name: statistics.median(r.rate for r in rs) for name, rs in runs.items()}
-        report.line(f"receive {load.label} (msgs/s)", rate["mailbag"], rate["aiosmtpd"], target)
+        report.line(f"receive {load.label} (msgs/s)", median(runs, "mailbag", "rate"),
+                    median(runs, "aiosmtpd", "rate"), target,
+                    postfix=median(runs, "postfix", "rate"))
         if "per-session" in runs:
-            report.line("  same, queue.group_commit = false (msgs/s)", rate["per-session"],
-                        rate["aiosmtpd"])
+            report.line("  same, queue.group_commit = false (msgs/s)",
+                        median(runs, "per-session", "rate"), median(runs, "aiosmtpd", "rate"),
+                        postfix=median(runs, "postfix", "rate"))
     for load, _ in loads:
         runs = results[load.label]
-        cpu = {name: statistics.median(r.cpu_per_1000 for r in rs) for name, rs in runs.items()}
-        target = "< peer" if load.size == 1024 and load.sessions == 5 and load.reuse else ""
-        report.line(f"CPU s/1,000 msgs, {load.label}", cpu["mailbag"], cpu["aiosmtpd"],
-                    target, digits=2)
+        report.line(f"CPU s/1,000 msgs, {load.label}", median(runs, "mailbag", "cpu_per_1000"),
+                    median(runs, "aiosmtpd", "cpu_per_1000"), cpu_targets.get(load.label, ""),
+                    digits=2, postfix=median(runs, "postfix", "cpu_per_1000"))
         if "per-session" in runs:
-            report.line("  same, queue.group_commit = false", cpu["per-session"],
-                        cpu["aiosmtpd"], digits=2)
+            report.line("  same, queue.group_commit = false",
+                        median(runs, "per-session", "cpu_per_1000"),
+                        median(runs, "aiosmtpd", "cpu_per_1000"), digits=2,
+                        postfix=median(runs, "postfix", "cpu_per_1000"))
     for load, _ in loads[1:3]:
         runs = results[load.label]
         rss = {name: max(r.rss_kib for r in rs) / 1024 for name, rs in runs.items()}
@@ -614,7 +666,8 @@ def drain_figures(report: Report, workdir: Path, mode: Mode) -> None:
         return
     rates, cpus, rss = zip(*runs, strict=True)  # type: ignore[misc]
     report.line(f"sender drain of {mode.drain} x 1 KiB into smtp-sink (msgs/s)",
-                statistics.median(rates), POSTFIX_DRAIN, "≥5,000/s; peer = Postfix (issue)")
+                statistics.median(rates), None, "≥5,000/s; postfix: the issue's figure",
+                postfix=POSTFIX_DRAIN)
     report.line("sender CPU s/1,000 msgs (drain)", statistics.median(cpus), None, digits=2)
     report.line("sender RSS during drain (MiB)", max(rss) / 1024, None, digits=1)
 
@@ -637,7 +690,7 @@ def drain_once(folder: Path, workdir: Path, count: int) -> tuple[float, float, i
             arrivals.on_count[number] = lambda n=number: cpu_at.setdefault(
                 n, cpu_seconds(sender.pid))
         try:
-            with RssSampler(sender.pid) as rss:
+            with RssSampler(lambda: rss_kib(sender.pid)) as rss:
                 arrived = arrivals.wait_for(count, RUN_TIMEOUT)
             # Every message arrived; the queue must now empty (delivered files are
             # removed behind the deliveries). Checked after the timing, not during it.
@@ -917,13 +970,10 @@ def run_all(workdir: Path, mode: Mode, only: set[str]) -> int:
             report.line(f"raw disk 1 KiB: fsync+rename+{how}, {threads} thr (ops/s)",
                         rate, None)
     if wanted("receive"):
-        mailbag, peer = receive_figures(report, workdir, mode)
-        try:
+        with ExitStack() as stack:
+            mailbag, peer = receive_figures(report, workdir, mode, stack)
             latency_figures(report, mailbag, peer, mode)
             idle_figures(report, mailbag, peer, mode)
-        finally:
-            mailbag.stop()
-            peer.stop()
     if wanted("sender"):
         drain_figures(report, workdir, mode)
         upstream_figures(report, workdir, mode)

@@ -148,6 +148,7 @@ class ReceiverConfig:
     max_connections_per_ip: int = 0  # 0 = only max_connections limits
     session_deadline: float = 1800.0  # total seconds a session may last
     max_bad_commands: int = 20  # unknown/invalid commands before 421
+    max_hops: int = 50  # Received: fields a message may carry; more: 554 5.4.6 (a loop)
     tls_cert: OptionalPath | None = None
     tls_key: OptionalPath | None = None
     tls_listen: OptionalHostPort | None = None  # implicit TLS (port 465 style)
@@ -546,6 +547,7 @@ def _check_ranges(config: Config) -> None:
         "receiver.max_recipients": rcv.max_recipients,
         "receiver.session_deadline": rcv.session_deadline,
         "receiver.max_bad_commands": rcv.max_bad_commands,
+        "receiver.max_hops": rcv.max_hops,
         "sender.poll_interval": snd.poll_interval,
         "sender.connect_timeout": snd.connect_timeout,
         "sender.retry_initial": snd.retry_initial,

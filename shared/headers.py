@@ -16,7 +16,9 @@ and write the same trace (SPEC §3, §7, §8):
   `Received:` fields (the hop count against mail loops). The body is never looked
   at or copied: callers write `[trace, data[:end], added, data[end:]]` as chunks,
   and the sender replaces one field by `data[:field.start]`, new bytes,
-  `data[field.end:]`, every other byte as it was;
+  `data[field.end:]`, every other byte as it was. `HeaderScanner` does the same for
+  data that arrives in pieces (the receiver reads a message as runs of lines), so a
+  header section of any size is read without ever being held in one piece;
 - address fields (From:, Sender:, Reply-To:, ...) are parsed by the `email`
   package's header registry, never by a regex: folded lines, RFC 2047 display names,
   quoted commas and groups are its job.
@@ -29,14 +31,15 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from email import errors, policy
 from email.headerregistry import Address, AddressHeader, Group
 from email.utils import format_datetime, formataddr
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # RFC 5322 §3.6.8 field name, ':'
+_LINE_PREFIX = 1000  # bytes of a line looked at: its field name is at the start
 _UNSAFE_TEXT = re.compile(r"[^\x21-\x27\x2a-\x7e]")  # no controls, spaces or ( ) in comments
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
@@ -89,32 +92,81 @@ def scan_headers(raw: bytes | bytearray) -> HeaderSection:
     nor a continuation of one (a message without headers starts with its body).
     Only the header section's lines are visited; no copy of the data is made.
     """
-    size = len(raw)
-    first_newline = raw.find(b"\n")
-    eol = b"\r\n" if first_newline > 0 and raw[first_newline - 1] == 0x0D else b"\n"
-    names: set[str] = set()
-    starts: list[tuple[str, int, int]] = []  # (name as written, start, value start)
-    received = 0
-    position = 0
-    in_field = False
-    while position < size:
-        newline = raw.find(b"\n", position)
-        line_end = size if newline < 0 else newline + 1
-        line = raw[position:min(line_end, position + 1000)]
-        if line[:1] in (b" ", b"\t") and in_field:
-            position = line_end  # a continuation of the field before
-            continue
+    scanner = HeaderScanner()
+    scanner.feed(raw)
+    return scanner.finish()
+
+
+class HeaderScanner:
+    """`scan_headers` over data that arrives in pieces: `feed` each piece in order,
+    then `finish()`; the offsets are the whole data's. Pieces may be cut anywhere.
+
+    Of a line not yet ended it keeps at most its first 1000 bytes (the field name is
+    at its start); once the header section is over, pieces are only counted.
+    """
+
+    def __init__(self) -> None:
+        self._size = 0  # bytes fed so far
+        self._line_start = 0  # where the line being read began
+        self._line = b""  # its first bytes, when it began in an earlier piece
+        self._last_byte = -1  # the byte before the current piece
+        self._eol: bytes | None = None  # decided by the first line end
+        self._in_field = False
+        self._end: int | None = None
+        self._names: set[str] = set()
+        self._received = 0
+        self._starts: list[tuple[str, int, int]] = []
+
+    @property
+    def done(self) -> bool:
+        """The header section is over: what follows is not looked at."""
+        return self._end is not None
+
+    def feed(self, piece: bytes | bytearray) -> None:
+        base = self._size
+        self._size += len(piece)
+        position = 0
+        while self._end is None:
+            newline = piece.find(b"\n", position)
+            if newline < 0:
+                room = _LINE_PREFIX - len(self._line)
+                if room > 0:
+                    self._line += piece[position:position + room]
+                break
+            if self._eol is None:
+                before = piece[newline - 1] if newline > 0 else self._last_byte
+                self._eol = b"\r\n" if before == 0x0D else b"\n"
+            room = _LINE_PREFIX - len(self._line)
+            line = piece[position:min(newline + 1, position + room)]
+            self._read_line(self._line + line if self._line else line)
+            self._line = b""
+            self._line_start = base + newline + 1
+            position = newline + 1
+        if piece:
+            self._last_byte = piece[-1]
+
+    def finish(self) -> HeaderSection:
+        """The header section of all the data fed."""
+        if self._end is None and self._size > self._line_start:
+            self._read_line(self._line)  # a last line without a line end
+        end = self._size if self._end is None else self._end
+        return HeaderSection(end, self._eol or b"\n", frozenset(self._names), self._received,
+                             tuple(self._starts))
+
+    def _read_line(self, line: bytes | bytearray) -> None:
+        """One line (its first bytes): a field, a continuation, or the end."""
+        if line[:1] in (b" ", b"\t") and self._in_field:
+            return  # a continuation of the field before
         match = _FIELD.match(line)
         if match is None:
-            break  # an empty line or body text: the header section is over
-        written = line[: match.end() - 1].rstrip(b" \t").decode("ascii")
+            self._end = self._line_start  # an empty line or body text
+            return
+        written = bytes(line[: match.end() - 1]).rstrip(b" \t").decode("ascii")
         name = written.lower()
-        names.add(name)
-        received += name == "received"
-        starts.append((written, position, position + match.end()))
-        in_field = True
-        position = line_end
-    return HeaderSection(position, eol, frozenset(names), received, tuple(starts))
+        self._names.add(name)
+        self._received += name == "received"
+        self._starts.append((written, self._line_start, self._line_start + match.end()))
+        self._in_field = True
 
 
 def without_fields(raw: bytes, names: Collection[str]) -> bytes:
@@ -135,15 +187,26 @@ def body_separator(raw: bytes | bytearray, section: HeaderSection) -> bytes:
     """The empty line to write after fields added at `section.end` when the data has
     none there: a message that starts with body text (no header section, or a line
     that is no field) would otherwise have its first line read as a header."""
-    rest = raw[section.end:section.end + 2]
-    if not rest or rest[:1] == b"\n" or rest == b"\r\n":
+    return separator_before(raw[section.end:section.end + 2], section.eol)
+
+
+def separator_before(following: bytes | bytearray, eol: bytes) -> bytes:
+    """`body_separator` given the (up to) two bytes that follow the header section."""
+    if not following or following[:1] == b"\n" or following == b"\r\n":
         return b""
-    return section.eol
+    return eol
 
 
 def rfc5322_date(now: datetime) -> str:
     """`Tue, 01 Dec 2026 14:50:33 +0000` (RFC 5322 §3.3); `now` must be aware."""
-    return format_datetime(now)
+    return _rfc5322_second(int(now.timestamp()), now.utcoffset())
+
+
+@lru_cache(maxsize=8)
+def _rfc5322_second(second: int, offset: timedelta | None) -> str:
+    """Rendered once per second: the receiver dates every message it stores twice
+    (Received:, and a missing Date:), and format_datetime is slow."""
+    return format_datetime(datetime.fromtimestamp(second, timezone(offset or timedelta())))
 
 
 def message_id(queue_id: str, hostname: str) -> str:

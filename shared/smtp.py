@@ -182,6 +182,8 @@ MAILBOX_RE = re.compile(rf"({_DOT_STRING}|{_QUOTED_STRING})@({_DOMAIN}|{_ADDRESS
 # §4.1.2 A-d-l: "@one.example,@two.example:" before the mailbox; accepted and dropped.
 _SOURCE_ROUTE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
+_PATH_KEYWORD = {keyword: re.compile(rf"\s*{keyword}\s*:\s*", re.IGNORECASE)
+                 for keyword in ("FROM", "TO")}
 
 
 class PathSyntaxError(ValueError):
@@ -202,7 +204,7 @@ def parse_path_argument(argument: str, keyword: str) -> PathArgument:
     Liberal in what it accepts (§4.1.1.2 is strict, clients are not): spaces around
     the colon, a missing pair of angle brackets, ESMTP parameters after the path.
     """
-    match = re.match(rf"\s*{keyword}\s*:\s*", argument, re.IGNORECASE)
+    match = _PATH_KEYWORD[keyword].match(argument)
     if not match:
         command = "MAIL FROM" if keyword == "FROM" else "RCPT TO"
         raise PathSyntaxError(f"Syntax: {command}:<address>")
@@ -230,6 +232,11 @@ def parse_path_argument(argument: str, keyword: str) -> PathArgument:
 
 def _closing_bracket(text: str) -> int:
     """Index of the '>' closing the path that starts at text[0] == '<' (quotes honoured)."""
+    if '"' not in text:  # the common case, without a loop over the characters
+        end = text.find(">")
+        if end > 0 and text.find("<", 1, end) < 0:
+            return end
+        raise PathSyntaxError("Unbalanced angle brackets in the address")
     quoted = escaped = False
     for index, char in enumerate(text[1:], 1):
         if escaped:

@@ -19,6 +19,7 @@ from services.receiver import replies as R
 from shared.queue import QueueFile
 from shared.smtp import Reply, ReplyParser
 from tests.appliance_support import Appliance, Upstream, wait_until
+from tests.trace_support import assert_as_sent
 
 pytestmark = pytest.mark.e2e
 
@@ -129,7 +130,7 @@ def test_term_to_receiver_finishes_data_in_progress_and_closes_the_rest(applianc
     message = QueueFile.from_bytes(files[queue_id].read_bytes())
     assert message.sender == "alice@example.com"
     assert message.recipients == ("bob@example.org", "carol@example.net")
-    assert message.data == first_half + second_half
+    assert_as_sent(message.data, first_half + second_half, queue_id=queue_id)
     lines = app.log_lines()
     assert any(f"queued ok id={queue_id}" in line for line in lines), lines
     assert any("R-SMTP - stop info signal=SIGTERM" in line for line in lines), lines
@@ -182,7 +183,9 @@ def test_term_to_sender_ends_the_transaction_in_flight_sends_quit_and_exits_0(
                 client.sendmail("alice@example.com", [f"remote{n}@example.org"], data)
             sent.append(data)
         queued = [QueueFile.from_bytes(p.read_bytes()) for p in app.queued_files()]
-        assert [q.data for q in queued] == sent
+        assert len(queued) == len(sent)
+        for message, data in zip(queued, sent, strict=True):
+            assert_as_sent(message.data, data)
 
         # The sender starts on the oldest; the relay holds the reply to its final dot.
         assert app.ctl("start", "sender").returncode == 0
@@ -197,15 +200,18 @@ def test_term_to_sender_ends_the_transaction_in_flight_sends_quit_and_exits_0(
         assert "exited: sender (exit status 0; expected)" in app.supervisord_log()
         # The transaction in flight got its 250 and left the queue; QUIT was sent;
         # the next message was not started and is still queued.
-        assert [m[2] for m in upstream.messages] == sent[:1]
+        assert len(upstream.messages) == 1
+        assert_as_sent(upstream.messages[0][2], sent[0])
         assert upstream.quits == 1
-        assert [QueueFile.from_bytes(p.read_bytes()).data for p in app.queued_files()] == sent[1:]
+        [left] = [QueueFile.from_bytes(p.read_bytes()).data for p in app.queued_files()]
+        assert_as_sent(left, sent[1])
 
         # After a restart the rest is delivered, each message exactly once.
         assert app.ctl("start", "all").returncode == 0
         wait_until(lambda: len(upstream.messages) == 2 and not app.queued_files(),
                    TIMEOUT, "the second message to be delivered")
-        assert [m[2] for m in upstream.messages] == sent
+        for (_sender, _recipients, data), sent_data in zip(upstream.messages, sent, strict=True):
+            assert_as_sent(data, sent_data)
         assert [m[1] for m in upstream.messages] == [("remote1@example.org",),
                                                      ("remote2@example.org",)]
         wait_until(lambda: upstream.quits == 2, TIMEOUT, "the sender's QUIT")

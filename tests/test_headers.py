@@ -15,6 +15,7 @@ from services.sender.bounce import FAILED, FailedRecipient, build_notice
 from services.sender.rewrite import SenderRewriter
 from shared.dkim import DkimSigner, keygen, load_key
 from shared.headers import (
+    HeaderScanner,
     body_separator,
     format_address_field,
     from_field,
@@ -25,7 +26,7 @@ from shared.headers import (
     smtp_received,
     without_fields,
 )
-from tests.support import PROPERTY_SETTINGS
+from tests.support import PROPERTY_SETTINGS, chunked
 
 NOW = datetime(2026, 12, 1, 14, 50, 33, tzinfo=UTC)
 
@@ -144,6 +145,20 @@ def test_fields_cover_the_header_section_exactly(fields, body, linesep) -> None:
     assert [data[f.start:f.end] for f in section.fields] == raw
     assert [f.name for f in section.fields] == [name for name, _ in fields]
     assert data[section.end:] == linesep + body
+
+
+@settings(PROPERTY_SETTINGS, max_examples=100)
+@given(st.lists(st.sampled_from([b"Received: x\r\n", b"Subject: s\n", b" folded\r\n", b"\r\n",
+                                 b"\n", b"\r", b"X:", b"body", b"\t", b":", b"y" * 700]),
+                max_size=20).map(b"".join),
+       st.lists(st.integers(min_value=0), max_size=10))
+def test_a_header_section_read_in_pieces_is_read_as_in_one(data: bytes, cuts: list[int]) -> None:
+    """The receiver scans a message as the runs of lines it reads: wherever the data
+    is cut, the header section found is the same."""
+    scanner = HeaderScanner()
+    for piece in chunked(data, cuts):
+        scanner.feed(bytearray(piece))
+    assert scanner.finish() == scan_headers(data)
 
 
 PARSED = [

@@ -75,8 +75,10 @@ def pump(session: ServerSession) -> list[Event]:
 
 
 def wire(events: list[Event]) -> list[object]:
-    """Comparable form of the events (bytes for replies)."""
-    return [e.data if isinstance(e, SendReply) else e for e in events]
+    """Comparable form of the events (bytes for replies, envelope and data for messages)."""
+    return [e.data if isinstance(e, SendReply)
+            else (e.envelope, b"".join(e.chunks)) if isinstance(e, MessageReady)
+            else e for e in events]
 
 
 # ------------------------------------------------------------------ strategies
@@ -167,7 +169,7 @@ class Model:
 
 
 def _assert_clean_message(event: MessageReady) -> None:
-    data = event.data
+    data = b"".join(event.chunks)
     assert data.count(b"\r\n") == data.count(b"\n") == data.count(b"\r")
     assert b"\0" not in data
     assert event.envelope.rcpt_tos
@@ -200,7 +202,7 @@ def feed_line(session: ServerSession, model: Model, line: bytes) -> None:
         if ready:
             assert replies[0].reply.code == 250
             _assert_clean_message(ready[0])
-            assert ready[0].data == _unstuff(model.data_sofar)
+            assert b"".join(ready[0].chunks) == _unstuff(model.data_sofar)
             assert len(ready[0].envelope.rcpt_tos) == model.rcpt_accepted
             model.messages.append(ready[0])
         else:
@@ -277,5 +279,5 @@ def test_a_clean_transaction_does_queue_exactly_one_message():
     for line in [*TRANSACTION, b"..stuffed\r\n", b"hello\r\n", b".\r\n", b"QUIT\r\n"]:
         feed_line(session, model, line)
     [message] = model.messages
-    assert message.data == b".stuffed\r\nhello\r\n"
+    assert b"".join(message.chunks) == b".stuffed\r\nhello\r\n"
     assert message.envelope.rcpt_tos == ["b@localhost", "c@example.org"]

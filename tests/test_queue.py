@@ -22,6 +22,7 @@ from shared.queue import (
     QueueWriteError,
     QueueWriter,
 )
+from shared.queue.files import IOV_MAX
 from tests.support import PROPERTY_SETTINGS, tiny_tmpfs
 
 # ---------------------------------------------------------------------------- format
@@ -352,3 +353,13 @@ def test_a_finish_that_cannot_unlink_is_reported_and_stays_queued(tmp_path) -> N
     assert reader.flush() == []  # reported once
     reader.close()
     assert (writer.dir / stuck.name).is_dir()  # still there: tried again
+
+
+def test_more_chunks_than_one_writev_takes_are_all_written(tmp_path: Path) -> None:
+    """A big message arrives as many runs of lines: past IOV_MAX they still all land,
+    in order (one writev would fail with EINVAL)."""
+    chunks = [b"%06d\r\n" % n for n in range(IOV_MAX * 2 + 3)]
+    writer = QueueWriter(tmp_path / "queue")
+    queue_id = writer.store("a@example.com", ["b@example.org"], chunks)
+    stored = QueueFile.from_bytes((tmp_path / "queue" / queue_id).read_bytes())
+    assert stored.data == b"".join(chunks)

@@ -1,7 +1,8 @@
 """The receiver end to end: a real `python -m services.receiver` over loopback, real clients.
 
-Every accepted message is checked BYTE FOR BYTE against SPEC §3's queue format, written
-out literally here (`spec_file`), and found under the queue id the 250 reply names.
+Every accepted message is checked BYTE FOR BYTE against SPEC §3's queue format
+(`assert_queue_file`: the envelope lines, our Received: field, the client's data with
+only what §8 adds), and found under the queue id the 250 reply names.
 Clients: Python's smtplib, swaks and curl (Debian packages), and a raw socket for
 pipelining, limits, timeouts and the graceful stop.
 """
@@ -19,15 +20,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
 
 from services.receiver import replies as R
 from shared.config import Config, load_config
+from shared.queue import QueueFile
 from shared.smtp import Reply, ReplyParser
 from tests.reply_match import fields, matches
 from tests.support import REPO, MailbagProcess, free_port, tiny_tmpfs, wait_for_banner, write_config
+from tests.trace_support import assert_queue_file, split_trace
 
 pytestmark = pytest.mark.e2e
 
@@ -37,12 +41,6 @@ TIMEOUT = 10.0
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def spec_file(sender: str, recipients: list[str], data: bytes) -> bytes:
-    """SPEC §3, literally: From line, one To line per recipient, blank line, data."""
-    envelope = f"From: <{sender}>\n" + "".join(f"To: <{r}>\n" for r in recipients) + "\n"
-    return envelope.encode() + data
 
 
 def ready_files(config: Config) -> set[str]:
@@ -182,10 +180,9 @@ def test_smtplib(mailbag: Config) -> None:
     reply = ReplyParser().feed(b"%d %s\r\n" % (code, text))[0]
     queue_id = queue_id_of(reply)
     # smtplib dot-stuffs and ends the last line; the receiver unstuffs.
-    assert queued(mailbag, queue_id) == spec_file(
-        "alice@example.com", ["bob@example.org", "carol@example.net"],
-        b"Subject: smtplib\r\n\r\n.starts with a dot\r\n..two dots\r\n.\r\nend\r\n",
-    )
+    assert_queue_file(queued(mailbag, queue_id), queue_id,
+                      "alice@example.com", ["bob@example.org", "carol@example.net"],
+                      b"Subject: smtplib\r\n\r\n.starts with a dot\r\n..two dots\r\n.\r\nend\r\n")
 
 
 def test_smtplib_null_sender(mailbag: Config) -> None:
@@ -195,8 +192,8 @@ def test_smtplib_null_sender(mailbag: Config) -> None:
         assert smtp.rcpt("postmaster")[0] == 250
         code, text = smtp.data(b"Subject: bounce\r\n\r\nundeliverable\r\n")
     queue_id = queue_id_of(ReplyParser().feed(b"%d %s\r\n" % (code, text))[0])
-    assert queued(mailbag, queue_id) == spec_file(
-        "", ["postmaster"], b"Subject: bounce\r\n\r\nundeliverable\r\n")
+    assert_queue_file(queued(mailbag, queue_id), queue_id,
+                      "", ["postmaster"], b"Subject: bounce\r\n\r\nundeliverable\r\n")
 
 
 @pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "pipeline"])
@@ -215,9 +212,9 @@ def test_swaks(mailbag: Config, tmp_path: Path, pipeline: bool) -> None:
     if pipeline:  # the four commands went out before the first reply came back
         assert result.stdout.index(" -> DATA") < result.stdout.index("<-  250 2.1.0")
     queue_id = queue_id_in_output(result.stdout)
-    assert queued(mailbag, queue_id) == spec_file(
-        "alice@example.com", ["bob@example.org", "carol@example.net"],
-        b"Subject: swaks\r\n\r\n.line with a dot\r\nplain\r\n..two dots\r\n",
+    assert_queue_file(queued(mailbag, queue_id), queue_id,
+                      "alice@example.com", ["bob@example.org", "carol@example.net"],
+                      b"Subject: swaks\r\n\r\n.line with a dot\r\nplain\r\n..two dots\r\n",
     )
 
 
@@ -234,8 +231,8 @@ def test_curl(mailbag: Config, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     queue_id = queue_id_in_output(result.stderr)
-    assert queued(mailbag, queue_id) == spec_file(
-        "alice@example.com", ["bob@example.org", "carol@example.net"], data)
+    assert_queue_file(queued(mailbag, queue_id), queue_id,
+                      "alice@example.com", ["bob@example.org", "carol@example.net"], data)
 
 
 def test_curl_with_bare_lf_file_is_refused_and_nothing_queued(mailbag: Config,
@@ -273,9 +270,9 @@ def test_pipelined_transaction_one_reply_per_command_in_order(mailbag: Config) -
         stored, bye = client.read(2)
         assert matches(bye, R.S221_CLOSING)
         client.assert_closed()
-    assert queued(mailbag, queue_id_of(stored)) == spec_file(
-        "alice@example.com", ["bob@example.org", "carol@example.net"],
-        b"Subject: pipelined\r\n\r\nhello\r\n")
+    assert_queue_file(queued(mailbag, queue_id_of(stored)), queue_id_of(stored),
+                      "alice@example.com", ["bob@example.org", "carol@example.net"],
+                      b"Subject: pipelined\r\n\r\nhello\r\n")
 
 
 def test_whole_session_in_one_write(mailbag: Config) -> None:
@@ -292,7 +289,8 @@ def test_whole_session_in_one_write(mailbag: Config) -> None:
             assert matches(reply, Reply(template.code, template.text)), replies
         client.assert_closed()
     queue_id = fields(replies[6], Reply(250, R.S250_QUEUED.text))["queue_id"]
-    assert queued(mailbag, queue_id) == spec_file("a@example.com", ["b@example.org"], b"line\r\n")
+    assert_queue_file(queued(mailbag, queue_id), queue_id,
+                      "a@example.com", ["b@example.org"], b"line\r\n")
 
 
 def test_unstorable_addresses_get_501_not_a_dropped_connection(mailbag: Config) -> None:
@@ -305,7 +303,8 @@ def test_unstorable_addresses_get_501_not_a_dropped_connection(mailbag: Config) 
         replies = client.read(8)
         assert [r.code for r in replies] == [501, 501, 250, 501, 501, 250, 354, 250], replies
         queue_id = queue_id_of(replies[7])
-    assert queued(mailbag, queue_id) == spec_file("a@example.com", ["b@example.org"], b"ok\r\n")
+    assert_queue_file(queued(mailbag, queue_id), queue_id,
+                      "a@example.com", ["b@example.org"], b"ok\r\n")
 
 
 def test_body_lines_starting_with_dots(mailbag: Config) -> None:
@@ -316,8 +315,9 @@ def test_body_lines_starting_with_dots(mailbag: Config) -> None:
         assert client.read(3)[2].code == 354
         client.send(wire + b".\r\n")
         queue_id = queue_id_of(client.read()[0])
-    assert queued(mailbag, queue_id) == spec_file(
-        "a@example.com", ["b@example.org"], b".first\r\n.\r\n..\r\nx\r\n. two\r\nnormal.\r\n")
+    assert_queue_file(queued(mailbag, queue_id), queue_id,
+                      "a@example.com", ["b@example.org"],
+                      b".first\r\n.\r\n..\r\nx\r\n. two\r\nnormal.\r\n")
 
 
 def test_100_recipients_all_kept_101st_refused(mailbag: Config) -> None:
@@ -332,8 +332,8 @@ def test_100_recipients_all_kept_101st_refused(mailbag: Config) -> None:
         assert client.command("DATA").code == 354
         client.send(b"Subject: many\r\n\r\nhi\r\n.\r\n")
         queue_id = queue_id_of(client.read()[0])
-    assert queued(mailbag, queue_id) == spec_file(
-        "list@example.com", recipients[:100], b"Subject: many\r\n\r\nhi\r\n")
+    assert_queue_file(queued(mailbag, queue_id), queue_id,
+                      "list@example.com", recipients[:100], b"Subject: many\r\n\r\nhi\r\n")
 
 
 def test_log_has_the_client_and_the_queue_id(mailbag: Config) -> None:
@@ -370,7 +370,8 @@ def test_no_file_is_visible_before_the_data_is_complete(mailbag: Config) -> None
         client.send(half + b".\r\n")
         queue_id = queue_id_of(client.read()[0])
         assert ready_files(mailbag) == before | {queue_id}
-    assert queued(mailbag, queue_id) == spec_file("a@example.com", ["b@example.org"], half * 2)
+    assert_queue_file(queued(mailbag, queue_id), queue_id,
+                      "a@example.com", ["b@example.org"], half * 2)
     assert tmp_files(mailbag) == []
 
 
@@ -432,9 +433,77 @@ def test_concurrent_clients_each_get_their_own_exact_file(mailbag: Config) -> No
     assert not errors, errors
     assert len(set(results.values())) == 25
     for (n, k), queue_id in results.items():
-        assert queued(mailbag, queue_id) == spec_file(
-            f"sender{n}@example.com", [f"rcpt{k}@example.org"],
-            b"Subject: %d/%d\r\n\r\nbody %d %d\r\n" % (n, k, n, k))
+        assert_queue_file(queued(mailbag, queue_id), queue_id,
+                          f"sender{n}@example.com", [f"rcpt{k}@example.org"],
+                          b"Subject: %d/%d\r\n\r\nbody %d %d\r\n" % (n, k, n, k))
+
+
+# ---------------------------------------------------------------------------- trace (SPEC §8)
+
+
+def test_the_trace_names_the_client_the_server_and_the_queue_id(mailbag: Config) -> None:
+    """One Received: field first (RFC 5321 §4.4), that a mail reader parses; a
+    loopback client may relay, so its missing Date: and Message-ID: are added."""
+    sent = b"Subject: trace\r\nX-Marker: trace-e2e\r\n\r\nbody\r\n"
+    with smtplib.SMTP(*address(mailbag), local_hostname="client.example", timeout=TIMEOUT) as smtp:
+        assert smtp.ehlo()[0] == 250
+        assert smtp.mail("alice@example.com")[0] == 250
+        assert smtp.rcpt("bob@example.org")[0] == 250
+        code, text = smtp.data(sent)
+    queue_id = queue_id_of(ReplyParser().feed(b"%d %s\r\n" % (code, text))[0])
+    raw = queued(mailbag, queue_id)
+    assert_queue_file(raw, queue_id, "alice@example.com", ["bob@example.org"], sent)
+    data = QueueFile.from_bytes(raw).data
+    trace, _ = split_trace(data)
+    assert (trace["helo"], trace["ip"], trace["host"], trace["protocol"]) == (
+        b"client.example", b"127.0.0.1", HOST.encode(), b"ESMTP")
+    parsed = message_from_bytes(data, policy=policy.default)
+    assert parsed["Message-ID"] == f"<{queue_id}@{HOST}>"
+    assert f"id {queue_id}" in parsed["Received"] and parsed["X-Marker"] == "trace-e2e"
+
+
+def test_a_client_that_may_not_relay_gets_the_trace_and_nothing_added(receiver_factory) -> None:
+    config, _ = receiver_factory(receiver={"relay_networks": ["127.0.0.1/32"]})
+    listen = config.receiver.listen
+    sent = b"Subject: from outside\r\n\r\nbody\r\n"
+    with smtplib.SMTP(listen.host, listen.port, source_address=("127.0.0.2", 0),
+                      local_hostname="outside.example", timeout=TIMEOUT) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@example.com")[0] == 250
+        assert smtp.rcpt("b@localhost")[0] == 250
+        code, text = smtp.data(sent)
+    queue_id = queue_id_of(ReplyParser().feed(b"%d %s\r\n" % (code, text))[0])
+    assert_queue_file(queued(config, queue_id), queue_id, "a@example.com", ["b@localhost"],
+                      sent, trusted=False)
+
+
+def test_more_received_fields_than_max_hops_is_refused_after_the_dot(receiver_factory) -> None:
+    config, _ = receiver_factory(receiver={"max_hops": 3})
+    hops = b"Received: from a\r\n\tby b; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+    with RawClient(*address(config)) as client:
+        greet(client)
+        client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n"
+                    + hops * 4 + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
+        refused = client.read(4)[3]
+        assert refused == R.S554_TOO_MANY_HOPS.format(hops=4, limit=3)
+        assert (refused.code, refused.enhanced) == (554, "5.4.6")
+        client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n"
+                    + hops * 3 + b"Subject: three hops\r\n\r\nbody\r\n.\r\n")
+        queue_id = queue_id_of(client.read(4)[3])
+    assert ready_files(config) == {queue_id}
+
+
+def test_a_header_section_over_a_megabyte_gets_the_trace_and_the_fields(mailbag: Config) -> None:
+    fields = b"".join(b"X-Filler-%05d: %s\r\n" % (n, b"y" * 80) for n in range(12_000))
+    sent = fields + b"\r\nbody after a huge header\r\n"
+    with RawClient(*address(mailbag)) as client:
+        greet(client)
+        client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n"
+                    + sent + b".\r\n")
+        queue_id = queue_id_of(client.read(4)[3])
+    assert len(fields) > 1024 * 1024
+    assert_queue_file(queued(mailbag, queue_id), queue_id, "a@example.com", ["b@localhost"],
+                      sent)
 
 
 # ---------------------------------------------------------------------------- own processes
@@ -452,8 +521,8 @@ def test_ipv6_listen(receiver_factory) -> None:
         assert smtp.rcpt("bob@example.org")[0] == 250  # ::1/128 may relay by default
         code, text = smtp.data(b"Subject: v6\r\n\r\nhi\r\n")
     queue_id = queue_id_of(ReplyParser().feed(b"%d %s\r\n" % (code, text))[0])
-    assert queued(config, queue_id) == spec_file(
-        "alice@example.com", ["bob@example.org"], b"Subject: v6\r\n\r\nhi\r\n")
+    assert_queue_file(queued(config, queue_id), queue_id,
+                      "alice@example.com", ["bob@example.org"], b"Subject: v6\r\n\r\nhi\r\n")
     wait_for(lambda: "R-SMTP [::1]:" in config.log.file.read_text(), "an R-SMTP [::1] line")
 
 
@@ -564,8 +633,8 @@ def test_term_lets_data_in_progress_finish(receiver_factory) -> None:
         stored, goodbye = busy.read(2)
         assert matches(goodbye, R.S421_SHUTDOWN.format(hostname=HOST))
         busy.assert_closed()
-    assert queued(config, queue_id_of(stored)) == spec_file(
-        "a@example.com", ["b@example.org"], first + rest)
+    assert_queue_file(queued(config, queue_id_of(stored)), queue_id_of(stored),
+                      "a@example.com", ["b@example.org"], first + rest)
     assert proc.proc is not None and proc.proc.wait(TIMEOUT) == 0
 
 
@@ -590,7 +659,8 @@ def _send_too_much_then_a_small_one(config: Config, failure: Reply, size: int) -
                     b"small\r\n.\r\n")
         queue_id = queue_id_of(client.read(4)[3])
         assert client.command("QUIT").code == 221
-    assert queued(config, queue_id) == spec_file("a@example.com", ["b@example.org"], b"small\r\n")
+    assert_queue_file(queued(config, queue_id), queue_id,
+                      "a@example.com", ["b@example.org"], b"small\r\n")
 
 
 def test_disk_full_gives_452_nothing_behind_session_goes_on(receiver_factory,

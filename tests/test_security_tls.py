@@ -27,6 +27,7 @@ from tests.hardening_support import (
     wait_for,
 )
 from tests.support import TestCA, free_port
+from tests.trace_support import split_trace
 
 pytestmark = pytest.mark.e2e
 
@@ -107,6 +108,8 @@ def test_smtplib_starttls_and_auth(tls_receiver, mechanism):
         assert smtp.sendmail("a@localhost", ["far@other.example"], _message(marker)) == {}
     [message] = find_queued(config, marker.encode())
     assert message.recipients == ("far@other.example",)
+    trace, _ = split_trace(message.data)  # RFC 3848: TLS and AUTH
+    assert (trace["helo"], trace["protocol"]) == (b"client.example", b"ESMTPSA")
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
@@ -236,7 +239,18 @@ def test_implicit_tls_listener(tls_receiver):
         assert smtp.has_extn("auth") and not smtp.has_extn("starttls")
         smtp.login(USER, PASSWORD)
         assert smtp.sendmail("a@localhost", ["b@localhost"], _message(marker)) == {}
-    assert find_queued(config, marker.encode())
+    [message] = find_queued(config, marker.encode())
+    assert split_trace(message.data)[0]["protocol"] == b"ESMTPSA"
+
+
+def test_starttls_without_auth_is_esmtps(tls_receiver):
+    config, ca = tls_receiver
+    with _smtp(config) as smtp:
+        smtp.starttls(context=ca.client_context())
+        smtp.ehlo("client.example")
+        assert smtp.sendmail("a@localhost", ["b@localhost"], _message("esmtps-trace")) == {}
+    [message] = find_queued(config, b"esmtps-trace")
+    assert split_trace(message.data)[0]["protocol"] == b"ESMTPS"
 
 
 def test_implicit_tls_listener_refuses_plain_text(tls_receiver):

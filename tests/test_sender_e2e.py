@@ -21,6 +21,7 @@ from shared.config import Config, load_config
 from shared.queue import QueueWriter
 from tests.sender_support import Relay, SmtpSink, authenticator
 from tests.support import REPO, MailbagProcess, TestCA, write_config
+from tests.trace_support import assert_as_sent
 
 pytestmark = pytest.mark.e2e
 
@@ -104,8 +105,8 @@ def test_swaks_to_relay_woken_by_watchdog_byte_identical(
     # sender (how fast it is, is the benchmark's business: bench/run.py "250 -> upstream").
     (got,) = server.handler.wait_for(1, timeout=10)
     # swaks always ends the data with "\r\n.\r\n", so what the receiver queued is
-    # the file plus one empty line; the relay has exactly that.
-    assert got.content == content + b"\r\n"
+    # the file plus one empty line (and our trace); the relay has exactly that.
+    assert_as_sent(got.content, content + b"\r\n", recipients=["bob@example.org"])
     assert got.mail_from == "alice@example.com" and got.rcpt_tos == ["bob@example.org"]
     wait_until(lambda: queued(config) == [], what="the queue to empty")
     server.handler.wait_quits(1)  # the pass ended with QUIT
@@ -124,7 +125,7 @@ def test_relay_down_then_back(receiver_factory, sender_factory, relay) -> None:
     assert len(queued(config)) == 1  # it waits in the queue
     server.start()
     (got,) = server.handler.wait_for(1, timeout=10)
-    assert got.content == b"Subject: wait\r\n\r\nhi\r\n"
+    assert_as_sent(got.content, b"Subject: wait\r\n\r\nhi\r\n")
     wait_until(lambda: queued(config) == [], what="the queue to empty")
     assert log_text(config).count("connect fail") >= 1
 
@@ -140,7 +141,7 @@ def test_relay_4xx_then_accepts(receiver_factory, sender_factory, relay) -> None
     wait_until(lambda: "deferred defer" in log_text(config), what="a deferral")
     assert len(queued(config)) == 1
     server.handler.data_reply = None
-    assert server.handler.wait_for(1, timeout=10)[0].content == b"Subject: 4xx\r\n\r\nhi\r\n"
+    assert_as_sent(server.handler.wait_for(1, timeout=10)[0].content, b"Subject: 4xx\r\n\r\nhi\r\n")
     wait_until(lambda: queued(config) == [], what="the queue to empty")
 
 

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits, SlotPool
+from services.receiver.pool import SlotPool
+from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits
 from services.receiver.session import SessionPolicy
 from services.receiver.users import UserFileError, load_users, verify_password
 from shared.cli import EXIT_OK, StartupError, open_log
@@ -109,6 +110,7 @@ def session_settings(config: Config) -> SessionSettings:
         max_message_bytes=rcv.max_message_bytes,
         max_recipients=rcv.max_recipients,
         max_bad_commands=rcv.max_bad_commands,
+        max_hops=rcv.max_hops,
         local_domains=frozenset(config.local.domains),
         tls_available=tls_context is not None,
         auth_available=check_password is not None,
@@ -187,7 +189,7 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     if removed:
         log.info("cleanup", removed_tmp_files=len(removed))
     threads = [
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True)
+        threading.Thread(target=server.serve_forever, daemon=True)
         for server in servers
     ]
     for thread in threads:

@@ -58,6 +58,9 @@ S554_BARE_NEWLINE = Reply(
 S554_LINE_TOO_LONG = Reply(
     554, "Message rejected: a line is longer than 1000 octets (RFC 5321 §4.5.3.1.6)", "5.6.0"
 )
+S554_TOO_MANY_HOPS = Reply(
+    554, "Too many hops: {hops} Received: fields, more than {limit} (a routing loop?)", "5.4.6"
+)
 S555_BAD_PARAMETER = Reply(555, "Unsupported parameter {name}", "5.5.4")
 
 # Why a command is out of sequence (503), by verb.
@@ -73,7 +76,6 @@ SEQUENCE_HINTS = {
 S220_READY_FOR_TLS = Reply(220, "Ready to start TLS", "2.0.0")
 S235_AUTH_OK = Reply(235, "Authentication successful", "2.7.0")
 S334_CHALLENGE = Reply(334, "{challenge}")
-S454_TLS_UNAVAILABLE = Reply(454, "TLS not available due to temporary reason", "4.7.0")
 S501_AUTH_SYNTAX = Reply(501, "Cannot decode AUTH response", "5.5.2")
 S501_AUTH_CANCELLED = Reply(501, "Authentication cancelled", "5.7.0")
 S503_ALREADY_AUTHENTICATED = Reply(503, "Already authenticated", "5.5.1")

@@ -1,16 +1,34 @@
 """The receiver's socket shell: a ThreadingTCPServer with a bounded pool of session slots.
 
 All SMTP decisions are made by `ServerSession`; this module moves bytes, keeps time,
-stores messages through the queue (`shared/queue.py`), and carries out the session's events.
+stores messages through the queue (`shared/queue/`) with the trace `trace.py` adds,
+and carries out the session's events.
 
-- Slots: at most `max_connections` sessions (and `max_connections_per_ip` per client),
-  counted over all listeners together (one `SlotPool` shared by the plain and the
-  implicit-TLS server).
-  The connection after that is accepted, answered 421 and closed at once, from the
-  accepting thread, so it never waits for a slot (SPEC §3).
-- Time: a session reads in short slices so that it notices the idle timeout, its
-  total deadline and a graceful stop without any extra thread. A TLS handshake is
-  bounded by the same deadline (a stalled handshake must not hold a slot longer).
+- Slots (`pool.py`): at most `max_connections` sessions (and
+  `max_connections_per_ip` per client), counted over all listeners together (one
+  `SlotPool` shared by the plain and the implicit-TLS server). The connection after
+  that is accepted, answered 421 and closed at once, from the accepting thread, so
+  it never waits for a slot (SPEC §3). A session gives its slot back before it sends
+  its last reply (221, or a 421): a client that reconnects as soon as it sees that
+  reply and the close (Postfix does) finds the slot free.
+- Threads (`pool.py`): sessions run on `SessionThreads`, threads that outlive their
+  sessions: a connection costs no thread start.
+- Sockets: TCP_NODELAY and the read slices (SO_RCVTIMEO / SO_SNDTIMEO) are set on
+  the listening socket, which every accepted socket inherits (Linux): a connection
+  costs no setsockopt. The accept loop blocks in accept(2) for one slice at a time.
+- Time: a session reads in short slices so that it notices its timers and a graceful
+  stop without any extra thread. `idle_timeout` bounds the wait for each line - a
+  command, or a line of DATA - from the moment the server waits for it, so a client
+  trickling a byte at a time is cut like an idle one (Postfix's
+  smtpd_per_record_deadline); `session_deadline` bounds the whole session, and a
+  TLS handshake (a stalled handshake must not hold a slot longer).
+- Log: a `queued` line per message (with the peer, and whether it came over TLS);
+  a `close` line when a session ends, saying why, unless it ended with QUIT after
+  queuing messages (their lines said it all); and the rejections: the first of each
+  kind (command and reply code) as it happens, repeats counted into one line per
+  kind at the end, so no client can flood the log. Nothing is written at connect.
+  A line costs more than a session's SMTP work: the common session - connect, one
+  message, QUIT - writes one line.
 - Graceful stop (SPEC §6): `begin_shutdown()` stops accepting; a session in the middle
   of DATA reads its message to the end, stores it and answers 250; every other
   session is answered 421 and closed; `wait_for_sessions()` bounds the wait.
@@ -18,6 +36,7 @@ stores messages through the queue (`shared/queue.py`), and carries out the sessi
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import socket
 import socketserver
@@ -28,8 +47,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from services.receiver import replies as R
+from services.receiver.pool import SessionThreads, Slot, SlotPool
 from services.receiver.session import (
     NEED_DATA,
     AuthRequest,
@@ -40,53 +61,18 @@ from services.receiver.session import (
     SessionPolicy,
     StartTLS,
 )
+from services.receiver.trace import stored_chunks
 from shared.config import IPNetwork
 from shared.log import EventLog, describe_exception
-from shared.queue import MessageStore, QueueWriteError
+from shared.queue import MessageStore, QueueWriteError, new_queue_id
+from shared.smtp import Reply
 
 PROGRAM = "R-SMTP"
 READ_SLICE = 0.5  # seconds a recv may block before timers and the stop flag are checked
-RECV_SIZE = 64 * 1024  # per-session buffer (zeroed, so resident): one loopback segment
+RECV_SIZE = 64 * 1024  # receive buffer of a session thread: one loopback segment
 AUTH_FAILURE_DELAY = 1.0  # seconds a failed login waits before its 535 (slows guessing)
-
-
-class SlotPool:
-    """The session slots of the whole receiver: `max_connections` in all, and at most
-    `max_connections_per_ip` for one client address (0 = no per-address limit).
-    `resize` (a reload) changes the limits for the sessions to come; sessions over a
-    lowered limit go on until they end."""
-
-    def __init__(self, max_connections: int, max_per_ip: int = 0) -> None:
-        self._max = max_connections
-        self._max_per_ip = max_per_ip
-        self._taken = 0
-        self._per_ip: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def take(self, ip: str) -> bool:
-        """A slot for this client, or False at once (never waits)."""
-        with self._lock:
-            if self._taken >= self._max:
-                return False
-            if self._max_per_ip and self._per_ip.get(ip, 0) >= self._max_per_ip:
-                return False
-            self._taken += 1
-            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        return True
-
-    def give_back(self, ip: str) -> None:
-        with self._lock:
-            self._taken -= 1
-            left = self._per_ip.get(ip, 1) - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                self._per_ip.pop(ip, None)
-
-    def resize(self, max_connections: int, max_per_ip: int) -> None:
-        with self._lock:
-            self._max = max_connections
-            self._max_per_ip = max_per_ip
+TRIM_AFTER = 1024 * 1024  # a message or a session's input this big: give memory back
+RELAY_DECISIONS_KEPT = 4096  # client addresses whose relay decision is remembered
 
 
 @dataclass(frozen=True)
@@ -99,7 +85,7 @@ class ServerLimits:
 
 
 class ReceiverServer(socketserver.ThreadingTCPServer):
-    """One listening socket; sessions run in their own threads, at most N at once."""
+    """One listening socket; sessions run on pooled threads, at most N at once."""
 
     daemon_threads = True
     block_on_close = False
@@ -124,58 +110,88 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.limits = limits
         self.queue = queue
         self.relay_networks = relay_networks
+        self._relay_decisions: dict[str, bool] = {}
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.check_password = check_password
         self.stopping = threading.Event()
         self.slots = slots or SlotPool(limits.max_connections, limits.max_connections_per_ip)
-        self._lock = threading.Lock()
-        self._sessions: set[threading.Thread] = set()
-        self._open_sockets: set[socket.socket] = set()
+        self.threads = SessionThreads(self._run_session, _thread_limit(limits))
+        self._lock = threading.Condition()
+        self._sessions: set[SessionHandler] = set()
+        self._serving = threading.Event()
+        self._stopped = threading.Event()
         self.log = EventLog(PROGRAM, "-")
         super().__init__(address, SessionHandler)
 
-    # -- slots ---------------------------------------------------------------------
+    def server_bind(self) -> None:
+        """Set what every accepted socket inherits (see the module doc), then bind."""
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        seconds = int(READ_SLICE)
+        timeval = struct.pack("ll", seconds, int((READ_SLICE - seconds) * 1_000_000))
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        super().server_bind()
+
+    # -- accepting -------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = READ_SLICE) -> None:
+        """Accept until `shutdown()`: one accept(2) per connection, no poll before it
+        (the listening socket's SO_RCVTIMEO ends each wait after READ_SLICE, which
+        takes the place of `poll_interval`)."""
+        self._serving.set()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    request, client_address = self.socket.accept()
+                except (BlockingIOError, TimeoutError):
+                    continue  # the slice elapsed: look at the stop flag
+                except OSError:
+                    if self.stopping.is_set():
+                        break
+                    time.sleep(READ_SLICE / 10)  # e.g. out of descriptors: no busy loop
+                    continue
+                self.process_request(request, client_address)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` and wait until it has returned (from another thread)."""
+        self.stopping.set()
+        if self._serving.is_set():
+            self._stopped.wait()
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
         ip = client_address[0]
-        if not self._take_slot(ip):
+        if self.stopping.is_set() or not self.slots.take(ip):
             self._refuse(request, client_address)
             return
-        thread = threading.Thread(
-            target=self._run_session, args=(request, client_address), daemon=True
-        )
-        with self._lock:
-            self._sessions.add(thread)
-            self._open_sockets.add(request)
-        thread.start()
-
-    def _take_slot(self, ip: str) -> bool:
-        return not self.stopping.is_set() and self.slots.take(ip)
+        self.threads.submit(request, client_address)
 
     def _refuse(self, request: socket.socket, client_address: tuple) -> None:
         """Over the limit: 421 at once, then close; never blocks the accepting thread."""
         log = self.log.with_peer(_peer_text(client_address))
         try:
-            request.setblocking(False)
-            request.send(R.S421_UNAVAILABLE.format(hostname=self.policy.hostname).to_bytes())
+            reply = R.S421_UNAVAILABLE.format(hostname=self.policy.hostname).to_bytes()
+            request.send(reply, socket.MSG_DONTWAIT)
         except OSError:
             pass
         finally:
-            self.shutdown_request(request)
+            request.close()
         log.fail("connect", reason="too many connections", reply=421)
 
     def _run_session(self, request: socket.socket, client_address: tuple) -> None:
+        slot = Slot(self.slots, client_address[0])
+        received = 0
         try:
-            self.finish_request(request, client_address)
+            received = SessionHandler(request, client_address, self, slot).received
         except Exception as exc:  # noqa: BLE001 - a session's bug must not kill the server
             self.handle_error(request, client_address, exc)
         finally:
-            self.shutdown_request(request)
-            self.slots.give_back(client_address[0])
-            with self._lock:
-                self._sessions.discard(threading.current_thread())
-                self._open_sockets.discard(request)
+            slot.give_back()
+            request.close()
+        if received >= TRIM_AFTER:  # the session and its buffers are gone now
+            give_memory_back()
 
     def handle_error(  # type: ignore[override]
         self, request: object, client_address: tuple, exc: BaseException | None = None
@@ -184,11 +200,21 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         exc = exc or sys.exc_info()[1]
         self.log.with_peer(_peer_text(client_address)).error("session", exc=exc)
 
-    def replace_socket(self, old: socket.socket, new: socket.socket) -> None:
-        """A session wrapped its socket in TLS: track the new one for a forced stop."""
+    # -- sessions ---------------------------------------------------------------------
+
+    def session_started(self, handler: SessionHandler) -> None:
         with self._lock:
-            self._open_sockets.discard(old)
-            self._open_sockets.add(new)
+            self._sessions.add(handler)
+
+    def session_ended(self, handler: SessionHandler) -> None:
+        with self._lock:
+            self._sessions.discard(handler)
+            if not self._sessions:
+                self._lock.notify_all()
+
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
 
     # -- settings ---------------------------------------------------------------------
 
@@ -202,6 +228,8 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         with self._lock:
             self.policy, self.limits, self.relay_networks = policy, limits, relay_networks
             self.tls_context, self.check_password = tls_context, check_password
+            self._relay_decisions = {}
+        self.threads.resize(_thread_limit(limits))
 
     def session_settings(self, ip: str) -> tuple[SessionPolicy, ServerLimits, bool,
                                                  ssl.SSLContext | None,
@@ -214,43 +242,57 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
                     self.check_password)
 
     def may_relay(self, ip: str) -> bool:
-        address = ipaddress.ip_address(ip.split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.relay_networks)
+        """Whether a client address is in relay_networks (remembered per address)."""
+        known = self._relay_decisions.get(ip)
+        if known is None:
+            address = ipaddress.ip_address(ip.split("%")[0])
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            known = any(address in network for network in self.relay_networks)
+            if len(self._relay_decisions) >= RELAY_DECISIONS_KEPT:
+                self._relay_decisions.clear()
+            self._relay_decisions[ip] = known
+        return known
 
     # -- graceful stop ----------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
         """Stop accepting now; sessions see `stopping` within READ_SLICE seconds."""
-        self.stopping.set()
-        self.shutdown()  # stops serve_forever (called from another thread)
+        self.shutdown()
         self.server_close()
 
     def wait_for_sessions(self, timeout: float) -> bool:
         """Wait for the sessions to end; after `timeout`, cut the stragglers off."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                threads = list(self._sessions)
-            if not threads:
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            threads[0].join(min(left, 0.2))
         with self._lock:
-            sockets = list(self._open_sockets)
-        for sock in sockets:  # nothing acknowledged is lost: their DATA never got 250
+            done = self._lock.wait_for(lambda: not self._sessions, timeout)
+            stragglers = [handler.sock for handler in self._sessions]
+        for sock in stragglers:  # nothing acknowledged is lost: their DATA never got 250
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        return False
+        self.threads.close()
+        return done
 
-    def session_count(self) -> int:
-        with self._lock:
-            return len(self._sessions)
+
+_thread_buffers = threading.local()
+
+
+def _receive_buffer() -> tuple[bytearray, memoryview]:
+    """The calling thread's receive buffer, made once and kept for its next sessions:
+    recv_into one buffer - a fresh bytes object per recv() cost an mmap, page faults
+    and an munmap - without zeroing 64 KiB per connection."""
+    buffers = getattr(_thread_buffers, "buffers", None)
+    if buffers is None:
+        buffer = bytearray(RECV_SIZE)
+        buffers = _thread_buffers.buffers = (buffer, memoryview(buffer))
+    return buffers
+
+
+def _thread_limit(limits: ServerLimits) -> int:
+    """Room for every session, and two more finishing their last reply after giving
+    their slot back (a connection waits for one of them, not for a slot)."""
+    return limits.max_connections + 2
 
 
 def _peer_text(client_address: tuple) -> str:
@@ -258,36 +300,88 @@ def _peer_text(client_address: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class RejectionLog:
+    """A session's refused commands in the log: the first of each kind (command and
+    reply code) as it happens, the repeats as one line per kind at the session's end.
+
+    The kinds are few: every refusal but a handful of 4xx counts against
+    `max_bad_commands`, which ends the session."""
+
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+        self._repeats: dict[tuple[str, int], tuple[int, Reply]] = {}
+
+    def rejected(self, command: str, reply: Reply) -> None:
+        key = (command, reply.code)
+        seen = self._repeats.get(key)
+        if seen is None:
+            self._repeats[key] = (0, reply)
+            self._log.fail("reject", command=command, reply=str(reply))
+        else:
+            self._repeats[key] = (seen[0] + 1, reply)
+
+    def summarize(self) -> None:
+        """One line per kind that was repeated, with the count and the last reply."""
+        for (command, _code), (count, reply) in self._repeats.items():
+            if count:
+                self._log.fail("reject", command=command, reply=str(reply), repeated=count)
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim(3): hands freed heap pages back to the system."""
+    try:
+        function = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def give_memory_back() -> None:
+    """After a big message, or a session that sent a lot: without this, glibc keeps
+    what was freed (runs of lines, long lines dropped) in the session thread's arena,
+    and the resident size stays at its high-water mark."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 class SessionHandler(socketserver.BaseRequestHandler):
     """Runs one session: the loop between the socket and `ServerSession`."""
 
     server: ReceiverServer
 
+    def __init__(self, request: socket.socket, client_address: tuple, server: ReceiverServer,
+                 slot: Slot) -> None:
+        self.slot = slot
+        super().__init__(request, client_address, server)
+
     def setup(self) -> None:
         server = self.server
         ip = self.client_address[0]
         self.log = server.log.with_peer(_peer_text(self.client_address))
+        self.rejections = RejectionLog(self.log)
         self.sock: socket.socket = self.request
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         policy, self.limits, may_relay, self.tls_context, self.check_password = (
             server.session_settings(ip))
         self.session = ServerSession(
             policy, ip, may_relay=may_relay, tls_active=server.implicit_tls
         )
         self.outgoing: list[bytes] = []
-        # recv_into one buffer per session: a fresh 256 KiB bytes object per recv()
-        # cost an mmap, page faults, an mremap and an munmap (a TLB shootdown across
-        # the threads), all with the GIL held - a third of the receiver's syscalls.
-        self._recv_view = memoryview(bytearray(RECV_SIZE))
-        self.started = self.last_input = time.monotonic()
+        self._recv_buffer, self._recv_view = _receive_buffer()
+        self.started = self.line_started = time.monotonic()
         self.close_reason = "peer"
+        self.queued = 0  # messages this session queued
+        self.received = 0  # bytes read from the client
+        server.session_started(self)
 
     def handle(self) -> None:
-        self.log.ok("connect", tls="implicit" if self.server.implicit_tls else "no")
         try:
             if self.server.implicit_tls and not self._start_tls():
                 return
-            self._use_read_slices()
             self._send_now(self.session.greeting())
             self._loop()
         except (ConnectionError, ssl.SSLError, TimeoutError, BlockingIOError) as err:
@@ -297,22 +391,27 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.log.error("session", exc=exc)
             self._say_goodbye_after_error()
         finally:
-            outcome = self.log.fail if self.close_reason.startswith("error") else self.log.ok
-            outcome("close", reason=self.close_reason)
+            self.slot.give_back()
+            self.rejections.summarize()
+            if not (self.queued and self.close_reason == "quit"):
+                outcome = self.log.fail if self.close_reason.startswith("error") else self.log.ok
+                outcome("close", reason=self.close_reason, tls=self._tls_mode())
 
     def _say_goodbye_after_error(self) -> None:
         """Send the replies already produced, then 421: the client knows where it stands."""
         self.outgoing.append(self.session.local_error().data)
         try:
-            self._flush()
+            self._last_words()
         except OSError:
             pass
 
     def finish(self) -> None:
+        self.slot.give_back()
         try:
             self.sock.close()  # after STARTTLS this is the TLS socket, not self.request
         except OSError:
             pass
+        self.server.session_ended(self)
 
     def _loop(self) -> None:
         session = self.session
@@ -325,9 +424,12 @@ class SessionHandler(socketserver.BaseRequestHandler):
             elif isinstance(event, SendReply):
                 self.outgoing.append(event.data)
                 if event.reply.code >= 400:
-                    self.log.fail("reject", command=event.command, reply=str(event.reply))
+                    self.rejections.rejected(event.command, event.reply)
             elif isinstance(event, MessageReady):
-                self._store(event)
+                size = self._store(event)
+                del event  # the message's chunks: free before the next read
+                if size >= TRIM_AFTER:
+                    give_memory_back()
             elif isinstance(event, AuthRequest):
                 self._authenticate(event)
             elif isinstance(event, StartTLS):
@@ -336,21 +438,23 @@ class SessionHandler(socketserver.BaseRequestHandler):
                     return
                 session.tls_started()
             elif isinstance(event, CloseConnection):
-                self._flush()
                 self.close_reason = event.reason
+                self._last_words()
                 return
 
     def _read_more(self) -> bool:
         """Read the next bytes, or decide the session is over. False = close now."""
+        limits = self.limits
         while True:
             now = time.monotonic()
             if self.server.stopping.is_set() and not self.session.in_data:
-                self._send_now(self.session.shutting_down())
+                self.outgoing.append(self.session.shutting_down().data)
                 self.close_reason = "shutdown"
+                self._last_words()
                 return False
-            if now - self.last_input > self.limits.idle_timeout:
+            if now - self.line_started > limits.idle_timeout:
                 return self._time_out("idle timeout")
-            if now - self.started > self.limits.session_deadline:
+            if now - self.started > limits.session_deadline:
                 return self._time_out("session deadline")
             try:
                 size = self.sock.recv_into(self._recv_view)
@@ -359,34 +463,40 @@ class SessionHandler(socketserver.BaseRequestHandler):
             if not size:
                 self.close_reason = "peer closed"
                 return False
-            self.last_input = time.monotonic()
+            self.received += size
+            if self._recv_buffer.find(b"\n", 0, size) >= 0:
+                self.line_started = time.monotonic()  # a line is complete: the next begins
             self.session.receive_data(self._recv_view[:size])
             return True
 
     def _time_out(self, reason: str) -> bool:
-        self._send_now(self.session.timed_out())
+        self.outgoing.append(self.session.timed_out().data)
         self.close_reason = reason
+        self._last_words()
         return False
 
-    def _store(self, event: MessageReady) -> None:
+    def _store(self, event: MessageReady) -> int:
+        """Store the message; its size. The session then has the reply to send."""
         envelope = event.envelope
+        size = event.size
+        queue_id = new_queue_id()
+        chunks = stored_chunks(event, hostname=self.session.policy.hostname, queue_id=queue_id,
+                               now=datetime.now().astimezone())
         try:
-            queue_id = self.server.queue.store(envelope.mail_from, envelope.rcpt_tos, event.data)
+            self.server.queue.store(envelope.mail_from, envelope.rcpt_tos, chunks,
+                                    queue_id=queue_id)
         except QueueWriteError as err:
             reply = R.S452_NO_SPACE if err.no_space else R.S451_LOCAL_ERROR
             self.session.message_not_stored(reply)
             self.log.error("queue", exc=err, sender=f"<{envelope.mail_from}>", reply=reply.code)
-            return
+            return size
         self.session.message_stored(queue_id)
+        self.queued += 1
         # Logged before the 250 goes out: a message the client was told is queued
         # always has its line, and it comes before the sender's line about it.
-        self.log.ok(
-            "queued",
-            id=queue_id,
-            sender=f"<{envelope.mail_from}>",
-            rcpts=len(envelope.rcpt_tos),
-            size=len(event.data),
-        )
+        self.log.ok("queued", id=queue_id, sender=f"<{envelope.mail_from}>",
+                    rcpts=len(envelope.rcpt_tos), size=size, tls=self._tls_mode())
+        return size
 
     def _authenticate(self, event: AuthRequest) -> None:
         check = self.check_password
@@ -408,38 +518,32 @@ class SessionHandler(socketserver.BaseRequestHandler):
         left = limits.session_deadline - (time.monotonic() - self.started)
         bound = min(limits.tls_handshake_timeout, limits.idle_timeout, left)
         self.sock.settimeout(max(0.01, bound))
-        plain = self.sock
         try:
-            self.sock = context.wrap_socket(plain, server_side=True)
-            self.server.replace_socket(plain, self.sock)
+            self.sock = context.wrap_socket(self.sock, server_side=True)
         except (ssl.SSLError, OSError) as err:
             self.log.fail("tls", error=describe_exception(err))
             self.close_reason = "tls handshake failed"
             return False
-        self._use_read_slices()
+        # A TLS socket keeps Python's timeout: ssl's blocking read would retry the
+        # kernel's EAGAIN of a plain socket's read slice forever.
+        self.sock.settimeout(READ_SLICE)
+        self.line_started = time.monotonic()
         self.log.ok("tls", version=self.sock.version(), cipher=(self.sock.cipher() or ("",))[0])
         return True
 
-    def _use_read_slices(self) -> None:
-        """Make every recv and send give up after READ_SLICE seconds.
-
-        Plain TCP: a blocking socket with the kernel's SO_RCVTIMEO/SO_SNDTIMEO. Python's
-        own socket timeout would poll(2) before every recv and send: two syscalls, and
-        two GIL hand-offs between busy session threads, where one does. An elapsed
-        slice then shows as BlockingIOError (EAGAIN). A TLS socket keeps Python's
-        timeout: ssl's blocking read would retry EAGAIN forever.
-        """
-        if isinstance(self.sock, ssl.SSLSocket):
-            self.sock.settimeout(READ_SLICE)
-            return
-        self.sock.settimeout(None)
-        seconds = int(READ_SLICE)
-        timeval = struct.pack("ll", seconds, int((READ_SLICE - seconds) * 1_000_000))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    def _tls_mode(self) -> str:
+        if not isinstance(self.sock, ssl.SSLSocket):
+            return "no"
+        return "implicit" if self.server.implicit_tls else "starttls"
 
     def _send_now(self, event: SendReply) -> None:
         self.outgoing.append(event.data)
+        self._flush()
+
+    def _last_words(self) -> None:
+        """Give the slot back, then send what is left: a client that reconnects on
+        seeing this reply and the close finds the slot free."""
+        self.slot.give_back()
         self._flush()
 
     def _flush(self) -> None:
@@ -447,3 +551,4 @@ class SessionHandler(socketserver.BaseRequestHandler):
             data = b"".join(self.outgoing)
             self.outgoing.clear()
             self.sock.sendall(data)
+            self.line_started = time.monotonic()  # the client may answer only now

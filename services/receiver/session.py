@@ -22,10 +22,14 @@ so pipelined commands are always answered one reply per command, in order
 Rules this module guarantees (SPEC §3):
 - transitions are the ONE table `TRANSITIONS`; a stateful command with no entry for
   the current state is out of sequence (503); only a positive reply moves the state;
-- the end of data is `<CRLF>.<CRLF>` and nothing else; data with a bare CR, bare LF
-  or NUL is rejected whole (SMTP smuggling), as is a line over 1000 octets;
+- the message data is read by `DataReader` (data.py) as it streams: the end of data
+  is `<CRLF>.<CRLF>` and nothing else; data with a bare CR, bare LF or NUL is
+  rejected whole (SMTP smuggling), as is a line over 1000 octets, and a message
+  with more than `max_hops` Received: fields (a mail loop, RFC 5321 §6.3);
 - input is held in bounded memory: an over-long command line is dropped as it
-  arrives, an oversize message is counted and discarded while it is read to its end.
+  arrives, an oversize message is counted and discarded while it is read to its end;
+- every command answered 5xx counts against `max_bad_commands`, and so does a 452
+  for too many recipients once a transaction has had `max_recipients` of them.
 """
 
 from __future__ import annotations
@@ -35,18 +39,18 @@ import binascii
 import enum
 import functools
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from services.receiver import replies as R
+from services.receiver.data import DataReader, Refusal
+from shared.headers import HeaderSection
 from shared.smtp import (
     MAX_COMMAND_LINE,
-    MAX_TEXT_LINE,
     PathSyntaxError,
     Reply,
     check_mailbox,
     domain_of,
-    dot_unstuff,
     parse_path_argument,
 )
 
@@ -104,11 +108,31 @@ class SendReply:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a message came from, for its Received: field (RFC 5321 §4.4)."""
+
+    helo: str  # the name the client gave in HELO/EHLO
+    client_ip: str
+    protocol: str  # SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848)
+    trusted: bool  # may relay or authenticated: missing Date:/Message-ID: are added
+
+
+@dataclass(frozen=True)
 class MessageReady:
-    """A complete, valid message: store it, then call message_stored()/not_stored()."""
+    """A complete, valid message: store it, then call message_stored()/not_stored().
+
+    The data is in `chunks` (runs of whole lines, dot-unstuffed, in order): written
+    out as they are, never joined into one copy of the message. `headers` is its
+    header section as read while it streamed."""
 
     envelope: Envelope
-    data: bytes
+    chunks: Sequence[bytes | bytearray]
+    headers: HeaderSection
+    origin: Origin
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.chunks))
 
 
 @dataclass(frozen=True)
@@ -153,10 +177,18 @@ class SessionPolicy:
     max_message_bytes: int = 10 * 1024 * 1024  # SIZE, RFC 1870
     max_recipients: int = 100  # RFC 5321 §4.5.3.1.8: at least 100
     max_bad_commands: int = 20
+    max_hops: int = 50  # Received: fields a message may have (RFC 5321 §6.3: loops)
     local_domains: frozenset[str] = frozenset({"localhost"})
     tls_available: bool = False  # STARTTLS is advertised only when configured (RFC 3207)
     auth_available: bool = False  # AUTH is advertised only under TLS (RFC 4954 §4)
     require_auth: bool = False
+
+    @functools.cached_property
+    def unavailable_verbs(self) -> frozenset[str]:
+        """Extensions that are not configured: "not implemented" in every state."""
+        return frozenset(verb for verb, configured in (("STARTTLS", self.tls_available),
+                                                       ("AUTH", self.auth_available))
+                         if not configured)
 
 
 class SessionUsageError(RuntimeError):
@@ -198,30 +230,11 @@ class ServerSession:
         self._pending: deque[Event] = deque()
         self._waiting_for: str | None = None  # "store", "auth", "tls": shell owes us a call
         self._discarding_long_line = False
-        self._data_scanned = 0  # DATA: bytes of _buffer already searched for the end
-        self._data_discarded = 0  # DATA: bytes dropped because the message is too big
+        self._recipient_overshoot = 0  # 452s for too many recipients in this transaction
+        self._reader: DataReader | None = None  # the message being read (DATA)
         self._auth: _AuthExchange | None = None
         self._closed = False
-        # Extensions that are not configured are "not implemented" in every state.
-        self._unavailable = frozenset(
-            verb
-            for verb, configured in (("STARTTLS", policy.tls_available),
-                                     ("AUTH", policy.auth_available))
-            if not configured
-        )
-        self._handlers: dict[str, Callable[[str], Reply | None]] = {
-            "HELO": self._helo,
-            "EHLO": self._ehlo,
-            "MAIL": self._mail,
-            "RCPT": self._rcpt,
-            "DATA": self._data,
-            "RSET": self._rset,
-            "NOOP": self._noop,
-            "HELP": self._help,
-            "QUIT": self._quit,
-            "STARTTLS": self._starttls,
-            "AUTH": self._auth_command,
-        }
+        self._unavailable = policy.unavailable_verbs
 
     # -- the shell's API ----------------------------------------------------------
 
@@ -283,10 +296,6 @@ class ServerSession:
         """True while a message is being received (a graceful stop lets it finish)."""
         return self.state is SessionState.DATA or self._waiting_for == "store"
 
-    @property
-    def has_buffered_input(self) -> bool:
-        return bool(self._buffer)
-
     # -- plumbing -------------------------------------------------------------------
 
     def _expect(self, what: str) -> None:
@@ -298,9 +307,6 @@ class ServerSession:
         if bad:
             self.bad_commands += 1
         return SendReply(reply, _wire_bytes(reply, self._esmtp), command)
-
-    def _render_ehlo(self, lines: list[str]) -> SendReply:
-        return self._reply(Reply(250, "\n".join(lines)), "EHLO")
 
     def _next_command_event(self) -> Event:
         end = self._buffer.find(b"\n")
@@ -339,7 +345,7 @@ class ServerSession:
         verb, _, argument = text.strip(" ").partition(" ")
         verb = verb.upper()
         argument = argument.strip(" ")
-        handler = self._handlers.get(verb)
+        handler = _HANDLERS.get(verb)
         if handler is None or verb in self._unavailable:
             known = verb in NOT_IMPLEMENTED or verb in self._unavailable
             reply = R.S502_NOT_IMPLEMENTED if known else R.S500_UNRECOGNISED
@@ -347,7 +353,7 @@ class ServerSession:
         if verb in STATEFUL_COMMANDS and verb not in TRANSITIONS[self.state]:
             hint = R.SEQUENCE_HINTS.get(verb, "not allowed now")
             return self._reply(R.S503_BAD_SEQUENCE.format(hint=hint), verb, bad=True)
-        reply = handler(argument)
+        reply = handler(self, argument)
         if reply is None:  # the handler queued an event for the shell instead
             return self._pending.popleft()
         event = self._reply(reply, verb, bad=reply.code >= 500)
@@ -393,6 +399,7 @@ class ServerSession:
         except PathSyntaxError as err:
             return R.S501_BAD_ADDRESS.format(detail=str(err))
         envelope = Envelope(mail_from=path.address)
+        self._recipient_overshoot = 0
         for name, value in path.params.items():
             if name == "SIZE":
                 if value is None or not value.isdigit():
@@ -423,6 +430,12 @@ class ServerSession:
         if path.params:
             return R.S555_BAD_PARAMETER.format(name=next(iter(path.params)))
         if len(self.envelope.rcpt_tos) >= self.policy.max_recipients:
+            # A client that sends a few too many still delivers to the first ones
+            # (RFC 5321 §4.5.3.1.10); past as many again each one is a bad command,
+            # like Postfix's smtpd_recipient_overshoot_limit.
+            self._recipient_overshoot += 1
+            if self._recipient_overshoot > self.policy.max_recipients:
+                self.bad_commands += 1
             return R.S452_TOO_MANY_RECIPIENTS
         if not (is_postmaster or self._may_send_to(address)):
             return R.S554_RELAY_DENIED.format(address=address)
@@ -438,11 +451,8 @@ class ServerSession:
     def _data(self, argument: str) -> Reply:
         if argument:
             return R.S501_NO_ARGUMENTS.format(verb="DATA")
-        # The data starts at a line start: a virtual CRLF in front makes an empty
-        # message (".\r\n" at once) and the first line's dot look like any other.
-        self._buffer[0:0] = b"\r\n"
-        self._data_scanned = 0
-        self._data_discarded = 0
+        self._reader = DataReader(self.policy.max_message_bytes)
+        self._reader.start(self._buffer)
         return R.S354_START_DATA
 
     def _rset(self, argument: str) -> Reply:
@@ -537,32 +547,57 @@ class ServerSession:
     # -- DATA ----------------------------------------------------------------------------
 
     def _next_data_event(self) -> Event:
-        buffer = self._buffer
-        end = buffer.find(b"\r\n.\r\n", max(0, self._data_scanned - 4))
-        if end < 0:
-            self._data_scanned = len(buffer)
-            limit = self.policy.max_message_bytes + 2
-            if len(buffer) > limit + 4:
-                # Too big already: keep reading to the end, but do not keep the bytes.
-                # The last 4 bytes stay, they may begin the end-of-data sequence.
-                self._data_discarded += len(buffer) - 4
-                del buffer[:-4]
-                self._data_scanned = 4
+        reader = self._reader
+        assert reader is not None
+        if not reader.read(self._buffer):
             return NEED_DATA
-        raw = bytes(buffer[: end + 2])  # with the virtual leading CRLF
-        del buffer[: end + 5]
-        self._data_scanned = 0
+        self._reader = None
         envelope, self.envelope = self.envelope, Envelope()
         self.state = TRANSITIONS[SessionState.DATA][END_OF_DATA]
-        size = self._data_discarded + len(raw) - 2
-        if size > self.policy.max_message_bytes:
-            return self._reply(R.S552_TOO_BIG.format(limit=self.policy.max_message_bytes),
+        refusal = reader.refusal
+        if refusal is not None:
+            return self._reply(self._refusal_reply(refusal), END_OF_DATA)
+        # SMTP data is CRLF lines (a bare LF is refused): fields added at the end of
+        # the header section end in CRLF, also when the data has no line end at all.
+        headers = replace(reader.headers.finish(), eol=b"\r\n")
+        if headers.received > self.policy.max_hops:
+            return self._reply(R.S554_TOO_MANY_HOPS.format(hops=headers.received,
+                                                           limit=self.policy.max_hops),
                                END_OF_DATA)
-        problem = _data_problem(raw)
-        if problem is not None:
-            return self._reply(problem, END_OF_DATA)
         self._waiting_for = "store"
-        return MessageReady(envelope, dot_unstuff(raw)[2:])
+        return MessageReady(envelope, reader.chunks, headers, self._origin())
+
+    def _origin(self) -> Origin:
+        authenticated = self.authenticated_user is not None
+        if self._esmtp:
+            protocol = "ESMTP" + "S" * self.tls_active + "A" * authenticated
+        else:
+            protocol = "SMTP"
+        return Origin(self.helo_name, self.client_ip, protocol,
+                      trusted=self.may_relay or authenticated)
+
+    def _refusal_reply(self, refusal: Refusal) -> Reply:
+        if refusal is Refusal.TOO_BIG:
+            return R.S552_TOO_BIG.format(limit=self.policy.max_message_bytes)
+        if refusal is Refusal.BARE_NEWLINE:
+            return R.S554_BARE_NEWLINE
+        return R.S554_LINE_TOO_LONG
+
+
+# Command handlers by verb: each returns the reply (None: it queued an event instead).
+_HANDLERS: dict[str, Callable[[ServerSession, str], Reply | None]] = {
+    "HELO": ServerSession._helo,
+    "EHLO": ServerSession._ehlo,
+    "MAIL": ServerSession._mail,
+    "RCPT": ServerSession._rcpt,
+    "DATA": ServerSession._data,
+    "RSET": ServerSession._rset,
+    "NOOP": ServerSession._noop,
+    "HELP": ServerSession._help,
+    "QUIT": ServerSession._quit,
+    "STARTTLS": ServerSession._starttls,
+    "AUTH": ServerSession._auth_command,
+}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -570,21 +605,3 @@ def _wire_bytes(reply: Reply, esmtp: bool) -> bytes:
     """`reply.to_bytes(esmtp)`, remembered: most replies repeat (constants, the same
     sender), and rendering them was a tenth of the receiver's Python time (py-spy)."""
     return reply.to_bytes(esmtp)
-
-
-def _data_problem(raw: bytes) -> Reply | None:
-    """Why this message data must be refused, or None. Works on the whole buffer in C.
-
-    `raw` starts with the virtual CRLF and ends with the last line's CRLF.
-    """
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf or b"\0" in raw:
-        return R.S554_BARE_NEWLINE
-    if len(raw) > MAX_TEXT_LINE:
-        # A dot-stuffed line may be one octet longer on the wire (§4.5.3.1.6).
-        longest = max(map(len, raw.split(b"\r\n")))
-        if longest > MAX_TEXT_LINE - 2:
-            unstuffed = max(map(len, dot_unstuff(raw).split(b"\r\n")))
-            if unstuffed > MAX_TEXT_LINE - 2:
-                return R.S554_LINE_TOO_LONG
-    return None

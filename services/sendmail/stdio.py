@@ -69,7 +69,8 @@ def _store(event: MessageReady, config: Config, submitter: Submitter, log: Submi
     envelope = event.envelope
     queue_id = new_queue_id()
     try:
-        submission = prepare(event.data, recipients=envelope.rcpt_tos, extract=False,
+        submission = prepare(b"".join(event.chunks), recipients=envelope.rcpt_tos,
+                             extract=False,
                              sender=envelope.mail_from or "<>", full_name=None,
                              submitter=submitter, queue_id=queue_id,
                              now=datetime.now().astimezone())

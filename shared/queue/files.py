@@ -11,23 +11,39 @@ import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # the most chunks one writev takes
 
-def write_durably(path: str | Path, chunks: Sequence[bytes | memoryview], *,
+
+def write_durably(path: str | Path, chunks: Sequence[bytes | bytearray | memoryview], *,
                   sync: bool = True) -> None:
-    """Create `path` exclusively, write all chunks (one writev when it can), fsync
-    unless the caller syncs later (e.g. a whole batch with syncfs). No rename here."""
+    """Create `path` exclusively, write all chunks (one writev per IOV_MAX of them),
+    fsync unless the caller syncs later (e.g. a whole batch with syncfs). No rename
+    here."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
-        total = sum(len(c) for c in chunks)
-        written = os.writev(fd, chunks)
-        if written != total:  # short write: finish it the slow way
-            rest = memoryview(b"".join(chunks))[written:]
-            while rest:
-                rest = rest[os.write(fd, rest) :]
+        for start in range(0, len(chunks), IOV_MAX):
+            group = chunks[start : start + IOV_MAX]
+            written = os.writev(fd, group)
+            if written != sum(map(len, group)):
+                _write_rest(fd, group, written)
         if sync:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_rest(fd: int, chunks: Sequence[bytes | bytearray | memoryview],
+                written: int) -> None:
+    """Finish a short writev: the chunks after its first `written` bytes, one by one
+    (never joined: the chunks may be a whole message)."""
+    for chunk in chunks:
+        if written >= len(chunk):
+            written -= len(chunk)
+            continue
+        rest = memoryview(chunk)[written:]
+        written = 0
+        while rest:
+            rest = rest[os.write(fd, rest) :]
 
 
 def write_durably_replacing(path: Path, data: bytes) -> None:

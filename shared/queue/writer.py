@@ -32,7 +32,7 @@ from shared.queue.format import envelope_of, new_queue_id
 
 TMP_DIRNAME = ".tmp"
 
-Chunks = Sequence[bytes | memoryview]
+Chunks = Sequence[bytes | bytearray | memoryview]
 
 
 class QueueWriteError(OSError):
@@ -43,7 +43,7 @@ class QueueWriteError(OSError):
         return self.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _as_chunks(data: bytes | memoryview | Chunks) -> list[bytes | memoryview]:
+def _as_chunks(data: bytes | memoryview | Chunks) -> list[bytes | bytearray | memoryview]:
     if isinstance(data, bytes | bytearray | memoryview):
         return [data]
     return list(data)
@@ -162,7 +162,7 @@ class _Ticket:
 
     __slots__ = ("queue_id", "chunks", "error", "done")
 
-    def __init__(self, queue_id: str, chunks: list[bytes | memoryview]) -> None:
+    def __init__(self, queue_id: str, chunks: list[bytes | bytearray | memoryview]) -> None:
         self.queue_id = queue_id
         self.chunks = chunks
         self.error: QueueWriteError | None = None
@@ -240,6 +240,7 @@ class GroupCommit:
                     self.writer.take_back(ticket.queue_id)
             finally:
                 for ticket in batch:
+                    ticket.chunks = []  # written: the batch must not keep the messages alive
                     ticket.done.release()
             if closing:
                 return

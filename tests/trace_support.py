@@ -1,0 +1,79 @@
+"""Checks of what the receiver stores: the client's bytes plus exactly what SPEC §3/§8 add.
+
+The stored data is one `Received:` field, then the data as the client sent it - with,
+for a client that may relay, a `Date:` and a `Message-ID:` at the end of its header
+section when it had none. `assert_as_sent` checks each of those, field by field, and
+that every other byte is the client's.
+"""
+
+from __future__ import annotations
+
+import re
+from email.utils import parsedate_to_datetime
+
+from shared.headers import scan_headers
+
+# RFC 5321 §4.4, folded as Postfix folds it (see shared/headers.smtp_received).
+TRACE = re.compile(
+    rb"Received: from (?P<helo>[^ \r\n]+) \(\[(?P<ip>[^\]\r\n]+)\]\)\r\n"
+    rb"\tby (?P<host>[^ \r\n]+) \(mailbag\) with (?P<protocol>E?SMTPS?A?) id (?P<id>\w+)"
+    rb"(?:\r\n\tfor <(?P<rcpt>[^>\r\n]*)>)?; (?P<date>[^\r\n]+)\r\n"
+)
+ADDED_DATE = rb"Date: (?P<date>[^\r\n]+)\r\n"
+
+
+def split_trace(stored: bytes) -> tuple[re.Match[bytes], bytes]:
+    """The receiver's Received: field (parsed) and the data after it."""
+    match = TRACE.match(stored)
+    assert match is not None, f"no Received: field of ours first: {stored[:300]!r}"
+    assert parsedate_to_datetime(match["date"].decode()).tzinfo is not None
+    return match, stored[match.end():]
+
+
+def assert_as_sent(stored: bytes, sent: bytes, *, queue_id: str | None = None,
+                   recipients: list[str] | None = None, trusted: bool = True) -> None:
+    """`stored` is `sent` (the client's data, unstuffed) with our trace first and,
+    for a `trusted` client, a missing Date:/Message-ID: at the end of its header
+    section - and nothing else changed."""
+    trace, rest = split_trace(stored)
+    if queue_id is not None:
+        assert trace["id"].decode() == queue_id
+    if recipients is not None:
+        expected_for = recipients[0].encode() if len(recipients) == 1 else None
+        assert trace["rcpt"] == expected_for, trace.group(0)
+    section = scan_headers(sent)
+    head, tail = sent[:section.end], sent[section.end:]
+    assert rest.startswith(head) and rest.endswith(tail) and len(rest) >= len(sent), (
+        f"the client's bytes changed:\n{rest[:400]!r}\nsent:\n{sent[:400]!r}")
+    added = rest[len(head):len(rest) - len(tail)]
+    pattern = b""
+    if trusted and not section.has("date"):
+        pattern += ADDED_DATE
+    if trusted and not section.has("message-id"):
+        pattern += rb"Message-ID: <" + re.escape(trace["id"]) + rb"@[^>\r\n]+>\r\n"
+    if pattern and tail[:2] not in (b"", b"\r\n") and tail[:1] != b"\n":
+        pattern += rb"\r\n"  # an empty line, so that the body is not read as fields
+    match = re.fullmatch(pattern, added)
+    assert match is not None, f"added {added!r}, expected {pattern!r}"
+    if "date" in match.groupdict():
+        assert parsedate_to_datetime(match["date"].decode()).tzinfo is not None
+
+
+def is_as_sent(stored: bytes, sent: bytes) -> bool:
+    """`assert_as_sent` as a test: is this stored data that sent data?"""
+    try:
+        assert_as_sent(stored, sent)
+    except AssertionError:
+        return False
+    return True
+
+
+def assert_queue_file(raw: bytes, queue_id: str, sender: str, recipients: list[str],
+                      sent: bytes, *, trusted: bool = True) -> None:
+    """SPEC §3's queue file, literally: From line, one To line per recipient, blank
+    line - then the data, as `assert_as_sent` checks it."""
+    envelope = (f"From: <{sender}>\n" + "".join(f"To: <{r}>\n" for r in recipients)
+                + "\n").encode()
+    assert raw.startswith(envelope), raw[:300]
+    assert_as_sent(raw[len(envelope):], sent, queue_id=queue_id, recipients=recipients,
+                   trusted=trusted)
