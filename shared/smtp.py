@@ -270,15 +270,19 @@ def check_mailbox(address: str) -> tuple[str, str]:
     everything must match the RFC 5321 §4.1.2 grammar: a second unquoted '@' (the
     `a@b@c` trick) is a syntax error, never silently re-split.
 
-    Two refusals go beyond the grammar, so that every accepted address can be stored:
-    bytes that are not UTF-8 (they arrive as surrogates), and '<' or '>' in a quoted
-    local part (the queue file writes addresses between angle brackets, SPEC §3).
+    Refusals beyond the grammar, so that every accepted address can be stored, logged
+    and written into a header (a bounce's To:): bytes that are not UTF-8 (they arrive
+    as surrogates); C1 controls and the Unicode line and paragraph separators (the
+    `email` package reads those as line ends); '<' or '>' in a quoted local part (the
+    queue file writes addresses between angle brackets, SPEC §3).
     """
     if not address.isascii():
         try:
             address.encode("utf-8")
         except UnicodeEncodeError:
             raise PathSyntaxError("Address is not valid UTF-8") from None
+        if _NOT_IN_ADDRESSES.search(address):
+            raise PathSyntaxError("Control character in the address")
     match = MAILBOX_RE.fullmatch(address)
     if not match:
         if "@" not in address:
@@ -292,6 +296,26 @@ def check_mailbox(address: str) -> tuple[str, str]:
     if len(domain.encode()) > MAX_DOMAIN:
         raise PathSyntaxError("Domain too long")
     return local, domain
+
+
+_NOT_IN_ADDRESSES = re.compile("[\x80-\x9f\u2028\u2029]")
+_NOT_IN_MAILBOX_NAMES = re.compile(r"[\x00-\x1f\x7f-\x9f/\\\u2028\u2029]")
+
+
+def mailbox_name(recipient: str) -> str:
+    """The Maildir folder name of a local recipient (the local part, lower case, UTF-8
+    kept); ValueError says why it cannot be one: it would leave its folder or hide
+    in it (`/`, `\\`, a leading dot, `..`), or hold a control character."""
+    local = local_part_of(recipient)
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        local = local[1:-1]
+    if not local:
+        raise ValueError("empty local part")
+    if local.startswith("."):
+        raise ValueError("starts with a dot")
+    if _NOT_IN_MAILBOX_NAMES.search(local):
+        raise ValueError("contains '/', '\\' or a control character")
+    return local.lower()
 
 
 def domain_of(address: str) -> str:

@@ -333,39 +333,48 @@ def test_a_hold_given_while_a_move_is_stuck_survives_the_move(tmp_path: Path, se
 
 
 @pytest.mark.e2e
-def test_a_bounce_to_a_sender_with_a_unicode_line_separator_does_not_stop_the_sender(
-        tmp_path: Path) -> None:
-    """The receiver accepts `MAIL FROM:<a\\u2028b@example.com>` (its atext takes any
-    non-ASCII character) and answers 250. When the relay refuses the recipient with
-    550, build_notice() sets `To:` to that sender and the email package raises
-    ValueError ("Header values may not contain linefeed ..."). Notifier.notify is
-    outside every try on the settle path: the sender crashes, and again after each
-    restart (the message is still queued), so nothing behind it is delivered."""
+def test_the_receiver_refuses_a_sender_with_a_unicode_line_separator(tmp_path: Path) -> None:
+    """`MAIL FROM:<a\u2028b@example.com>` was once answered 250; when the relay then
+    refused the recipient, the bounce to that sender could not be built (a header
+    value may hold no line end) and the sender crashed, again after each restart."""
     from tests.hardening_support import RawClient
+
+    path = write_config(tmp_path)
+    config = load_config(path)
+    receiver = start_program("receiver", path, "R-SMTP - start ok")
+    try:
+        client = RawClient(config.receiver.listen.host, config.receiver.listen.port)
+        assert client.read_reply().code == 220
+        assert client.command("EHLO client.test").code == 250
+        reply = client.command("MAIL FROM:<a\u2028b@example.com> SMTPUTF8".encode())
+        assert reply.code == 501
+        client.command("QUIT")
+    finally:
+        receiver.stop()
+
+
+def test_a_notice_that_cannot_be_built_never_stops_the_sender(tmp_path: Path) -> None:
+    """Whatever a queued sender address holds (here one a receiver would refuse, put in
+    the queue by other means), a failed recipient's notice that cannot be built is
+    logged with the id, the message still goes to failed/, and the sender lives on."""
     from tests.sender_support import RecordingHandler, Relay
 
     handler = RecordingHandler(rcpt_replies={"b@example.org": "550 5.1.1 no such user"})
     relay = Relay(handler=handler).start()
     path = write_config(tmp_path, sender={"relay": relay.address})
     config = load_config(path)
-    receiver = start_program("receiver", path, "R-SMTP - start ok")
+    writer = QueueWriter(config.queue.dir)
+    odd = writer.store("a\u2028b@example.com", ["b@example.org"], BODY)
     sender = start_program("sender", path, SENDER_READY)
     try:
-        client = RawClient(config.receiver.listen.host, config.receiver.listen.port)
-        assert client.read_reply().code == 220
-        assert client.command("EHLO client.test").code == 250
-        assert client.command("MAIL FROM:<a\u2028b@example.com>".encode()).code == 250
-        assert client.command("RCPT TO:<b@example.org>").code == 250
-        assert client.command("DATA").code == 354
-        assert client.command(b"Subject: x\r\n\r\nhello\r\n.").code == 250  # acknowledged
-        client.command("QUIT")
-        time.sleep(2.0)
-        assert sender.proc.poll() is None, (
-            f"the sender exited {sender.proc.returncode}: "
-            f"{lines_with(config, ' S-SMTP ')[-3:]}")
+        wait_for(lambda: odd in {p.name for p in config.queue.failed.iterdir()},
+                 timeout=10, what="the refused message in failed/")
+        writer.store("c@example.com", ["ok@example.org"], BODY)  # behind it: delivered
+        handler.wait_for(1)
+        assert sender.proc.poll() is None
+        assert lines_with(config, f"id={odd}") and lines_with(config, " bounce fail ")
     finally:
         sender.stop()
-        receiver.stop()
         relay.stop()
 
 

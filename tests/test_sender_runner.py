@@ -20,7 +20,7 @@ import pytest
 
 from services.sender.app import build_relays
 from services.sender.control import RunnerEnded
-from services.sender.local import LocalDelivery, is_local, mailbox_name
+from services.sender.local import LocalDelivery, is_local
 from services.sender.runner import QueueRunner
 from shared.config import load_config
 from shared.log import EventLog
@@ -33,6 +33,7 @@ from shared.queue import (
     arrival_time,
     new_queue_id,
 )
+from shared.smtp import mailbox_name
 from tests.sender_support import (
     FakeClock,
     LoopbackRelay,

@@ -325,12 +325,51 @@ def test_bare_lf_after_commands_whole_transaction() -> None:
 
 
 def test_address_bytes_that_are_not_utf8_get_501_and_the_session_goes_on() -> None:
-    script = (b"EHLO \xff\r\nMAIL FROM:<\xff@b.example>\r\nMAIL FROM:<a@b.example>\r\n"
+    script = (b"EHLO \xff\r\nMAIL FROM:<\xff@b.example> SMTPUTF8\r\n"
+              b"MAIL FROM:<a@b.example> SMTPUTF8\r\n"
               b"RCPT TO:<c@\xfe.example>\r\nRCPT TO:<b\xc3\xbcb@example.org>\r\nDATA\r\nx\r\n.\r\n")
     events, _ = run(script)
     check(events, [EHLO, R.S501_BAD_ADDRESS, R.S250_SENDER_OK, R.S501_BAD_ADDRESS,
                    R.S250_RECIPIENT_OK, R.S354_START_DATA,
                    Msg("a@b.example", ("b\u00fcb@example.org",), b"x\r\n"), R.S250_QUEUED])
+
+
+def test_utf8_addresses_need_smtputf8_on_mail() -> None:
+    """RFC 6531: SMTPUTF8 is offered; a UTF-8 address (local part or domain) is taken
+    only in a transaction whose MAIL said SMTPUTF8 - else 553 5.6.7, never silently
+    relayed to a smarthost that would refuse it. A-labels are ASCII: always fine."""
+    script = lines("EHLO a", "MAIL FROM:<jos\u00e9@example.com>", "MAIL FROM:<a@b.example>",
+                   "RCPT TO:<b@m\u00fcnchen.example>", "RCPT TO:<b@xn--mnchen-3ya.example>",
+                   "RSET", "MAIL FROM:<jos\u00e9@example.com> SMTPUTF8",
+                   "RCPT TO:<b\u00fcb@m\u00fcnchen.example>", "DATA")
+    script += b"x\r\n.\r\n"
+    events, _ = run(script)
+    assert "SMTPUTF8" in events[0].reply.text.split("\n")
+    check(events[1:], [R.S553_NEEDS_SMTPUTF8, R.S250_SENDER_OK, R.S553_NEEDS_SMTPUTF8,
+                       R.S250_RECIPIENT_OK, R.S250_RESET, R.S250_SENDER_OK,
+                       R.S250_RECIPIENT_OK, R.S354_START_DATA,
+                       Msg("jos\u00e9@example.com", ("b\u00fcb@m\u00fcnchen.example",),
+                           b"x\r\n"), R.S250_QUEUED])
+
+
+@pytest.mark.parametrize(("address", "reply"), [
+    ("../etc@localhost", R.S501_BAD_ADDRESS), (".hidden@localhost", R.S501_BAD_ADDRESS),
+    ('"../etc"@localhost', R.S550_BAD_MAILBOX), ('"a/b"@localhost', R.S550_BAD_MAILBOX),
+    ('"a\\\\b"@localhost', R.S550_BAD_MAILBOX), ('"/x"@elsewhere.example', R.S250_RECIPIENT_OK),
+])
+def test_a_local_recipient_that_is_no_mailbox_name_is_refused_at_rcpt(address: str,
+                                                                      reply: Reply) -> None:
+    """A Maildir folder is named by the local part: no path tricks reach the sender."""
+    events, _ = run(lines("EHLO a", "MAIL FROM:<a@b.example>", f"RCPT TO:<{address}>"))
+    check(events[1:], [R.S250_SENDER_OK, reply])
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x9b"])
+def test_line_separators_and_c1_controls_in_an_address_get_501(char: str) -> None:
+    """The `email` package reads these as line ends: such a sender once made its
+    bounce crash the sender (a header value may hold no line end)."""
+    events, _ = run(lines("EHLO a", f"MAIL FROM:<a{char}b@example.com> SMTPUTF8"))
+    check(events[1:], [R.S501_BAD_ADDRESS])
 
 
 def test_addresses_keep_their_case_and_liberal_forms() -> None:

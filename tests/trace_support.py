@@ -16,7 +16,7 @@ from shared.headers import scan_headers
 # RFC 5321 §4.4, folded as Postfix folds it (see shared/headers.smtp_received).
 TRACE = re.compile(
     rb"Received: from (?P<helo>[^ \r\n]+) \(\[(?P<ip>[^\]\r\n]+)\]\)\r\n"
-    rb"\tby (?P<host>[^ \r\n]+) \(mailbag\) with (?P<protocol>E?SMTPS?A?) id (?P<id>\w+)"
+    rb"\tby (?P<host>[^ \r\n]+) \(mailbag\) with (?P<protocol>(?:E|UTF8)?SMTPS?A?) id (?P<id>\w+)"
     rb"(?:\r\n\tfor <(?P<rcpt>[^>\r\n]*)>)?; (?P<date>[^\r\n]+)\r\n"
 )
 ADDED_DATE = rb"Date: (?P<date>[^\r\n]+)\r\n"

@@ -51,6 +51,10 @@ S501_NO_ARGUMENTS = Reply(501, "Syntax: {verb} takes no arguments", "5.5.4")
 S502_NOT_IMPLEMENTED = Reply(502, "Command not implemented", "5.5.1")
 S503_BAD_SEQUENCE = Reply(503, "Bad sequence of commands: {hint}", "5.5.1")
 S554_RELAY_DENIED = Reply(554, "<{address}>: Relay access denied", "5.7.1")
+S550_BAD_MAILBOX = Reply(550, "<{address}>: no such local mailbox name ({why})", "5.1.3")
+S553_NEEDS_SMTPUTF8 = Reply(
+    553, "<{address}>: an address that is not ASCII needs MAIL ... SMTPUTF8 (RFC 6531)", "5.6.7"
+)
 S552_TOO_BIG = Reply(552, "Message size exceeds fixed limit of {limit} bytes", "5.3.4")
 S554_BARE_NEWLINE = Reply(
     554, "Message rejected: bare <CR> or <LF> or NUL in data (RFC 5321 §2.3.8)", "5.6.0"

@@ -51,6 +51,7 @@ from shared.smtp import (
     Reply,
     check_mailbox,
     domain_of,
+    mailbox_name,
     parse_path_argument,
 )
 
@@ -167,6 +168,7 @@ class Envelope:
     rcpt_tos: list[str] = field(default_factory=list)
     declared_size: int | None = None
     body_type: str = "7BIT"
+    smtputf8: bool = False  # MAIL ... SMTPUTF8 (RFC 6531): UTF-8 addresses may follow
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,7 @@ class ServerSession:
             "PIPELINING",
             f"SIZE {self.policy.max_message_bytes}",
             "8BITMIME",
+            "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
         ]
         if self.policy.tls_available and not self.tls_active:
@@ -413,8 +416,12 @@ class ServerSession:
                 envelope.body_type = (value or "").upper()
             elif name == "AUTH":
                 pass  # RFC 4954 §5: may be ignored
+            elif name == "SMTPUTF8" and value is None:
+                envelope.smtputf8 = True
             else:
                 return R.S555_BAD_PARAMETER.format(name=name)
+        if not (path.address.isascii() or envelope.smtputf8):
+            return R.S553_NEEDS_SMTPUTF8.format(address=path.address)
         self.envelope = envelope
         return R.S250_SENDER_OK.format(address=path.address)
 
@@ -429,6 +436,13 @@ class ServerSession:
             return R.S501_BAD_ADDRESS.format(detail=str(err))
         if path.params:
             return R.S555_BAD_PARAMETER.format(name=next(iter(path.params)))
+        if not (address.isascii() or self.envelope.smtputf8):
+            return R.S553_NEEDS_SMTPUTF8.format(address=address)
+        if not is_postmaster and domain_of(address) in self.policy.local_domains:
+            try:
+                mailbox_name(address)  # a Maildir folder name: no path tricks
+            except ValueError as err:
+                return R.S550_BAD_MAILBOX.format(address=address, why=str(err))
         if len(self.envelope.rcpt_tos) >= self.policy.max_recipients:
             # A client that sends a few too many still delivers to the first ones
             # (RFC 5321 §4.5.3.1.10); past as many again each one is a bad command,
@@ -565,12 +579,15 @@ class ServerSession:
                                                            limit=self.policy.max_hops),
                                END_OF_DATA)
         self._waiting_for = "store"
-        return MessageReady(envelope, reader.chunks, headers, self._origin())
+        return MessageReady(envelope, reader.chunks, headers, self._origin(envelope))
 
-    def _origin(self) -> Origin:
+    def _origin(self, envelope: Envelope) -> Origin:
+        """Who sent it, for the trace: the protocol names of RFC 3848 and, for a
+        transaction with SMTPUTF8, of RFC 6531 §3.7.3 (UTF8SMTP, UTF8SMTPSA, ...)."""
         authenticated = self.authenticated_user is not None
         if self._esmtp:
-            protocol = "ESMTP" + "S" * self.tls_active + "A" * authenticated
+            base = "UTF8SMTP" if envelope.smtputf8 else "ESMTP"
+            protocol = base + "S" * self.tls_active + "A" * authenticated
         else:
             protocol = "SMTP"
         return Origin(self.helo_name, self.client_ip, protocol,

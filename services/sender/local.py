@@ -25,19 +25,17 @@ from __future__ import annotations
 import errno
 import mailbox
 import os
-import re
 import stat
 from pathlib import Path
 
 from shared.queue import fsync_dir
-from shared.smtp import Reply, domain_of, local_part_of
+from shared.smtp import Reply, domain_of, local_part_of, mailbox_name
 
 DELIVERED = Reply(250, "delivered to maildir {folder}", "2.0.0")
 BAD_MAILBOX = Reply(550, "local mailbox {local!r} is not allowed: {why}", "5.1.3")
 DISK_FULL = Reply(452, "cannot deliver to {folder}: {error}", "4.3.1")
 IO_ERROR = Reply(451, "cannot deliver to {folder}: {error}", "4.3.0")
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 STALE_TMP_SECONDS = 36 * 3600  # the Maildir spec's age for leftovers in tmp/
 
@@ -45,20 +43,6 @@ STALE_TMP_SECONDS = 36 * 3600  # the Maildir spec's age for leftovers in tmp/
 def is_local(recipient: str, local_domains: tuple[str, ...] | frozenset[str]) -> bool:
     """A recipient without a domain (`postmaster`) or in a local domain is ours."""
     return "@" not in recipient or domain_of(recipient) in local_domains
-
-
-def mailbox_name(recipient: str) -> str:
-    """The folder name for a local recipient; ValueError says why it is refused."""
-    local = local_part_of(recipient)
-    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
-        local = local[1:-1]
-    if not local:
-        raise ValueError("empty local part")
-    if local.startswith("."):
-        raise ValueError("starts with a dot")
-    if _UNSAFE.search(local):
-        raise ValueError("contains '/', '\\' or a control character")
-    return local.lower()
 
 
 class LocalDelivery:
