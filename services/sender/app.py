@@ -10,6 +10,9 @@ One sender per queue (shared/queue.py): a sender started while another holds the
 queue lock delivers nothing. It logs once that it waits, tries the lock again every
 second (or `poll_interval`, if shorter), and takes over when the other one ends or
 dies - the kernel drops a dead process's flock. TERM ends the wait too (exit 0).
+
+With `[metrics] listen` set, the sender that owns the queue counts its figures and
+shares them with the receiver's endpoint (shared/metrics/share.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, open_log
 from shared.config import Config, ConfigError, RouteConfig
 from shared.dkim import DkimSigner
 from shared.log import EventLog, shutdown_logging
+from shared.metrics.share import start_sharing
 from shared.queue import QueueReader
 from shared.signals import StopFlag
 
@@ -127,9 +131,13 @@ def main(config: Config, stop: StopFlag) -> int:
     wake = threading.Event()
     # The runner waits on `wake`; a stop must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
+    # Only the sender that owns the queue counts and shares: a standby one has
+    # nothing to say, and must not overwrite the owner's figures.
+    sharing = start_sharing(config.metrics_dir, log) if config.metrics.listen else None
     runner = QueueRunner(
         config, reader, log, relays=relays, signer=signer,
         local=LocalDelivery(config.local.maildir), stop=stop.event,
+        figures=sharing.figures if sharing else None,
     )
     observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)
     log.ok(
@@ -150,6 +158,8 @@ def main(config: Config, stop: StopFlag) -> int:
         observer.stop()
         observer.join(timeout=5)
         runner.report_unfinished(reader.close())
+        if sharing is not None:
+            sharing.stop()
     if status == EXIT_OK:
         log.ok("exit", signal=stop.signal_name or "-", status=status)
     else:

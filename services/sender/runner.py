@@ -74,6 +74,7 @@ from shared.aliases import AliasTable
 from shared.config import Config
 from shared.dkim import DkimSigner
 from shared.log import EventLog
+from shared.metrics.figures import SenderFigures
 from shared.queue import (
     BLANK,
     DeliveryState,
@@ -161,8 +162,10 @@ class QueueRunner:
         signer: DkimSigner | None = None,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
+        figures: SenderFigures | None = None,
     ) -> None:
         snd = config.sender
+        self.figures = figures or SenderFigures()
         self.config = config
         self.reader = reader
         self.log = log
@@ -173,7 +176,7 @@ class QueueRunner:
         self.outbound = Outbound(SenderRewriter.from_config(config.rewrite),
                                  signer or DkimSigner([]))
         self.notifier = Notifier(QueueWriter(reader.dir), config.hostname,
-                                 snd.max_queue_lifetime, log)
+                                 snd.max_queue_lifetime, log, self.figures)
         self.stop = stop or threading.Event()
         self.clock = clock
         self.policy = RetryPolicy(Backoff(snd.retry_initial, snd.retry_max),
@@ -408,6 +411,7 @@ class QueueRunner:
             if flight:
                 conn.wait()
         except RelayError as err:
+            self.figures.relay_session(False, self.clock())
             self._settle_results(conn)  # what came before the failure
             for message in reversed(conn.take_unsent()):  # never started: first in
                 self._put_ready(flight.pop(message.ref), front=True)  # the next session
@@ -444,6 +448,8 @@ class QueueRunner:
             self._after_attempt.pop(job.queue_id, None)  # delivered: nothing left to do
         to = ",".join([f"<{r}>" for r, _ in results])
         self._peer_log(peer).ok("sent", id=job.queue_id, to=to, reply=str(results[0][1]))
+        self.figures.delivered("relay", len(results))
+        self.figures.delivery_time(self.clock() - job.arrival)
         self.reader.finish(job.path)
         if job.queue_id in self.states:
             self._set_state(job.queue_id, BLANK)
@@ -646,7 +652,9 @@ class QueueRunner:
             try:
                 conn.open()
             except RelayError as err:
-                retry_at = route.state.failed(self.clock())
+                failed_at = self.clock()
+                self.figures.relay_session(False, failed_at)
+                retry_at = route.state.failed(failed_at)
                 event = {"connect": "connect", "tls": "tls", "STARTTLS": "tls",
                          "AUTH": "auth"}.get(err.stage, "session")
                 conn.log.error(event, error=str(err), retry=format_time(retry_at))
@@ -654,6 +662,7 @@ class QueueRunner:
                 why = f"{route.name}: {err}"
                 continue
             route.state.succeeded()
+            self.figures.relay_session(True, self.clock())
             self._conn = conn
             return conn, ""
         until = format_time(self.relays.next_retry())
@@ -671,6 +680,7 @@ class QueueRunner:
                           state=state, at=at, arrival=job.arrival, policy=self.policy,
                           waiting_until=waiting_until)
         self._log_outcomes(job.queue_id, decision)
+        self._count(decision, job.arrival, at)
         if decision.bounce or decision.warn:  # queued before the move: never lost
             self.notifier.notify(job.queue_id, job.message, decision, job.origins,
                                  job.arrival, at)
@@ -778,6 +788,33 @@ class QueueRunner:
                 log.defer("deferred", id=queue_id, to=to, until=until, reply=detail)
             else:
                 log.defer("waiting", id=queue_id, to=to, until=until, reason=detail)
+
+    def _count(self, decision: Decision, arrival: float, at: float) -> None:
+        """The attempt's figures: recipients delivered (per route) and failed for
+        good, whether it ended in a temporary failure, and the time to the relay."""
+        relayed = local = failed = 0
+        deferred = False
+        for outcome in decision.outcomes:
+            status = outcome.status
+            if status is Status.SENT:
+                if outcome.peer == "local":
+                    local += 1
+                else:
+                    relayed += 1
+            elif status is Status.FAILED:
+                failed += 1
+            elif status is Status.DEFERRED:
+                deferred = True
+        figures = self.figures
+        if relayed:
+            figures.delivered("relay", relayed)
+            figures.delivery_time(at - arrival)
+        if local:
+            figures.delivered("local", local)
+        if failed:
+            figures.failed(failed)
+        if deferred:
+            figures.deferred()
 
     def _peer_log(self, peer: str) -> EventLog:
         """One EventLog per peer: with_peer() binds a new loguru logger each time."""
