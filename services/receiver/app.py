@@ -4,6 +4,10 @@ Start-up problems (port in use, unwritable queue, bad TLS key, unreadable users 
 raise StartupError: one line, exit status 2 (SPEC §2). SIGTERM is recorded by the
 StopFlag; this main loop then stops accepting, lets DATA in progress finish, answers
 421 to every other session, and returns 0 (SPEC §6).
+
+With `[metrics] listen` set the receiver counts, and serves the metrics endpoint
+(services/monitoring/); a metrics port that cannot be had is one line, not a stop:
+SMTP is the product, the endpoint only reports on it.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import ssl
 import threading
 from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry
+
+from services import monitoring
 from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits, SlotPool
 from services.receiver.session import SessionPolicy
 from services.receiver.users import UserFileError, load_users, verify_password
 from shared.cli import EXIT_OK, StartupError, open_log
 from shared.config import Config, HostPort
 from shared.log import shutdown_logging
+from shared.metrics.figures import CountingReceiverFigures, ReceiverFigures
 from shared.queue import GroupCommit, MessageStore, QueueWriter
 from shared.signals import StopFlag
 
@@ -69,7 +77,8 @@ def build_password_check(config: Config) -> Callable[[str, str], bool] | None:
     return lambda username, password: verify_password(users, username, password)
 
 
-def build_servers(config: Config, queue: MessageStore) -> list[ReceiverServer]:
+def build_servers(config: Config, queue: MessageStore,
+                  figures: ReceiverFigures | None = None) -> list[ReceiverServer]:
     rcv = config.receiver
     tls_context = build_tls_context(config)
     check_password = build_password_check(config)
@@ -107,6 +116,7 @@ def build_servers(config: Config, queue: MessageStore) -> list[ReceiverServer]:
                     implicit_tls=implicit,
                     check_password=check_password,
                     slots=slots,
+                    figures=figures,
                 )
             )
         except OSError as err:
@@ -118,7 +128,9 @@ def build_servers(config: Config, queue: MessageStore) -> list[ReceiverServer]:
 
 def main(config: Config, stop: StopFlag) -> int:
     writer = build_queue(config)
-    servers = build_servers(config, message_store(config, writer))
+    registry = CollectorRegistry() if config.metrics.listen else None
+    figures = CountingReceiverFigures(registry) if registry else ReceiverFigures()
+    servers = build_servers(config, message_store(config, writer), figures)
     try:
         log = open_log(config, PROGRAM)
     except StartupError:
@@ -134,6 +146,10 @@ def main(config: Config, stop: StopFlag) -> int:
     ]
     for thread in threads:
         thread.start()
+    endpoint = None
+    if registry is not None:
+        endpoint = monitoring.start(config, registry,
+                                    lambda: sum(s.session_count() for s in servers), log)
     log.ok(
         "start",
         listen=",".join(f"{s.server_address[0]}:{s.server_address[1]}" for s in servers),
@@ -146,6 +162,8 @@ def main(config: Config, stop: StopFlag) -> int:
     for server in servers:
         server.begin_shutdown()
     clean = all(server.wait_for_sessions(GRACE_SECONDS) for server in servers)
+    if endpoint is not None:
+        endpoint.stop()
     log.ok("exit", clean=clean)
     shutdown_logging()
     return EXIT_OK

@@ -42,6 +42,7 @@ from services.receiver.session import (
 )
 from shared.config import IPNetwork
 from shared.log import EventLog, describe_exception
+from shared.metrics.figures import ReceiverFigures
 from shared.queue import MessageStore, QueueWriteError
 
 PROGRAM = "R-SMTP"
@@ -110,6 +111,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         implicit_tls: bool = False,
         check_password: Callable[[str, str], bool] | None = None,
         slots: SlotPool | None = None,
+        figures: ReceiverFigures | None = None,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.policy = policy
@@ -121,6 +123,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.check_password = check_password
         self.stopping = threading.Event()
         self.slots = slots or SlotPool(limits.max_connections, limits.max_connections_per_ip)
+        self.figures = figures or ReceiverFigures()  # counts nothing unless metrics are on
         self._lock = threading.Lock()
         self._sessions: set[threading.Thread] = set()
         self._open_sockets: set[socket.socket] = set()
@@ -156,6 +159,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         finally:
             self.shutdown_request(request)
         log.fail("connect", reason="too many connections", reply=421)
+        self.figures.rejected(421)
 
     def _run_session(self, request: socket.socket, client_address: tuple) -> None:
         try:
@@ -295,6 +299,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 self.outgoing.append(event.data)
                 if event.reply.code >= 400:
                     self.log.fail("reject", command=event.command, reply=str(event.reply))
+                    self.server.figures.rejected(event.reply.code)
             elif isinstance(event, MessageReady):
                 self._store(event)
             elif isinstance(event, AuthRequest):
@@ -347,6 +352,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             self.log.error("queue", exc=err, sender=f"<{envelope.mail_from}>", reply=reply.code)
             return
         self.session.message_stored(queue_id)
+        self.server.figures.received()
         # Logged before the 250 goes out: a message the client was told is queued
         # always has its line, and it comes before the sender's line about it.
         self.log.ok(
