@@ -14,6 +14,7 @@ whose drain is the hot path with the fewest threads, does no HTTP at all.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
@@ -42,5 +43,8 @@ def start(config: Config, registry: CollectorRegistry, sessions: Callable[[], in
               "SMTP goes on without the metrics endpoint", file=sys.stderr, flush=True)
         return None
     endpoint.start()
+    # The first look at a large queue reads every state file (seconds for 100,000):
+    # taken now, so that the first scrape finds it done.
+    threading.Thread(target=monitor.look, name="metrics-first-look", daemon=True).start()
     log.ok("metrics", listen=listen, folder=config.metrics_dir)
     return endpoint

@@ -38,6 +38,7 @@ class MetricsEndpoint(ThreadingHTTPServer):
     """The endpoint's server: `start()` serves on a daemon thread, `stop()` ends it."""
 
     daemon_threads = True
+    block_on_close = False  # a stop never waits for a client that stalls
     allow_reuse_address = True
     request_queue_size = 16
 
