@@ -12,7 +12,7 @@ PIDFILE := var/supervisord.pid
 MAILBAG_CONFIG ?= $(CURDIR)/mailbag.toml
 run install-service: export MAILBAG_CONFIG := $(abspath $(MAILBAG_CONFIG))
 
-.PHONY: venv run stop status test lint install-service install-service-as install-sendmail
+.PHONY: venv run stop status reload test lint install-service install-service-as install-sendmail
 
 venv: $(STAMP)
 
@@ -34,6 +34,7 @@ lint: venv
 run: venv
 	@mkdir -p var/log
 	@if $(CTL) pid >/dev/null 2>&1; then \
+		$(PY) tools/ready.py --same-config || exit 1; \
 		echo "supervisord is already running (pid $$($(CTL) pid)); starting any stopped program"; \
 		$(CTL) start all >/dev/null 2>&1 || true; \
 	else \
@@ -63,6 +64,12 @@ stop:
 status:
 	@if $(CTL) pid >/dev/null 2>&1; then $(CTL) status || true; \
 	else echo "mailbag is not running (make run starts it)"; fi
+
+# Both programs re-read the config and the files it names (HUP); each logs `reload ok`,
+# or one line naming the problem and keeps the config it had (var/log/mailbag.log).
+reload:
+	@if ! $(CTL) pid >/dev/null 2>&1; then echo "mailbag is not running (make run starts it)"; exit 1; fi; \
+	$(CTL) signal HUP receiver sender
 
 # Install mailbag as a systemd service running as an unprivileged user: [service] user
 # of the config, else `mailbag` (or SERVICE_USER=name). Idempotent: run it again after

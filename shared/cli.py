@@ -4,7 +4,8 @@ A program's `main(config)` raises `StartupError` (or the config raises ConfigErr
 for anything the operator must fix; `run_program` prints ONE line naming it and exits
 with status 2, never a traceback (SPEC §2).
 
-Signals: `shared/signals.py` (the program's `__main__` installs its StopFlag first).
+Signals: `shared/signals.py` (the program's `__main__` installs its StopFlag and
+ReloadFlag first).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 from shared.config import ENV_VAR, Config, ConfigError, load_config, resolve_config_path
 from shared.log import EventLog, setup_logging
-from shared.signals import StopFlag
+from shared.signals import ReloadFlag, StopFlag
 
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
@@ -46,13 +47,13 @@ def parse_args(prog: str, description: str, argv: list[str] | None = None) -> Co
 
 
 def run_program(
-    prog: str, description: str, main: Callable[[Config, StopFlag], int], stop: StopFlag,
-    argv: list[str] | None = None,
+    prog: str, description: str, main: Callable[[Config, StopFlag, ReloadFlag], int],
+    stop: StopFlag, argv: list[str] | None = None, reload: ReloadFlag | None = None,
 ) -> None:
     """Load the config and run `main`; turn operator errors into one line + exit 2."""
     try:
         config = parse_args(prog, description, argv)
-        status = main(config, stop)
+        status = main(config, stop, reload or ReloadFlag())
     except (ConfigError, StartupError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

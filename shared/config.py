@@ -4,7 +4,9 @@ Invariants this module guarantees to every caller:
 
 - every key has a default, so an empty file is a valid configuration;
 - an unknown section or key, a value of the wrong type or out of range raises
-  `ConfigError` whose message is ONE line naming the key and the problem;
+  `ConfigError` whose message is ONE line naming the key and the problem; an
+  unknown key also names the closest known one (a misspelling) or the section
+  it belongs in, so the programs' start-up errors and `mailbag check` say it;
 - relative paths are resolved against the folder of the config file (SPEC §2), so
   the programs behave the same whatever their working directory is.
 
@@ -15,6 +17,7 @@ Which file: `--config FILE`, else the environment variable `MAILBAG_CONFIG`, els
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -383,6 +386,8 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 (byte {err.start})") from None
     return parse_config(raw, path)
 
 
@@ -401,7 +406,9 @@ def parse_config(raw: dict[str, typing.Any], path: Path) -> Config:
                 raise ConfigError(f"[{key}] must be a table")
             values[key] = _build_section(key, _SECTIONS[key], value, base)
         else:
-            raise ConfigError(f"unknown key {key!r} at the top level of {path.name}")
+            known = ["hostname", *_SECTIONS]
+            raise ConfigError(f"unknown key {key!r} at the top level of {path.name}"
+                              + _suggestion(key, known, ""))
     for name, cls in _SECTIONS.items():
         values.setdefault(name, _build_section(name, cls, {}, base))
     config = Config(**values)
@@ -429,13 +436,24 @@ def _build_section(name: str, cls: type, raw: dict[str, typing.Any], base: Path)
     kwargs: dict[str, typing.Any] = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"unknown key {key!r} in [{name}]")
+            raise ConfigError(f"unknown key {key!r} in [{name}]" + _suggestion(key, known, name))
         kwargs[key] = _convert(value, hints[key], f"{name}.{key}", base)
     # Defaults that are relative paths are relative to the config file too.
     for key, fld in known.items():
         if key not in kwargs and isinstance(fld.default, Path):
             kwargs[key] = _absolute(fld.default, base)
     return cls(**kwargs)
+
+
+def _suggestion(key: str, known: typing.Iterable[str], section: str) -> str:
+    """What the operator probably meant by an unknown key: the section it belongs in,
+    or the closest known key of this section (difflib), or nothing."""
+    homes = [name for name, cls in _SECTIONS.items()
+             if name != section and key in {f.name for f in dataclasses.fields(cls)}]
+    if homes:
+        return f"; it belongs in [{homes[0]}]"
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _absolute(path: Path, base: Path) -> Path:
@@ -608,11 +626,16 @@ def _check_mail_sections(config: Config) -> None:
         if not (key.domain and key.selector and key.key_file):
             raise ConfigError(f"{where}: domain, selector and key_file must be set together")
         for name, value in (("domain", key.domain), ("selector", key.selector)):
-            if not _DNS_NAME.fullmatch(value):
+            if not is_dns_name(value):
                 raise ConfigError(f"{where}.{name}: {value!r} is not a DNS name")
         if key.domain.lower() in domains:
             raise ConfigError(f"{where}.domain: {key.domain!r} has a key already")
         domains.add(key.domain.lower())
+
+
+def is_dns_name(text: str) -> bool:
+    """A DKIM domain or selector: letters, digits and hyphens in dot-separated labels."""
+    return bool(_DNS_NAME.fullmatch(text))
 
 
 def _check_address(key: str, value: str, domain_ok: bool = False) -> None:

@@ -92,6 +92,7 @@ class ReplyParser:
     _LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)", re.DOTALL)
     _ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3}) (.*)", re.DOTALL)
     MAX_LINE = 4096
+    MAX_LINES = 200  # lines of one multi-line reply (an EHLO reply has a few dozen)
     SEEN_MAX = 64  # single-line replies remembered (a relay repeats "250 2.0.0 Ok")
 
     def __init__(self) -> None:
@@ -102,6 +103,11 @@ class ReplyParser:
         # sender reads four replies per message, mostly the same few lines, and a
         # dict lookup is far cheaper than the regex parse of each.
         self._seen: dict[bytes, Reply] = {}
+
+    @property
+    def partial(self) -> bool:
+        """A reply has begun and is not complete yet."""
+        return bool(self._buffer or self._pending)
 
     def feed(self, data: bytes) -> list[Reply]:
         """Buffer `data`; return the replies it completes (the client's hot path: one
@@ -145,6 +151,8 @@ class ReplyParser:
         self._code = code
         self._pending.append(match.group(3).decode("utf-8", "replace"))
         if match.group(2) == b"-":
+            if len(self._pending) >= self.MAX_LINES:  # never an endless reply in memory
+                raise ReplySyntaxError(f"a reply of more than {self.MAX_LINES} lines")
             return None
         texts, self._pending, self._code = self._pending, [], None
         enhanced = ""

@@ -199,6 +199,27 @@ class Appliance:
             return False
 
 
+MAKE_FILES = ("Makefile", "tools", "pyproject.toml")
+
+
+def with_make(app: Appliance) -> Appliance:
+    """Link what `make run|stop|status|reload` need into the instance's folder."""
+    for name in MAKE_FILES:
+        (app.home / name).symlink_to(REPO / name)
+    return app
+
+
+def make(app: Appliance, target: str,
+         config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`make TARGET` in the instance's folder, with `MAILBAG_CONFIG` = `config` (default:
+    the instance's). `-o .venv/.installed-stamp`: the shared venv is not reinstalled."""
+    env = {**os.environ, "MAILBAG_CONFIG": str(config or app.config_path)}
+    return subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed-stamp", target],
+        cwd=app.home, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
 class Upstream:
     """A real upstream relay (aiosmtpd) on a private port that records what it got.
 

@@ -68,3 +68,14 @@ def log_lines():
                       format="{extra[program]} {extra[peer]} {message}")
     yield lines
     logger.remove(sink)
+
+
+@pytest.fixture
+def make_app() -> Iterator:
+    """A private appliance (tests/appliance_support.py) whose folder also holds what
+    `make run|stop|status|reload` need; not started. Torn down whatever its state."""
+    from tests.appliance_support import Appliance, with_make
+
+    appliance = with_make(Appliance())
+    yield appliance
+    appliance.cleanup()

@@ -140,11 +140,15 @@ class Relay:
 class SmtpSink:
     """Postfix's smtp-sink on a free port, dumping every message to a folder."""
 
-    def __init__(self, folder: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, folder: Path, extra: tuple[str, ...] = (), *,
+                 one_file: bool = False) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.extra = extra
+        # one_file: every message appended to one dump file (`-D`), which keeps up
+        # with a fast sender; else one file per message (`-d`).
+        self.dump = ["-D", str(folder / "all")] if one_file else ["-d", str(folder) + "/%M."]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -156,10 +160,9 @@ class SmtpSink:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> SmtpSink:
-        # -u (required as root): the user to run as; -d: one dump file per message.
+        # -u (required as root): the user to run as.
         user = ["-u", getpass.getuser()] if os.geteuid() == 0 else []
-        command = [SMTP_SINK, *user, "-d", str(self.folder) + "/%M.",
-                   *self.extra, f"127.0.0.1:{self.port}", "100"]
+        command = [SMTP_SINK, *user, *self.dump, *self.extra, f"127.0.0.1:{self.port}", "100"]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + 5
@@ -335,7 +338,7 @@ class Setup:
         self.stop = threading.Event()
         self.figures: SenderFigures | None = None
         self.runner = self.make_runner()
-        self.runner.load_states()
+        self.runner.settler.load_states()
 
     def make_runner(self) -> QueueRunner:
         log = EventLog("S-SMTP", "-")
@@ -349,14 +352,14 @@ class Setup:
         registry = CollectorRegistry()
         self.figures = CountingSenderFigures(registry)
         self.runner = self.make_runner()
-        self.runner.load_states()
+        self.runner.settler.load_states()
         return registry
 
     def use_real_clock(self) -> None:
         """From now on the runner lives in real time (failover, rate limits)."""
         self.clock = time.time  # type: ignore[assignment]
         self.runner = self.make_runner()
-        self.runner.load_states()
+        self.runner.settler.load_states()
 
     def pass_at(self, now: float) -> bool:
         """One pass that starts at `now` (the clock may move on during it)."""

@@ -9,34 +9,16 @@ tells make not to reinstall the shared venv from here.
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
-from tests.appliance_support import Appliance, pid_alive, wait_until
-from tests.support import REPO
+from tests.appliance_support import Appliance, make, pid_alive, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
-def make(app: Appliance, target: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MAILBAG_CONFIG": str(app.config_path)}
-    return subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed-stamp", target],
-        cwd=app.home, env=env, capture_output=True, text=True, timeout=60,
-    )
-
-
-@pytest.fixture
-def app():
-    appliance = Appliance()
-    for name in ("Makefile", "tools", "pyproject.toml"):
-        (appliance.home / name).symlink_to(REPO / name)
-    yield appliance
-    appliance.cleanup()
-
-
-def test_make_run_starts_the_daemon_once_and_make_stop_ends_it(app):
+def test_make_run_starts_the_daemon_once_and_make_stop_ends_it(make_app: Appliance) -> None:
+    app = make_app
     started = make(app, "run")
     assert started.returncode == 0, started.stdout + started.stderr
     assert "mailbag is running" in started.stdout

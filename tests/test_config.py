@@ -84,6 +84,12 @@ BAD_CONFIGS = [
     ("unknown-top", "colour = 1\n", "colour"),
     ("unknown-section", "[mystery]\nx = 1\n", "mystery"),
     ("unknown-key", "[receiver]\nlisten_on = \"1.2.3.4:25\"\n", "listen_on"),
+    ("misspelt-key", "[receiver]\nmax_conections = 3\n",
+     "unknown key 'max_conections' in [receiver]; did you mean 'max_connections'?"),
+    ("misspelt-section", "[reciever]\nlisten = \"127.0.0.1:2525\"\n",
+     "unknown key 'reciever' at the top level of mailbag.toml; did you mean 'receiver'?"),
+    ("key-in-another-section", "[receiver]\nrelay = \"smtp.example.com:587\"\n",
+     "unknown key 'relay' in [receiver]; it belongs in [sender]"),
     ("wrong-type-int", "[receiver]\nmax_connections = \"5\"\n", "receiver.max_connections"),
     ("bool-for-int", "[receiver]\nmax_connections = true\n", "receiver.max_connections"),
     ("wrong-type-list", "[local]\ndomains = \"localhost\"\n", "local.domains"),
@@ -264,7 +270,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *named: str)
 @pytest.mark.parametrize(
     ("text", "named"),
     [pytest.param(t, n, id=i) for i, t, n in BAD_CONFIGS
-     if i in ("unknown-key", "wrong-type-int", "listen-no-port", "invalid-toml")],
+     if i in ("misspelt-key", "wrong-type-int", "listen-no-port", "invalid-toml")],
 )
 def test_bad_config_stops_the_receiver_with_one_line(tmp_path: Path, text: str, named: str) -> None:
     path = _write(tmp_path, text)

@@ -69,7 +69,8 @@ def test_every_relay_down_defers_each_message_naming_each_relay(
     connects = [x for x in log_lines if " connect fail " in x]
     assert [str(first.port) in x for x in connects] == [True, False]
     assert [str(second.port) in x for x in connects] == [False, True]
-    assert env.runner.states[queue_id].next_attempt == 5010.0  # the first relay: retry_initial
+    # When the first relay is due again: retry_initial after its failure.
+    assert env.runner.settler.states[queue_id].next_attempt == 5010.0
 
 
 def test_a_5xx_from_the_first_relay_is_final(setup, relays) -> None:
@@ -88,10 +89,10 @@ def test_the_rate_limit_spaces_messages_and_holds_across_a_restart(setup, relays
     (relay,) = relays(1)
     relay.start()
     env = setup(relay.address, max_rate="20/s")
-    env.use_real_clock()
     for n in range(30):
         env.writer.store("a@example.com", [f"b{n}@example.org"], DATA)
     started = time.monotonic()
+    env.use_real_clock()  # a new runner: its bucket starts empty now
     while env.queued() and time.monotonic() - started < 10:
         env.runner.run_pass()  # as the runner's loop does: pass after pass
     elapsed = time.monotonic() - started
@@ -99,7 +100,7 @@ def test_the_rate_limit_spaces_messages_and_holds_across_a_restart(setup, relays
     assert len(relay.handler.wait_for(30)) == 30
     # The bucket starts empty: 30 tokens at 20/s take 1.5 s; without it, ~0.1 s.
     assert elapsed >= 1.4
-    assert env.runner.states == {}  # held back is not deferred: no state, no backoff
+    assert env.runner.settler.states == {}  # held back is not deferred: no state, no backoff
     assert (env.config.queue.dir / RATE_FILE).exists()
     restarted = TokenBucket.load(Rate(20, 1.0), env.config.queue.dir, time.time())
     assert restarted.tokens < 2  # the restart does not hand out a fresh bucket

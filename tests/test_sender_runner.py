@@ -7,6 +7,7 @@ for them, with passes that take time.
 
 from __future__ import annotations
 
+import asyncio
 import mailbox
 import os
 import socket
@@ -18,11 +19,13 @@ from pathlib import Path
 import pytest
 
 from services.sender.app import build_relays
+from services.sender.control import RunnerEnded
 from services.sender.local import LocalDelivery, is_local, mailbox_name
 from services.sender.runner import QueueRunner
 from shared.config import load_config
 from shared.log import EventLog
 from shared.queue import (
+    BLANK,
     REASON_SUFFIX,
     QueueFile,
     QueueReader,
@@ -145,7 +148,7 @@ def test_all_recipients_sent_is_one_line_and_the_file_goes(setup, relay, log_lin
     assert env.queued() == []
     (line,) = [line for line in log_lines if f"id={queue_id}" in line]
     assert " sent ok " in line and "to=<b@example.org>,<c@example.net>" in line
-    assert queue_id not in env.runner.states
+    assert queue_id not in env.runner.settler.states
 
 
 def test_one_connection_carries_the_whole_pass(setup, relay) -> None:
@@ -256,7 +259,7 @@ def test_backoff_doubles_for_a_message_that_keeps_failing(setup) -> None:
         waits = []
         for _ in range(4):
             assert env.pass_at(now)
-            state = env.runner.states[queue_id]
+            state = env.runner.settler.states[queue_id]
             waits.append(state.next_attempt - now)
             now = state.next_attempt
         env.runner.close_relay()
@@ -284,7 +287,7 @@ def test_relay_down_holds_mail_and_delivers_when_it_returns(setup, log_lines) ->
         (line,) = [x for x in log_lines if f"id={queue_id}" in x and " waiting defer " in x]
         assert "until=1970-01-01T00:33:30+00:00" in line and "relay unavailable" in line
     # Not tried (a wait, not a deferral): no attempt counted.
-    assert env.runner.states[remote].attempts == 0
+    assert env.runner.settler.states[remote].attempts == 0
     relay.start()
     try:
         assert env.pass_at(2010.0)
@@ -318,7 +321,7 @@ def test_no_relay_configured_keeps_mail_and_says_so_once_per_message(setup, log_
     assert env.queued() == [queue_id]
     (said,) = [line for line in log_lines if " waiting defer " in line]
     assert f"id={queue_id}" in said and "no relay configured" in said
-    assert env.runner.states[queue_id].next_attempt == pytest.approx(now + 1000)
+    assert env.runner.settler.states[queue_id].next_attempt == pytest.approx(now + 1000)
     other = env.writer.store("a@example.com", ["c@example.org"], DATA)
     env.pass_at(now + 62)
     said = [line for line in log_lines if " waiting defer " in line]
@@ -502,7 +505,7 @@ def test_a_stop_settles_a_message_read_but_never_sent(tmp_path: Path) -> None:
     assert QueueFile.from_bytes((config.queue.dir / second).read_bytes()).recipients == (
         "c@example.org",)
     reader, runner = start_runner(threading.Event())  # the next start
-    runner.load_states()
+    runner.settler.load_states()
     runner.run_pass()
     runner.close_relay()
     reader.close()
@@ -538,7 +541,7 @@ def test_backoff_counts_from_the_failure_not_from_the_start_of_the_pass(setup) -
         env.runner.close_relay()
     finally:
         server.stop()
-    assert env.runner.states[queue_id].next_attempt == 5000.0 + 300.0 + 10.0
+    assert env.runner.settler.states[queue_id].next_attempt == 5000.0 + 300.0 + 10.0
     assert env.runner.sleep_time(env.clock()) == pytest.approx(10.0)
 
 
@@ -605,21 +608,21 @@ def test_a_restart_honours_deferrals_and_holds(setup) -> None:
         env = setup(server.address)
         queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
         env.pass_at(5000.0)
-        state = env.runner.states[queue_id]
+        state = env.runner.settler.states[queue_id]
         assert (state.attempts, state.next_attempt) == (1, 5010.0)
         assert "451" in state.last_reply
         handler.data_reply = None
         restarted = env.make_runner()  # a new process: only the disk remembers
         env.runner = restarted
-        restarted.load_states()
-        assert restarted.states[queue_id] == state
+        restarted.settler.load_states()
+        assert restarted.settler.states[queue_id] == state
         assert env.pass_at(5005.0) is False  # not sent again early
         assert env.pass_at(5010.0) is True
         env.runner.close_relay()
         handler.wait_for(1)
     finally:
         server.stop()
-    assert env.queued() == [] and queue_id not in env.runner.states
+    assert env.queued() == [] and queue_id not in env.runner.settler.states
     assert os.listdir(env.config.queue.dir / ".state") == []  # no state lingers
 
 
@@ -754,7 +757,7 @@ def test_an_unreadable_file_backs_off_and_is_quarantined_when_it_expires(
     try:
         clock.set(arrived + 1)
         runner.run_pass()
-        assert runner.states[reader.bad].next_attempt == arrived + 11
+        assert runner.settler.states[reader.bad].next_attempt == arrived + 11
         clock.set(arrived + 5)
         runner.run_pass()  # not due: not read again
         assert len([x for x in log_lines if " read fail " in x]) == 1
@@ -819,7 +822,7 @@ def test_hold_release_and_delete_at_rest(setup) -> None:
     running = Running(env)
     try:
         wait = time.monotonic() + 10
-        while not {kept, dropped} <= set(env.runner.states) and time.monotonic() < wait:
+        while not {kept, dropped} <= set(env.runner.settler.states) and time.monotonic() < wait:
             time.sleep(0.02)  # both deferred for an hour
         handler.data_reply = None
         assert running.request("hold", kept) == {kept: "held"}
@@ -829,7 +832,7 @@ def test_hold_release_and_delete_at_rest(setup) -> None:
         assert running.request("flush") == {}  # nothing deferred that is not held
         time.sleep(0.3)
         assert handler.messages == [] and env.queued() == [kept]
-        assert env.runner.states[kept].held
+        assert env.runner.settler.states[kept].held
         assert running.request("release", kept) == {kept: "released"}
         (got,) = handler.wait_for(1)
         assert got.rcpt_tos == ["kept@example.org"]
@@ -847,9 +850,9 @@ def test_flush_makes_deferred_mail_and_the_relay_due_at_once(setup) -> None:
     running = Running(env)
     try:
         wait = time.monotonic() + 10
-        while queue_id not in env.runner.states and time.monotonic() < wait:
+        while queue_id not in env.runner.settler.states and time.monotonic() < wait:
             time.sleep(0.02)
-        assert env.runner.states[queue_id].next_attempt > time.time() + 900  # at expiry
+        assert env.runner.settler.states[queue_id].next_attempt > time.time() + 900  # at expiry
         relay.start()
         started = time.monotonic()
         assert running.request("flush") == {queue_id: "due now"}
@@ -871,11 +874,51 @@ def test_a_hold_during_the_attempt_applies_if_the_attempt_does_not_deliver(setup
         assert running.request("hold", queue_id) == {
             queue_id: "being delivered now: held unless this attempt delivers it"}
         wait = time.monotonic() + 10
-        while queue_id not in env.runner.states and time.monotonic() < wait:
+        while queue_id not in env.runner.settler.states and time.monotonic() < wait:
             time.sleep(0.02)
-        state = env.runner.states[queue_id]
+        state = env.runner.settler.states[queue_id]
         assert state.held and state.attempts == 1
     finally:
         running.stop()
         server.stop()
     assert env.queued() == [queue_id]
+
+
+def test_a_request_after_the_runners_end_is_refused_never_left_waiting(setup) -> None:
+    env = setup(None)
+    queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+    running = Running(env)
+    running.stop()
+    with pytest.raises(RunnerEnded):
+        env.runner.request("hold", [queue_id], timeout=10)
+    assert not env.runner.settler.states.get(queue_id, BLANK).held  # not applied
+
+
+class SlowForSome(RecordingHandler):
+    """Holds the reply to the final dot of messages for slow@ recipients."""
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001, ANN201
+        if any(r.startswith("slow@") for r in envelope.rcpt_tos):
+            self.in_data.set()
+            await asyncio.sleep(1.5)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_delivered_message_whose_unlink_still_waits_is_not_held(setup, log_lines) -> None:
+    handler = SlowForSome()
+    server = Relay(handler=handler).start()
+    env = setup(server.address)
+    done = env.writer.store("a@example.com", ["fast@example.org"], DATA)
+    env.writer.store("a@example.com", ["slow@example.org"], DATA)
+    running = Running(env)
+    try:
+        assert handler.in_data.wait(10)
+        wait = time.monotonic() + 10  # `done` was delivered, its unlink waits behind
+        while not any(f"sent ok id={done}" in x for x in log_lines) and time.monotonic() < wait:
+            time.sleep(0.01)
+        assert (env.config.queue.dir / done).exists()
+        assert running.request("hold", done) == {done: "not in the queue"}
+    finally:
+        running.stop()
+        server.stop()
+    assert os.listdir(env.config.queue.dir / ".state") == []

@@ -69,7 +69,7 @@ def test_refused_with_its_sysexits_code_one_line_and_nothing_queued(
 def test_an_invalid_config_is_78(monkeypatch, capsys, tmp_path: Path) -> None:
     config = write_config(tmp_path, queue={"dri": "var/queue"})
     assert run(monkeypatch, capsys, config, "root") == (
-        os.EX_CONFIG, "mailbag-sendmail: unknown key 'dri' in [queue]\n")
+        os.EX_CONFIG, "mailbag-sendmail: unknown key 'dri' in [queue]; did you mean 'dir'?\n")
 
 
 def test_queued_durably_with_its_log_line(monkeypatch, capsys, tmp_path: Path) -> None:

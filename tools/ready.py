@@ -2,12 +2,14 @@
 
 Reads the same config the programs read (`MAILBAG_CONFIG`, else mailbag.toml), so
 what it prints is where the queue, the mailboxes and the shared logfile really are.
-Exit status 1, with the receiver's captured output, if no 220 comes in time.
+Exit status 1, with the receiver's captured output, if no 220 comes in time - or
+at once, saying so plainly, when mailbag was already running with another config
+than the one asked for now (supervisord's own MAILBAG_CONFIG is what its programs
+use: a second `make run` cannot change it).
 """
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 import xmlrpc.client
@@ -19,24 +21,22 @@ from supervisor.xmlrpc import SupervisorTransport
 REPO = Path(__file__).absolute().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shared.config import ConfigError, HostPort, load_config, resolve_config_path  # noqa: E402
+from services.admin.check import WILDCARDS, answers_220  # noqa: E402
+from services.admin.supervisor import (  # noqa: E402
+    SupervisorConf,
+    SupervisorUnavailable,
+    config_in_use,
+    supervisord_pid,
+)
+from shared.config import (  # noqa: E402
+    ENV_VAR,
+    ConfigError,
+    HostPort,
+    load_config,
+    resolve_config_path,
+)
 
 WAIT_SECONDS = 20.0
-WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
-
-
-def answers_220(listen: HostPort, hostname: str) -> bool:
-    """Our receiver greets with `220 <hostname> ...`; another server on the port does not."""
-    host = WILDCARDS.get(listen.host, listen.host)
-    try:
-        with socket.create_connection((host, listen.port), timeout=2.0) as sock:
-            greeting = sock.recv(512)
-            sock.sendall(b"QUIT\r\n")
-            return greeting.startswith(f"220 {hostname} ".encode())
-    except OSError:
-        return False
-
-
 def receiver_gave_up() -> bool:
     """supervisord has given up on the receiver (FATAL): no point in waiting longer."""
     transport = SupervisorTransport(None, None, f"unix://{REPO / 'var' / 'supervisor.sock'}")
@@ -68,8 +68,29 @@ def tail(path: Path, lines: int = 10) -> str:
     return "\n".join(distinct[-lines:])
 
 
-def main() -> int:
+def running_with_another_config(asked: Path) -> str | None:
+    """What to tell the operator when the running programs use another config."""
+    try:
+        conf = SupervisorConf.read(REPO / "supervisord.conf")
+    except SupervisorUnavailable:
+        return None
+    pid = supervisord_pid(conf)
+    used = config_in_use(pid) if pid else None
+    if used is None or used == asked:
+        return None
+    return (f"already running with {ENV_VAR}={used} (supervisord pid {pid}), "
+            f"NOT with {asked} as asked now; to switch: make stop, then make run")
+
+
+def main(argv: list[str]) -> int:
+    """`--same-config`: only check that the running programs use the config asked for."""
     path = resolve_config_path(None)
+    other = running_with_another_config(path)
+    if other:
+        print(f"mailbag: {other}", file=sys.stderr)
+        return 1
+    if "--same-config" in argv:
+        return 0
     try:
         config = load_config(path)
     except ConfigError as err:
@@ -104,6 +125,6 @@ Stop everything:        make stop""")
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(main(sys.argv[1:]))
     except BrokenPipeError:  # `make run | head`: the reader left, nothing to report
         sys.exit(0)

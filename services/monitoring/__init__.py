@@ -35,7 +35,7 @@ def start(config: Config, registry: CollectorRegistry, sessions: Callable[[], in
     monitor = Monitor(config, sessions, log)
     registry.register(monitor)
     try:
-        endpoint = MetricsEndpoint(listen, registry, monitor.health, log)
+        endpoint = MetricsEndpoint(listen, registry, monitor, log)
     except OSError as err:
         why = err.strerror or str(err)
         log.fail("metrics", listen=listen, error=why, reason="running without the endpoint")

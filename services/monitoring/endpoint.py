@@ -20,13 +20,13 @@ from __future__ import annotations
 import socket
 import sys
 import threading
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from services.monitoring.look import Monitor
 from shared.config import HostPort
 from shared.log import EventLog
 
@@ -42,11 +42,11 @@ class MetricsEndpoint(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 16
 
-    def __init__(self, listen: HostPort, registry: CollectorRegistry,
-                 health: Callable[[], list[str]], log: EventLog) -> None:
+    def __init__(self, listen: HostPort, registry: CollectorRegistry, monitor: Monitor,
+                 log: EventLog) -> None:
         self.address_family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        self.registry = registry
-        self.health = health
+        self.registry = registry  # the receiver's counters, and `monitor` in it
+        self.monitor = monitor
         self.log = log
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.5},
@@ -98,7 +98,7 @@ class EndpointHandler(BaseHTTPRequestHandler):
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                 self._answer(200, encoder(self.server.registry), content_type)
             elif path == "/healthz":
-                reasons = self.server.health()
+                reasons = self.server.monitor.health()
                 body = "\n".join(reasons or ["ok"]) + "\n"
                 self._answer(503 if reasons else 200, body.encode(), "text/plain; charset=utf-8")
             else:

@@ -58,13 +58,17 @@ class Monitor(Collector):
                  clock: Callable[[], float] = time.time) -> None:
         self.queue_dir = config.queue.dir
         self.folder = config.metrics_dir
-        self.limits = Limits(config.metrics.relay_down_after, config.metrics.max_queue_age)
+        self.reconfigure(config)
         self.sessions = sessions
         self.log = log
         self.clock = clock
         self._counter = Census(config.queue.dir, config.queue.failed)
         self._lock = threading.Lock()
         self._said: dict[str, str] = {}  # what went wrong last, per source: said once
+
+    def reconfigure(self, config: Config) -> None:
+        """The health limits from `config` (at start, and on a reload)."""
+        self.limits = Limits(config.metrics.relay_down_after, config.metrics.max_queue_age)
 
     def health(self) -> list[str]:
         """`/healthz`: why mailbag is unhealthy, [] when it is not."""

@@ -5,9 +5,16 @@ raise StartupError: one line, exit status 2 (SPEC §2). SIGTERM is recorded by t
 StopFlag; this main loop then stops accepting, lets DATA in progress finish, answers
 421 to every other session, and returns 0 (SPEC §6).
 
+HUP (shared/reload.py): the main loop reads the config again and builds the session
+settings anew - the policy (hostname, limits, local domains), the connection and
+time limits, `relay_networks`, the TLS certificate and the users file - and hands
+them to the servers for the sessions that start from then on; open sessions keep
+theirs. The listening addresses need a restart.
+
 With `[metrics] listen` set the receiver counts, and serves the metrics endpoint
 (services/monitoring/); a metrics port that cannot be had is one line, not a stop:
-SMTP is the product, the endpoint only reports on it.
+SMTP is the product, the endpoint only reports on it. A reload applies new health
+limits (`relay_down_after`, `max_queue_age`); a new `listen` needs a restart.
 """
 
 from __future__ import annotations
@@ -16,19 +23,23 @@ import os
 import ssl
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from services import monitoring
+from services.monitoring.endpoint import MetricsEndpoint
 from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits, SlotPool
 from services.receiver.session import SessionPolicy
 from services.receiver.users import UserFileError, load_users, verify_password
 from shared.cli import EXIT_OK, StartupError, open_log
-from shared.config import Config, HostPort
-from shared.log import shutdown_logging
+from shared.config import Config, HostPort, IPNetwork
+from shared.log import EventLog, shutdown_logging
 from shared.metrics.figures import CountingReceiverFigures, ReceiverFigures
 from shared.queue import GroupCommit, MessageStore, QueueWriter
-from shared.signals import StopFlag
+from shared.reload import RESTART_KEYS, reload_config
+from shared.signals import ReloadFlag, StopFlag
 
 GRACE_SECONDS = 8.0  # how long a stop waits for DATA in progress (supervisor waits 15)
 
@@ -77,8 +88,29 @@ def build_password_check(config: Config) -> Callable[[str, str], bool] | None:
     return lambda username, password: verify_password(users, username, password)
 
 
-def build_servers(config: Config, queue: MessageStore,
-                  figures: ReceiverFigures | None = None) -> list[ReceiverServer]:
+# Keys the receiver cannot change while it runs (its listening sockets, its writer).
+RECEIVER_RESTART_KEYS = (*RESTART_KEYS, "receiver.listen", "receiver.tls_listen",
+                         "queue.group_commit")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What the servers give each new session (built at start and on a reload)."""
+
+    policy: SessionPolicy
+    limits: ServerLimits
+    relay_networks: tuple[IPNetwork, ...]
+    tls_context: ssl.SSLContext | None
+    check_password: Callable[[str, str], bool] | None
+
+    def as_arguments(self) -> dict[str, Any]:
+        """As ReceiverServer's and its reconfigure's keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def session_settings(config: Config) -> SessionSettings:
+    """What the servers give each new session, built from `config` (at start and on
+    a reload); StartupError if a file it names cannot be used."""
     rcv = config.receiver
     tls_context = build_tls_context(config)
     check_password = build_password_check(config)
@@ -98,6 +130,13 @@ def build_servers(config: Config, queue: MessageStore,
         max_connections=rcv.max_connections,
         max_connections_per_ip=rcv.max_connections_per_ip,
     )
+    return SessionSettings(policy, limits, rcv.relay_networks, tls_context, check_password)
+
+
+def build_servers(config: Config, queue: MessageStore,
+                  figures: ReceiverFigures | None = None) -> list[ReceiverServer]:
+    rcv = config.receiver
+    settings = session_settings(config)
     slots = SlotPool(rcv.max_connections, rcv.max_connections_per_ip)  # for all listeners
     listens: list[tuple[HostPort, bool]] = [(rcv.listen, False)]
     if rcv.tls_listen:
@@ -108,15 +147,11 @@ def build_servers(config: Config, queue: MessageStore,
             servers.append(
                 ReceiverServer(
                     (listen.host, listen.port),
-                    policy=policy,
-                    limits=limits,
                     queue=queue,
-                    relay_networks=rcv.relay_networks,
-                    tls_context=tls_context,
                     implicit_tls=implicit,
-                    check_password=check_password,
                     slots=slots,
                     figures=figures,
+                    **settings.as_arguments(),
                 )
             )
         except OSError as err:
@@ -126,7 +161,37 @@ def build_servers(config: Config, queue: MessageStore,
     return servers
 
 
-def main(config: Config, stop: StopFlag) -> int:
+def reconfigure(servers: list[ReceiverServer], config: Config,
+                endpoint: MetricsEndpoint | None = None) -> None:
+    """A reload: build the new settings first (StartupError: nothing changed), then
+    hand them to every server for the sessions to come, and the health limits to
+    the metrics endpoint."""
+    settings = session_settings(config)
+    rcv = config.receiver
+    servers[0].slots.resize(rcv.max_connections, rcv.max_connections_per_ip)  # shared
+    for server in servers:
+        server.reconfigure(**settings.as_arguments())
+    if endpoint is not None:
+        endpoint.monitor.reconfigure(config)
+
+
+def serve_until_stopped(servers: list[ReceiverServer], config: Config, log: EventLog,
+                        stop: StopFlag, reload: ReloadFlag,
+                        endpoint: MetricsEndpoint | None = None) -> None:
+    """The main loop: sleeps until TERM, reloading on each HUP meanwhile."""
+    wake = threading.Event()
+    reload.wake_also(wake)
+    threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
+    running = config
+    while not stop.is_set:
+        wake.wait()
+        wake.clear()
+        if reload.take() and not stop.is_set:
+            running = reload_config(running, config, log, RECEIVER_RESTART_KEYS,
+                                    lambda new: reconfigure(servers, new, endpoint))
+
+
+def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     writer = build_queue(config)
     registry = CollectorRegistry() if config.metrics.listen else None
     figures = CountingReceiverFigures(registry) if registry else ReceiverFigures()
@@ -156,8 +221,7 @@ def main(config: Config, stop: StopFlag) -> int:
         queue=config.queue.dir,
         pid=os.getpid(),
     )
-    while not stop.wait(1.0):
-        pass
+    serve_until_stopped(servers, config, log, stop, reload, endpoint)
     log.info("stop", signal=stop.signal_name, sessions=sum(s.session_count() for s in servers))
     for server in servers:
         server.begin_shutdown()

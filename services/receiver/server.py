@@ -53,33 +53,41 @@ AUTH_FAILURE_DELAY = 1.0  # seconds a failed login waits before its 535 (slows g
 
 class SlotPool:
     """The session slots of the whole receiver: `max_connections` in all, and at most
-    `max_connections_per_ip` for one client address (0 = no per-address limit)."""
+    `max_connections_per_ip` for one client address (0 = no per-address limit).
+    `resize` (a reload) changes the limits for the sessions to come; sessions over a
+    lowered limit go on until they end."""
 
     def __init__(self, max_connections: int, max_per_ip: int = 0) -> None:
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max = max_connections
         self._max_per_ip = max_per_ip
+        self._taken = 0
         self._per_ip: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def take(self, ip: str) -> bool:
         """A slot for this client, or False at once (never waits)."""
-        if not self._slots.acquire(blocking=False):
-            return False
         with self._lock:
-            if self._max_per_ip and self._per_ip.get(ip, 0) >= self._max_per_ip:
-                self._slots.release()
+            if self._taken >= self._max:
                 return False
+            if self._max_per_ip and self._per_ip.get(ip, 0) >= self._max_per_ip:
+                return False
+            self._taken += 1
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return True
 
     def give_back(self, ip: str) -> None:
         with self._lock:
+            self._taken -= 1
             left = self._per_ip.get(ip, 1) - 1
             if left:
                 self._per_ip[ip] = left
             else:
                 self._per_ip.pop(ip, None)
-        self._slots.release()
+
+    def resize(self, max_connections: int, max_per_ip: int) -> None:
+        with self._lock:
+            self._max = max_connections
+            self._max_per_ip = max_per_ip
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,28 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
             self._open_sockets.discard(old)
             self._open_sockets.add(new)
 
-    # -- relay policy ---------------------------------------------------------------
+    # -- settings ---------------------------------------------------------------------
+
+    def reconfigure(
+        self, *, policy: SessionPolicy, limits: ServerLimits,
+        relay_networks: tuple[IPNetwork, ...], tls_context: ssl.SSLContext | None,
+        check_password: Callable[[str, str], bool] | None,
+    ) -> None:
+        """New settings for the sessions that start from now on (a reload); a session
+        already open keeps the ones it started with (`session_settings`)."""
+        with self._lock:
+            self.policy, self.limits, self.relay_networks = policy, limits, relay_networks
+            self.tls_context, self.check_password = tls_context, check_password
+
+    def session_settings(self, ip: str) -> tuple[SessionPolicy, ServerLimits, bool,
+                                                 ssl.SSLContext | None,
+                                                 Callable[[str, str], bool] | None]:
+        """What a new session keeps for its whole life: the policy, the limits,
+        whether `ip` may relay, the TLS context and the password check - all of one
+        reload."""
+        with self._lock:
+            return (self.policy, self.limits, self.may_relay(ip), self.tls_context,
+                    self.check_password)
 
     def may_relay(self, ip: str) -> bool:
         address = ipaddress.ip_address(ip.split("%")[0])
@@ -244,8 +273,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.log = server.log.with_peer(_peer_text(self.client_address))
         self.sock: socket.socket = self.request
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        policy, self.limits, may_relay, self.tls_context, self.check_password = (
+            server.session_settings(ip))
         self.session = ServerSession(
-            server.policy, ip, may_relay=server.may_relay(ip), tls_active=server.implicit_tls
+            policy, ip, may_relay=may_relay, tls_active=server.implicit_tls
         )
         self.outgoing: list[bytes] = []
         # recv_into one buffer per session: a fresh 256 KiB bytes object per recv()
@@ -322,9 +353,9 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 self._send_now(self.session.shutting_down())
                 self.close_reason = "shutdown"
                 return False
-            if now - self.last_input > self.server.limits.idle_timeout:
+            if now - self.last_input > self.limits.idle_timeout:
                 return self._time_out("idle timeout")
-            if now - self.started > self.server.limits.session_deadline:
+            if now - self.started > self.limits.session_deadline:
                 return self._time_out("session deadline")
             try:
                 size = self.sock.recv_into(self._recv_view)
@@ -364,7 +395,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         )
 
     def _authenticate(self, event: AuthRequest) -> None:
-        check = self.server.check_password
+        check = self.check_password
         ok = bool(check and check(event.username, event.password))
         if ok:
             self.log.ok("auth", user=event.username, mechanism=event.mechanism)
@@ -375,11 +406,11 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.session.auth_result(ok, event.username)
 
     def _start_tls(self) -> bool:
-        context = self.server.tls_context
+        context = self.tls_context
         assert context is not None
         # One bound for the whole handshake (ssl applies a socket timeout to the whole
         # do_handshake), never beyond the idle timeout or the session's deadline.
-        limits = self.server.limits
+        limits = self.limits
         left = limits.session_deadline - (time.monotonic() - self.started)
         bound = min(limits.tls_handshake_timeout, limits.idle_timeout, left)
         self.sock.settimeout(max(0.01, bound))

@@ -6,10 +6,17 @@ StopFlag; the runner finishes (or, after a short grace, abandons) the transactio
 progress, sends QUIT, the finished messages' unlinks are flushed (Remover), and the
 program exits 0.
 
-One sender per queue (shared/queue.py): a sender started while another holds the
-queue lock delivers nothing. It logs once that it waits, tries the lock again every
-second (or `poll_interval`, if shorter), and takes over when the other one ends or
-dies - the kernel drops a dead process's flock. TERM ends the wait too (exit 0).
+One sender per queue (shared/queue/reader.py): a sender started while another holds
+the queue lock delivers nothing. It logs once that it waits, tries the lock again
+every second (or `poll_interval`, if shorter), and takes over when the other one
+ends or dies - the kernel drops a dead process's flock. TERM ends the wait too
+(exit 0). Only the owner serves the control socket (control.py), the `mailbag`
+command's way to the runner.
+
+HUP (shared/reload.py): between two passes the config is read again and the relay
+settings (with the password and CA files), retry times, limits and local domains
+are replaced; the relay session open then is ended with QUIT, a message in flight
+is settled first. A bad new config is logged and the old one stays in force.
 
 With `[metrics] listen` set, the sender that owns the queue counts its figures and
 shares them with the receiver's endpoint (shared/metrics/share.py).
@@ -23,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from services.sender.control import ControlServer, control_path
 from services.sender.decision import Backoff
 from services.sender.local import LocalDelivery
 from services.sender.relay import RelayConnection, RelaySettings, build_tls_context
@@ -35,7 +43,8 @@ from shared.dkim import DkimSigner
 from shared.log import EventLog, shutdown_logging
 from shared.metrics.share import start_sharing
 from shared.queue import QueueReader
-from shared.signals import StopFlag
+from shared.reload import RESTART_KEYS, reload_config
+from shared.signals import ReloadFlag, StopFlag
 
 
 def build_reader(config: Config) -> QueueReader:
@@ -107,7 +116,38 @@ def wait_for_queue(reader: QueueReader, log: EventLog, stop: threading.Event,
     return False
 
 
-def main(config: Config, stop: StopFlag) -> int:
+def start_control(config: Config, runner: QueueRunner, log: EventLog) -> ControlServer | None:
+    """Serve the control socket; without it (e.g. a path too long for a unix
+    socket) the sender still delivers, and the `mailbag` command says it cannot
+    reach it."""
+    try:
+        return ControlServer(config.queue.dir, runner.request, log)
+    except OSError as err:
+        log.error("control", socket=control_path(config.queue.dir),
+                  error=err.strerror or str(err))
+        return None
+
+
+def reloader(config: Config, runner: QueueRunner, log: EventLog, stop: threading.Event,
+             reload: ReloadFlag) -> Callable[[], None]:
+    """The runner's `before_pass`: a HUP since the last pass re-reads the config."""
+    running = config
+
+    def apply(new: Config) -> None:
+        relays = build_relays(new, EventLog(PROGRAM, "-"), stop)
+        signer = DkimSigner.from_config(new.dkim)  # the key files, read again
+        relays.keep_state_of(runner.relays)
+        runner.reconfigure(new, relays, signer)
+
+    def before_pass() -> None:
+        nonlocal running
+        if reload.take():
+            running = reload_config(running, config, log, RESTART_KEYS, apply)
+
+    return before_pass
+
+
+def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     reader = build_reader(config)
     try:
         relays = build_relays(config, EventLog(PROGRAM, "-"), stop.event)
@@ -129,8 +169,9 @@ def main(config: Config, stop: StopFlag) -> int:
     if cleaned:
         log.info("maildir-clean", removed=len(cleaned), maildir=config.local.maildir)
     wake = threading.Event()
-    # The runner waits on `wake`; a stop must wake it too.
+    # The runner waits on `wake`; a stop or a reload must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
+    reload.wake_also(wake)
     # Only the sender that owns the queue counts and shares: a standby one has
     # nothing to say, and must not overwrite the owner's figures.
     sharing = start_sharing(config.metrics_dir, log) if config.metrics.listen else None
@@ -139,7 +180,9 @@ def main(config: Config, stop: StopFlag) -> int:
         local=LocalDelivery(config.local.maildir), stop=stop.event,
         figures=sharing.figures if sharing else None,
     )
-    observer = watch_queue(config.queue.dir, wake, ignore=runner.is_own_move)
+    runner.before_pass = reloader(config, runner, log, stop.event, reload)
+    observer = watch_queue(config.queue.dir, wake, ignore=runner.settler.is_own_move)
+    control = start_control(config, runner, log)
     log.ok(
         "start",
         relay=",".join(map(str, config.sender.relay)) or "none",
@@ -154,10 +197,12 @@ def main(config: Config, stop: StopFlag) -> int:
         log.error("crash", exc=err)
         status = EXIT_RUNTIME_ERROR
     finally:
+        if control is not None:
+            control.close()
         runner.close_relay()
         observer.stop()
         observer.join(timeout=5)
-        runner.report_unfinished(reader.close())
+        runner.settler.report_unfinished(reader.close())
         if sharing is not None:
             sharing.stop()
     if status == EXIT_OK:

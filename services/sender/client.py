@@ -276,6 +276,11 @@ class ClientSession:
         return TIMEOUT_KIND.get(self._expected[0][0], "command")
 
     @property
+    def reply_in_progress(self) -> bool:
+        """Part of a reply has arrived: its timeout runs from when it was awaited."""
+        return self._parser.partial
+
+    @property
     def unsent(self) -> int:
         """Messages given to send_message() whose commands have not gone out yet."""
         return len(self._queued)

@@ -184,6 +184,7 @@ class RelayConnection:
         # if it did some work (then the wait polls again at once).
         self.on_idle: Callable[[], bool] | None = None
         self._stopped_at: float | None = None
+        self._reply_deadline: float | None = None  # of the reply being read
 
     # -- public --------------------------------------------------------------------
 
@@ -403,7 +404,11 @@ class RelayConnection:
         sock = self._need_sock(stage)
         kind = self.client.waiting_for or "command"
         timeout = limit or self.settings.timeouts.of(kind)
-        deadline = time.monotonic() + timeout
+        # One deadline per reply, not per recv: a relay trickling a reply line by line
+        # (or a line byte by byte) does not keep the session alive past its timeout.
+        if self._reply_deadline is None or not self.client.reply_in_progress:
+            self._reply_deadline = time.monotonic() + timeout
+        deadline = self._reply_deadline
         while True:
             try:
                 data = sock.recv(RECV_SIZE)

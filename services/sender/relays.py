@@ -81,3 +81,11 @@ class RelayPool:
     def reset(self) -> None:
         for route in self.routes:
             route.state.succeeded()
+
+    def keep_state_of(self, old: RelayPool) -> None:
+        """A reload: a relay configured before and still now keeps its backoff."""
+        before = {route.name: route.state for route in old.routes}
+        for route in self.routes:
+            if route.name in before:
+                route.state.failures = before[route.name].failures
+                route.state.retry_at = before[route.name].retry_at

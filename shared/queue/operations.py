@@ -20,6 +20,7 @@ from pathlib import Path
 from shared.queue.files import fsync_dir, unlink_quietly
 from shared.queue.state import BLANK, DeliveryState, StateStore
 
+ACTIONS = ("hold", "release", "delete", "flush")  # what an operator may ask for
 NOT_QUEUED = "not in the queue"
 
 
@@ -27,6 +28,13 @@ def is_queued(queue_dir: Path, queue_id: str) -> bool:
     """A message of that id is in queue.dir (ids never start with a dot)."""
     return (not queue_id.startswith(".") and "/" not in queue_id
             and os.path.isfile(os.path.join(queue_dir, queue_id)))
+
+
+def deferred_ids(states: dict[str, DeliveryState], now: float) -> list[str]:
+    """The messages waiting for a next attempt after `now` (held ones not counted):
+    what `flush` with no ids makes due."""
+    return [queue_id for queue_id, state in states.items()
+            if not state.held and state.next_attempt > now]
 
 
 def _save(store: StateStore, states: dict[str, DeliveryState], queue_id: str,

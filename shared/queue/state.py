@@ -97,11 +97,19 @@ class StateStore:
         except FileNotFoundError:
             return BLANK
 
+    def _entries(self) -> list[os.DirEntry[str]]:
+        """The folder's entries; a folder removed by hand is made again (empty)."""
+        try:
+            return list(os.scandir(self.dir))
+        except FileNotFoundError:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            return []
+
     def load_all(self) -> tuple[dict[str, DeliveryState], list[tuple[str, str]]]:
         """Every state on disk, and the files that could not be read (name, why)."""
         states: dict[str, DeliveryState] = {}
         problems: list[tuple[str, str]] = []
-        for entry in os.scandir(self.dir):
+        for entry in self._entries():
             if entry.name.startswith("."):
                 continue  # a write in progress (or its leftover)
             try:
@@ -122,6 +130,8 @@ class StateStore:
         if state.is_blank:
             self.remove(queue_id, durable=durable)
             return
+        if not self.dir.is_dir():  # removed by hand: make it again
+            self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(queue_id)
         if durable:
             write_durably_replacing(path, state.to_json())
@@ -145,7 +155,7 @@ class StateStore:
         queued; returns the ids removed."""
         keep = set(present)
         removed = []
-        for entry in os.scandir(self.dir):
+        for entry in self._entries():
             if entry.name not in keep:
                 unlink_quietly(entry.path)
                 if not entry.name.startswith("."):

@@ -1,0 +1,247 @@
+"""What `mailbag hold|release|delete|flush|requeue` change, and through whom (SPEC §7).
+
+Queued messages are changed only by the queue's owner, never behind its back:
+
+- the running sender, over its control socket (services/sender/control.py): its
+  runner applies the change between two messages, also to a message it has read or
+  has in flight, so a `delete` or `hold` takes effect in the middle of a pass, and
+  a `flush` wakes it at once;
+- when no sender serves the queue, this command becomes the owner: it takes the
+  queue lock itself (non-blocking) and applies shared/queue/operations.py to the
+  messages at rest. When the lock is held but nobody answers on the socket (a
+  sender starting up, or another `mailbag` command at work), it tries both again
+  for LOCK_WAIT seconds, then gives up with a clear error.
+
+The failed folder is not the sender's to change (it only ever adds files there,
+each one renamed in whole), so `delete --failed` and `requeue` work on it directly.
+`requeue` stores a failed message into the queue AS NEW (a new id, its lifetime
+starting again) through the queue's writer - durable, across filesystems - and
+only then removes it and its reason: a crash in between leaves a copy in both
+places, never none.
+
+Every id acted upon is logged as one `ADMIN` line (peer `uid=N`) with what became
+of it, so `grep ID var/log/mailbag.log*` shows the operator's part of its story.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.admin.errors import AdminError
+from services.admin.listing import ListingError, failed_rows
+from services.sender.control import ControlError, ask_sender
+from shared.config import Config
+from shared.log import EventLog, setup_logging
+from shared.queue import (
+    REASON_SUFFIX,
+    DeliveryState,
+    QueueFile,
+    QueueFormatError,
+    QueueReader,
+    QueueWriteError,
+    QueueWriter,
+    StateStore,
+    fsync_dir,
+    operations,
+    read_file,
+)
+
+PROGRAM = "ADMIN"
+LOCK_WAIT = 5.0  # seconds to wait for a queue lock nobody answers for
+LOCK_RETRY = 0.2
+VIA_SENDER = "sender"
+VIA_LOCK = "queue lock"
+
+
+@dataclass(frozen=True)
+class Result:
+    """What became of one id."""
+
+    queue_id: str
+    text: str  # for the operator: "held", "not in the queue", "requeued as ..."
+    found: bool = True  # False: no such message (the command exits 1)
+    new_id: str | None = None  # a requeued message's id in the queue
+
+
+class AdminLog:
+    """The `ADMIN` lines in the shared logfile; a user who may not write it is told
+    so once on stderr, and the change is still made."""
+
+    def __init__(self, config: Config, warn: Callable[[str], None]) -> None:
+        self.log: EventLog | None
+        try:
+            self.log = setup_logging(config.log, PROGRAM).with_peer(f"uid={os.getuid()}")
+        except OSError as err:
+            self.log = None
+            warn(f"cannot write the log {config.log.file} ({err.strerror or err}); "
+                 "the change is not logged")
+
+    def record(self, action: str, result: Result, **details: object) -> None:
+        """One line for one id (a requeued message's new id on it too)."""
+        if self.log is None:
+            return
+        if result.new_id:
+            details["new_id"] = result.new_id
+        outcome = self.log.ok if result.found else self.log.fail
+        outcome(action, id=result.queue_id, result=result.text, **details)
+
+    def note(self, action: str, **details: object) -> None:
+        """A line about no message in particular (a flush of every deferred one)."""
+        if self.log is not None:
+            self.log.ok(action, **details)
+
+
+# ---------------------------------------------------------------------------- the queue
+
+def change_queued(config: Config, action: str, ids: Sequence[str], *,
+                  clock: Callable[[], float] = time.time,
+                  wait: float = LOCK_WAIT) -> tuple[list[Result], str]:
+    """Apply hold / release / delete / flush to queued messages; the results and who
+    applied them (VIA_SENDER or VIA_LOCK). `flush` with no ids: every deferred one.
+    AdminError if neither the sender nor the queue lock can be had."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            answers = ask_sender(config.queue.dir, action, ids)
+        except ControlError as err:
+            raise AdminError(str(err)) from None
+        if answers is not None:
+            return _results(answers), VIA_SENDER
+        answers = _at_rest(config, action, ids, clock)
+        if answers is not None:
+            return _results(answers), VIA_LOCK
+        if time.monotonic() >= deadline:
+            raise AdminError(
+                f"the queue {config.queue.dir} is locked, but no sender answers on its "
+                "control socket (a sender starting up, or another mailbag command); "
+                "try again")
+        time.sleep(LOCK_RETRY)
+
+
+def _results(answers: dict[str, str]) -> list[Result]:
+    return [Result(queue_id, text, text != operations.NOT_QUEUED)
+            for queue_id, text in answers.items()]
+
+
+def _at_rest(config: Config, action: str, ids: Sequence[str],
+             clock: Callable[[], float]) -> dict[str, str] | None:
+    """As the queue's owner (no sender runs); None if the lock is taken."""
+    queue = config.queue
+    try:
+        reader = QueueReader(queue.dir, queue.failed, queue.quarantine)
+    except OSError as err:
+        raise AdminError(f"cannot use the queue {queue.dir}: {err.strerror or err} "
+                         "(run as root or as the user mailbag runs as)") from None
+    try:
+        if not reader.try_lock():
+            return None
+        store = StateStore(queue.dir)
+        states, _unreadable = store.load_all()  # an unreadable state counts as none
+        now = clock()
+        if action == "flush" and not ids:
+            ids = operations.deferred_ids(states, now)
+        answers = {}
+        for queue_id in ids:
+            answers[queue_id] = _operate(queue.dir, store, states, action, queue_id, now)
+        return answers
+    except OSError as err:
+        raise AdminError(f"cannot change the queue {queue.dir}: {err.strerror or err}") from None
+    finally:
+        reader.close()
+
+
+def _operate(queue_dir: Path, store: StateStore, states: dict[str, DeliveryState],
+             action: str, queue_id: str, now: float) -> str:
+    if action == "hold":
+        return operations.hold(queue_dir, store, states, queue_id)
+    if action == "release":
+        return operations.release(queue_dir, store, states, queue_id, now)
+    if action == "flush":
+        return operations.flush(queue_dir, store, states, queue_id, now)
+    return operations.delete(queue_dir, store, states, queue_id)
+
+
+def queued_ids(config: Config) -> list[str]:
+    """Every message in the queue now, oldest first (for `delete --all`)."""
+    queue = config.queue
+    try:
+        reader = QueueReader(queue.dir, queue.failed, queue.quarantine)
+    except OSError as err:
+        raise AdminError(f"cannot use the queue {queue.dir}: {err.strerror or err}") from None
+    try:
+        return [entry.name for entry in reader.scan().ready]
+    except OSError as err:
+        raise AdminError(f"cannot list the queue {queue.dir}: {err.strerror or err}") from None
+    finally:
+        reader.close()
+
+
+# ---------------------------------------------------------------------------- failed
+
+def failed_ids(config: Config) -> list[str]:
+    """Every message in the failed folder (`<id>` or `<id>.<n>`), as listed."""
+    try:
+        return [row.id for row in failed_rows(config.queue.failed)]
+    except ListingError as err:
+        raise AdminError(str(err)) from None
+
+
+def failed_path(config: Config, name: str) -> Path | None:
+    """The failed message of that name, or None (never a reason file or a dot name)."""
+    if not name or "/" in name or name.startswith(".") or name.endswith(REASON_SUFFIX):
+        return None
+    path = config.queue.failed / name
+    return path if path.is_file() and not path.is_symlink() else None
+
+
+def delete_failed(config: Config, name: str) -> Result:
+    path = failed_path(config, name)
+    if path is None:
+        return Result(name, "not in the failed folder", found=False)
+    try:
+        os.unlink(path)
+        _remove_reason(path)
+    except OSError as err:
+        raise AdminError(f"cannot delete {path}: {err.strerror or err}") from None
+    return Result(name, "deleted from the failed folder")
+
+
+def requeue(config: Config, name: str) -> Result:
+    """Store the failed message `name` into the queue as a new message, then remove
+    it from the failed folder."""
+    path = failed_path(config, name)
+    if path is None:
+        return Result(name, "not in the failed folder", found=False)
+    try:
+        message = QueueFile.from_bytes(read_file(path))
+    except QueueFormatError as err:
+        raise AdminError(f"{name} cannot be requeued: {err}") from None
+    except OSError as err:
+        raise AdminError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        writer = QueueWriter(config.queue.dir)
+        new_id = writer.store(message.sender, message.recipients, message.data)
+    except (QueueWriteError, OSError) as err:
+        raise AdminError(f"cannot store {name} into the queue: {err.strerror or err}") from None
+    try:
+        os.unlink(path)
+        _remove_reason(path)
+    except OSError as err:
+        raise AdminError(f"{name} was requeued as {new_id}, but cannot be removed from "
+                         f"{path.parent}: {err.strerror or err}") from None
+    return Result(name, f"requeued as {new_id}", new_id=new_id)
+
+
+def _remove_reason(path: Path) -> None:
+    """The message is gone: its reason goes too, and a power cut must not bring the
+    message back."""
+    try:
+        os.unlink(path.with_name(path.name + REASON_SUFFIX))
+    except FileNotFoundError:
+        pass
+    fsync_dir(path.parent)
+
