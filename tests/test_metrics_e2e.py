@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from shared.config import load_config
+from shared.queue import QueueWriter, new_queue_id
 from tests.appliance_support import wait_until
 from tests.metrics_support import answers, http_get, samples, timed, value, wait_for_value
 from tests.sender_support import Relay
 from tests.support import MailbagProcess, free_port, wait_for_banner, write_config
+from tests.test_reload import hup_and_wait
 
 pytestmark = pytest.mark.e2e
 
@@ -229,4 +231,28 @@ def test_a_scrape_during_a_burst_of_50_sessions_answers_within_a_second(
         assert sum(sent) >= 50
     finally:
         stop.set()
+        mailbag.stop()
+
+
+def test_a_reload_applies_new_health_limits_and_names_a_new_listen(tmp_path: Path) -> None:
+    mailbag = Mailbag(tmp_path)  # no relay: remote mail waits
+    try:
+        mailbag.start_receiver()
+        mailbag.start_sender()
+        queue_id = QueueWriter(mailbag.config.queue.dir).store(
+            "me@example.com", ["you@example.org"], MESSAGE,
+            queue_id=new_queue_id(time.time_ns() - 600 * 10**9))  # arrived 10 minutes ago
+        assert mailbag.wait_health(200) == "ok\n"
+        text = mailbag.config_path.read_text()
+        text = text.replace("[metrics]\n", '[metrics]\nmax_queue_age = "5m"\n')
+        moved = f"127.0.0.1:{free_port()}"
+        mailbag.config_path.write_text(text.replace(
+            f'listen = "127.0.0.1:{mailbag.metrics_port}"', f'listen = "{moved}"'))
+        lines = hup_and_wait(mailbag.receiver, mailbag.config.log.file, "R-SMTP")
+        assert any("needs_restart=metrics.listen" in line for line in lines), lines
+        body = mailbag.wait_health(503)  # the new limit; the endpoint stays where it was
+        assert body == ("queue: the oldest waiting message is 10m old "
+                        "(max_queue_age 5m)\n"), body
+        assert queue_id in {p.name for p in mailbag.config.queue.dir.iterdir()}
+    finally:
         mailbag.stop()
