@@ -256,3 +256,25 @@ def test_a_reload_applies_new_health_limits_and_names_a_new_listen(tmp_path: Pat
         assert queue_id in {p.name for p in mailbag.config.queue.dir.iterdir()}
     finally:
         mailbag.stop()
+
+
+def test_refusals_are_counted_by_reply_code(tmp_path: Path) -> None:
+    mailbag = Mailbag(tmp_path, receiver={"max_connections": 1})
+    try:
+        mailbag.start_receiver()
+        port = mailbag.metrics_port
+        wait_until(lambda: mailbag.health() is not None, 10.0, "the endpoint")
+        wait_for_value(port, "mailbag_sessions_active", 0)  # the start-up check's is over
+        with smtplib.SMTP(*mailbag.smtp, timeout=10) as client:
+            client.ehlo("metrics.test")
+            assert client.rcpt("you@example.org")[0] == 503  # RCPT before MAIL
+            client.mail("me@example.com")
+            assert client.rcpt("no-domain")[0] == 501
+            with socket.create_connection(mailbag.smtp, timeout=5) as over:
+                assert over.recv(100).startswith(b"421")  # over max_connections
+        wait_for_value(port, "mailbag_rejected_total", 1, code="421")
+        assert value(port, "mailbag_rejected_total", code="501") == 1
+        assert value(port, "mailbag_rejected_total", code="503") == 1
+        assert value(port, "mailbag_received_total") == 0
+    finally:
+        mailbag.stop()
