@@ -136,11 +136,16 @@ class Census:
         self._held: frozenset[str] = frozenset()
         self._next_attempts: list[float] = []  # of the others with a state, sorted
         self._oldest: float | None = None
+        self._failed_seen: frozenset[str] | None = None
+        self._failed_count = 0
 
     def count(self, now: float) -> QueueCensus:
         """ListingError if a folder cannot be read."""
         names = self._queued.names()
-        failed = sum(not name.endswith(REASON_SUFFIX) for name in self._failed.names())
+        failed_names = self._failed.names()
+        if failed_names is not self._failed_seen:  # each with its `.reason` beside it
+            self._failed_count = sum(not name.endswith(REASON_SUFFIX) for name in failed_names)
+            self._failed_seen = failed_names
         try:
             states = self._states.load()
         except OSError as err:
@@ -150,7 +155,7 @@ class Census:
         deferred = len(self._next_attempts) - bisect.bisect_right(self._next_attempts, now)
         held = len(self._held)
         counts = {"ready": len(names) - held - deferred, "deferred": deferred, "held": held,
-                  "failed": failed}
+                  "failed": self._failed_count}
         return QueueCensus(counts, self._oldest)
 
     def _sort(self, names: frozenset[str], states: Mapping[str, DeliveryState]) -> None:

@@ -93,12 +93,11 @@ class FolderStamp:
     """
 
     SETTLE_NS = 50_000_000  # well over a clock tick (1-10 ms)
+    ABSENT = (0, 0, 0)  # the stamp of a folder that does not exist (yet)
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._seen: tuple[int, int, int] | None = None  # a settled stamp
-
-    ABSENT = (0, 0, 0)  # the stamp of a folder that does not exist (yet)
 
     def changed(self) -> bool:
         """True if the folder must be listed again (also when it cannot be stat'ed:
