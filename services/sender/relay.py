@@ -330,9 +330,11 @@ class RelayConnection:
             done.set()
 
         threading.Thread(target=lookup, name="relay-lookup", daemon=True).start()
-        while not done.wait(self._slice(deadline, "connect", f"the address of {address.host}",
-                                        self.settings.timeouts.connect)):
-            pass
+        what, timeout = f"the address of {address.host}", self.settings.timeouts.connect
+        while not done.is_set():
+            busy = self.on_idle is not None and not self.stop.is_set() and self.on_idle()
+            wait = self._slice(deadline, "connect", what, timeout)
+            done.wait(0 if busy else wait)
         if failure:
             raise RelayError("connect", f"cannot resolve {address.host}: "
                              f"{_os_error_text(failure[0])}")

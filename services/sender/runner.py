@@ -303,16 +303,26 @@ class QueueRunner:
             if conn is None:
                 self._hold(job, why)
                 continue
-            sender, data = job.message.sender, job.message.data
-            if self.outbound.active:
-                sender, data = self.outbound.prepare(job.queue_id, sender, data,
-                                                     conn.client.extensions, conn.log)
+            sender, data = self._outgoing(job, conn)
             conn.submit(OutgoingMessage(job.queue_id, sender, job.remote, data))
             self._flight[job.queue_id] = job
             if self.bucket is not None:
                 self.bucket.take(self.clock())
                 self.bucket.save(self.reader.dir)
         return worked
+
+    def _outgoing(self, job: Job, conn: RelayConnection) -> tuple[str, bytes]:
+        """The envelope sender and data for the relay: rewritten and signed when so
+        configured; as queued if that fails (logged with the id), never a crash."""
+        sender, data = job.message.sender, job.message.data
+        if not self.outbound.active:
+            return sender, data
+        try:
+            return self.outbound.prepare(job.queue_id, sender, data,
+                                         conn.client.extensions, conn.log)
+        except Exception as exc:  # noqa: BLE001 - one odd message must not stop delivery
+            conn.log.error("outbound", id=job.queue_id, exc=exc)
+            return sender, data
 
     def _wait_for_rate(self) -> None:
         """Wait for the rate limit's next token, delivering local mail and serving
@@ -449,7 +459,11 @@ class QueueRunner:
         if after == "hold":
             self.log.info("hold", id=job.queue_id, reason="held by the operator in flight")
         elif after == "delete":
-            self._operate("delete", job.queue_id)
+            try:
+                self._operate("delete", job.queue_id)
+            except OSError as err:  # it stays queued; the operator may delete it again
+                self.log.error("delete", id=job.queue_id, error=err.strerror or str(err))
+                return
             self.log.ok("delete", id=job.queue_id, reason="deleted by the operator in flight")
 
     # -- operators' requests ------------------------------------------------------------

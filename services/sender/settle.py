@@ -280,8 +280,11 @@ class Settler:
         attempts = state.attempts + 1
         expiry = expires_at(arrival_time(entry.name, entry.mtime_ns / 1e9), self.policy)
         next_attempt = min(at + self.policy.backoff.delay(attempts), expiry)
-        self.set_state(entry.name, replace(state, attempts=attempts,
-                                           next_attempt=next_attempt, last_reply=reason))
+        try:
+            self.set_state(entry.name, replace(state, attempts=attempts,
+                                               next_attempt=next_attempt, last_reply=reason))
+        except OSError as err:  # a full disk: tried again at the next pass
+            self.log.error("state", id=entry.name, error=err.strerror or str(err))
 
     def quarantine(self, queue_id: str, reason: str) -> bool:
         """Set an unreadable file (or a non-file) aside; if that fails, it stays where
