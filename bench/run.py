@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py            # full run (a few minutes)
     .venv/bin/python bench/run.py --short    # smoke run, under a minute
     .venv/bin/python bench/run.py --strace   # durability check of the receiver
+    .venv/bin/python bench/run.py --only metrics   # the metrics' cost: on/off, a scrape (~6 min)
 
 Everything runs as real processes on 127.0.0.1 with private ports, in a temporary
 folder under /tmp (the same disk as the checkout on the reference machine). The load
@@ -38,14 +39,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import postfix_peer  # noqa: E402
-from shared.queue import QueueWriter  # noqa: E402
+from shared.queue import DeliveryState, QueueWriter, StateStore, new_queue_id  # noqa: E402
 from shared.smtp import ReplyParser  # noqa: E402
 from tests.support import free_port, wait_for_banner, write_config  # noqa: E402
 
@@ -75,10 +76,13 @@ class Mode:
     upstream: int  # messages timed from 250 to upstream arrival
     idle_seconds: float
     disk_ops: int
+    metrics_rounds: int  # interleaved off/on pairs of the metrics' A/B runs
+    metrics_drain: int  # queued messages each of its drains takes
+    scrape_queue: int  # queued messages a timed scrape counts
 
 
-FULL = Mode(3, 3000, 600, 3000, 1000, 500, 2000, 30, 3.0, 1000)
-SHORT = Mode(1, 1000, 200, 1000, 300, 100, 2000, 10, 1.5, 300)
+FULL = Mode(3, 3000, 600, 3000, 1000, 500, 2000, 30, 3.0, 1000, 10, 5000, 100_000)
+SHORT = Mode(1, 1000, 200, 1000, 300, 100, 2000, 10, 1.5, 300, 2, 2000, 20_000)
 
 
 # ---------------------------------------------------------------------- processes
@@ -176,7 +180,7 @@ class RssSampler:
 
 def start_receiver(workdir: Path, *, wrapper: Sequence[str] = (), level: str = "INFO",
                    sender: dict | None = None, queue: dict | None = None,
-                   name: str = "mailbag") -> Server:
+                   name: str = "mailbag", metrics: dict | None = None) -> Server:
     """mailbag's receiver as supervisord runs it, with room for 50 sessions."""
     port = free_port()
     folder = workdir / name
@@ -187,6 +191,7 @@ def start_receiver(workdir: Path, *, wrapper: Sequence[str] = (), level: str = "
         log={"level": level},
         sender=sender or {"poll_interval": 60},
         queue=queue or {},
+        metrics=metrics or {},
     )
     argv = [*wrapper, sys.executable, "-m", "services.receiver", "--config", str(config)]
     server = Server(name, argv, port, workdir, folder / "var" / "queue")
@@ -672,7 +677,8 @@ def drain_figures(report: Report, workdir: Path, mode: Mode) -> None:
     report.line("sender RSS during drain (MiB)", max(rss) / 1024, None, digits=1)
 
 
-def drain_once(folder: Path, workdir: Path, count: int) -> tuple[float, float, int] | None:
+def drain_once(folder: Path, workdir: Path, count: int,
+               metrics: dict | None = None) -> tuple[float, float, int] | None:
     """One drain: msgs/s, CPU s per 1,000 msgs, peak RSS (KiB); None if it failed.
 
     Timed by smtp-sink's own arrival counter from the first message to the last
@@ -681,7 +687,7 @@ def drain_once(folder: Path, workdir: Path, count: int) -> tuple[float, float, i
     folder.mkdir()
     with smtp_sink(workdir) as (sink_port, arrivals):
         config = write_config(folder, sender={"relay": f"127.0.0.1:{sink_port}",
-                                              "poll_interval": 60})
+                                              "poll_interval": 60}, metrics=metrics or {})
         queue_dir = folder / "var" / "queue"
         fill_queue(queue_dir, count)
         sender = start_sender(config, workdir)
@@ -707,6 +713,205 @@ def drain_once(folder: Path, workdir: Path, count: int) -> tuple[float, float, i
     elapsed = arrivals.stamps[count] - arrivals.stamps[1]
     cpu = cpu_at.get(count, 0.0) - cpu_at.get(1, 0.0)
     return timed / max(elapsed, 1e-6), cpu / timed * 1000, rss.peak
+
+
+# ---------------------------------------------------------------------- the metrics
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+SCRAPE_INTERVAL = 5.0  # seconds: a third of the usual 15 s; what one scrape costs is its own line
+
+
+class Scraper:
+    """GET /metrics every `interval` seconds while a load runs, as Prometheus does."""
+
+    def __init__(self, port: int, interval: float = SCRAPE_INTERVAL) -> None:
+        self.port = port
+        self.interval = interval
+        self.scrapes = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:  # one at once, then every interval: a short run is scraped too
+            status, _ = get(self.port, "/metrics")
+            if status != 200:
+                raise SystemExit(f"/metrics answered {status}")
+            self.scrapes += 1
+            if self._done.wait(self.interval):
+                return
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def metrics_figures(report: Report, workdir: Path, mode: Mode) -> None:
+    """The metrics' cost: receive and drain with `[metrics] listen` off and on
+    (scraped every SCRAPE_INTERVAL), in pairs run back to back, the order swapped
+    every other pair (off-on, on-off, ...) so that a drifting background load favours
+    neither; the figure is the median of the pairs' on/off ratios. Then what one
+    scrape of a large queue takes."""
+    load = Load("1 KiB, 5 sessions, -d", 1024, 5, mode.small, True)
+    metrics_port = free_port()
+    off = start_receiver(workdir, name="metrics-off")
+    on = start_receiver(workdir, name="metrics-on",
+                        metrics={"listen": f"127.0.0.1:{metrics_port}"})
+
+    def receive(name: str, n: int) -> tuple[float, float]:
+        if name == "off":
+            result = drive(off, load)
+        else:
+            with Scraper(metrics_port):
+                result = drive(on, load)
+        return result.rate, result.cpu_per_1000
+
+    try:
+        received = paired(mode.metrics_rounds, receive)
+    finally:
+        off.stop()
+        on.stop()
+
+    def drain(name: str, n: int) -> tuple[float, float]:
+        metrics = {"listen": f"127.0.0.1:{free_port()}"} if name == "on" else {}
+        run = drain_once(workdir / f"metrics-drain-{name}{n}", workdir, mode.metrics_drain,
+                         metrics)
+        if run is None:
+            raise SystemExit(f"sender did not drain the queue; see {workdir / 'sender.stderr'}")
+        return run[0], run[1]
+
+    drained = paired(mode.metrics_rounds, drain)
+    for label, pairs in ((f"receive {load.label}", received),
+                         (f"sender drain of {mode.metrics_drain} x 1 KiB", drained)):
+        rates = [(on_[0], off_[0]) for off_, on_ in pairs]
+        cpus = [(on_[1], off_[1]) for off_, on_ in pairs]
+        report.line(f"{label}, metrics on vs off (msgs/s)",
+                    statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates),
+                    "within 5%")
+        report.line("  on/off, median of the pairs' ratios: msgs/s",
+                    statistics.median(a / b for a, b in rates), None, digits=3)
+        report.line("  on/off, median of the pairs' ratios: CPU per message",
+                    statistics.median(a / b for a, b in cpus), None, digits=3)
+        report.note(f"{label} pairs on/off (msgs/s): " +
+                    " ".join(f"{a:.0f}/{b:.0f}" for a, b in rates))
+    counting_figures(report)
+    scrape_figures(report, workdir, mode.scrape_queue)
+
+
+def counting_figures(report: Report, calls: int = 200_000) -> None:
+    """What counting one message costs in each program (the calls they make per
+    message with metrics on), in this process: free of the load's noise."""
+    from prometheus_client import CollectorRegistry
+
+    from shared.metrics.figures import CountingReceiverFigures, CountingSenderFigures
+
+    receiver = CountingReceiverFigures(CollectorRegistry())
+    sender = CountingSenderFigures(CollectorRegistry())
+
+    def per_call(work: Callable[[], None]) -> float:
+        started = time.thread_time()
+        for _ in range(calls):
+            work()
+        return (time.thread_time() - started) / calls * 1e6
+
+    report.line("counting one message, receiver (us of CPU)", per_call(receiver.received), None,
+                digits=1)
+    arrival = time.time() - 0.003
+
+    def relayed() -> None:  # the runner's fast path: delivered, and the time to the relay
+        sender.delivered("relay", 1)
+        sender.delivery_time(time.time() - arrival)
+
+    report.line("counting one message, sender (us of CPU)", per_call(relayed), None, digits=1)
+
+
+def paired(rounds: int, run: Callable[[str, int], tuple[float, float]]
+           ) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """`rounds` pairs of (off, on) results, run back to back, in swapped order every
+    other round."""
+    pairs = []
+    for n in range(rounds):
+        order = ("off", "on") if n % 2 == 0 else ("on", "off")
+        results = {name: run(name, n) for name in order}
+        pairs.append((results["off"], results["on"]))
+    return pairs
+
+
+def scrape_figures(report: Report, workdir: Path, count: int) -> None:
+    """A scrape of a queue of `count` messages, through the receiver's endpoint: all
+    ready (no state files), then all deferred (a state file each). Timed: the first
+    scrape (every state file parsed), one with nothing changed, one after a message
+    arrived (the queue folder is listed again), one after a state changed (every
+    state file is stat'ed again)."""
+    folder = workdir / "scrape"
+    queue_dir = folder / "var" / "queue"
+    queue_dir.mkdir(parents=True)
+    data = b"From: <bench@example.com>\nTo: <rcpt@example.org>\n\n" + b"x" * 1024
+    start_ns = time.time_ns() - count * 1_000_000
+    names = [new_queue_id(start_ns + n * 1_000_000) for n in range(count)]
+    for name in names:  # the scrape reads names only: no fsync needed to make them
+        fd = os.open(queue_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, data)
+        os.close(fd)
+    metrics_port = free_port()
+    receiver = start_receiver(folder, name="scrape-receiver",
+                              queue={"dir": str(queue_dir)},
+                              metrics={"listen": f"127.0.0.1:{metrics_port}"})
+    store = StateStore(queue_dir)
+    later = DeliveryState(attempts=1, next_attempt=time.time() + 3600, last_reply="451 busy")
+
+    def arrive() -> None:
+        fd = os.open(queue_dir / new_queue_id(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, data)
+        os.close(fd)
+
+    try:
+        time_scrapes(report, receiver, metrics_port, f"{count:,} ready", arrive, None)
+        for name in names:
+            store.save(name, later)
+        time_scrapes(report, receiver, metrics_port, f"{count:,} deferred", arrive,
+                     lambda: store.save(names[0], replace(later, attempts=2)))
+    finally:
+        receiver.stop()
+
+
+def time_scrapes(report: Report, receiver: Server, port: int, label: str,
+                 arrive: Callable[[], None], state_change: Callable[[], None] | None) -> None:
+    def scrape() -> tuple[float, float]:
+        time.sleep(0.1)  # FolderStamp trusts a folder whose last change is 50 ms old
+        cpu = receiver.cpu_seconds()
+        started = time.perf_counter()
+        status, _ = get(port, "/metrics")
+        if status != 200:
+            raise SystemExit(f"/metrics answered {status}")
+        return (time.perf_counter() - started) * 1000, (receiver.cpu_seconds() - cpu) * 1000
+
+    steps = [("first", lambda: None), ("nothing changed", lambda: None),
+             ("a message arrived", arrive)]
+    if state_change is not None:
+        steps.append(("a state changed", state_change))
+    for what, change in steps:
+        change()
+        wall, cpu = scrape()
+        report.line(f"scrape, {label}, {what} (ms)", wall, None, f"receiver CPU {cpu:.0f} ms")
+    started = time.perf_counter()
+    get(port, "/healthz")
+    report.line(f"/healthz, {label} (ms)", (time.perf_counter() - started) * 1000, None)
 
 
 def upstream_figures(report: Report, workdir: Path, mode: Mode) -> None:
@@ -930,7 +1135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="smoke run, under a minute")
     parser.add_argument("--strace", action="store_true", help="durability check of the receiver")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--only", default="", help="comma list: disk,receive,sender")
+    parser.add_argument("--only", default="",
+                        help="comma list: disk,receive,sender,metrics")
     parser.add_argument("--dir", default="/tmp", type=Path,
                         help="parent of the temporary folder (default /tmp)")
     args = parser.parse_args(argv)
@@ -977,6 +1183,8 @@ def run_all(workdir: Path, mode: Mode, only: set[str]) -> int:
     if wanted("sender"):
         drain_figures(report, workdir, mode)
         upstream_figures(report, workdir, mode)
+    if "metrics" in only:  # its own A/B runs take minutes: only when asked for
+        metrics_figures(report, workdir, mode)
     report.note(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -134,6 +134,10 @@ class OptionalDuration(float):
     """Seconds written as "30m", "4h", "2d" or a number; "" means: off (None)."""
 
 
+class Duration(float):
+    """Seconds written as "30m", "4h", "2d" or a number; always set."""
+
+
 @dataclass(frozen=True)
 class ReceiverConfig:
     listen: HostPort = HostPort("127.0.0.1", 2525)
@@ -265,6 +269,15 @@ class BounceConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (services/monitoring/, SPEC §9)."""
+
+    listen: OptionalHostPort | None = None  # "" = no endpoint, nothing counted
+    relay_down_after: Duration = Duration(600.0)  # /healthz: relay failing this long
+    max_queue_age: Duration = Duration(3600.0)  # /healthz: oldest waiting message
+
+
+@dataclass(frozen=True)
 class DkimKeyConfig:
     """One signing key: mail whose From: is in `domain` is signed with it."""
 
@@ -302,8 +315,15 @@ class Config:
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     bounce: BounceConfig = field(default_factory=BounceConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # [aliases]: local part (any case) -> its targets; shared/aliases.py resolves them
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where the programs share their figures and liveness (shared/metrics/):
+        `metrics` next to the queue folder, like `failed` and `quarantine`."""
+        return self.queue.dir.parent / "metrics"
 
 
 _SECTIONS: dict[str, type] = {
@@ -316,6 +336,7 @@ _SECTIONS: dict[str, type] = {
     "rewrite": RewriteConfig,
     "bounce": BounceConfig,
     "dkim": DkimConfig,
+    "metrics": MetricsConfig,
 }
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
@@ -481,12 +502,12 @@ def _convert(value: typing.Any, annotation: typing.Any, key: str, base: Path) ->
                 str(HostPort.parse(name)): _build_section(f"{key}.{name!r}", RelayOptions,
                                                           _expect(options, dict, key), base)
                 for name, options in table.items()})
-        if annotation is OptionalDuration:
-            if value == "":
+        if annotation in (OptionalDuration, Duration):
+            if value == "" and annotation is OptionalDuration:
                 return None
             if isinstance(value, bool) or not isinstance(value, str | int | float):
                 raise ConfigError(f"{key}: expected a duration like \"4h\", got {value!r}")
-            return OptionalDuration(parse_duration(value))
+            return annotation(parse_duration(value))
         if annotation == Mapping[str, str]:
             table = _expect(value, dict, key)
             for name, item in table.items():
@@ -566,6 +587,8 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError("receiver.tls_cert and receiver.tls_key must be set together")
     if rcv.tls_listen and not rcv.tls_cert:
         raise ConfigError("receiver.tls_listen needs receiver.tls_cert and receiver.tls_key")
+    if config.metrics.listen and config.metrics.listen in (rcv.listen, rcv.tls_listen):
+        raise ConfigError(f"metrics.listen: {config.metrics.listen} is an SMTP listen address")
     if log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: unknown level {log.level!r}")
     if log.retention < 0:

@@ -22,9 +22,10 @@ from shared.cli import StartupError
 from shared.config import Config, ConfigError, load_config
 from shared.log import EventLog
 
-# Keys neither program can change while it runs.
+# Keys neither program can change while it runs (metrics.listen: the receiver's
+# endpoint socket, and whether the sender counts at all).
 RESTART_KEYS = ("queue.dir", "queue.failed_dir", "queue.quarantine_dir",
-                "log.file", "log.level", "log.rotation", "log.retention")
+                "log.file", "log.level", "log.rotation", "log.retention", "metrics.listen")
 
 
 def reload_config(running: Config, started: Config, log: EventLog,

@@ -21,12 +21,14 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from prometheus_client import CollectorRegistry
 
 from services.sender.app import build_relays
 from services.sender.runner import QueueRunner
 from shared.config import load_config
 from shared.dkim import DkimSigner
 from shared.log import EventLog
+from shared.metrics.figures import CountingSenderFigures, SenderFigures
 from shared.queue import QueueFile, QueueReader, QueueWriter
 from tests.support import free_port, write_config
 
@@ -334,6 +336,7 @@ class Setup:
         assert self.reader.try_lock()  # the runner delivers only as the queue's owner
         self.clock = FakeClock()
         self.stop = threading.Event()
+        self.figures: SenderFigures | None = None
         self.runner = self.make_runner()
         self.runner.settler.load_states()
 
@@ -341,7 +344,16 @@ class Setup:
         log = EventLog("S-SMTP", "-")
         return QueueRunner(self.config, self.reader, log, clock=self.clock, stop=self.stop,
                            relays=build_relays(self.config, log, self.stop),
-                           signer=DkimSigner.from_config(self.config.dkim))
+                           signer=DkimSigner.from_config(self.config.dkim),
+                           figures=self.figures)
+
+    def count(self) -> CollectorRegistry:
+        """From now on the runner counts its figures into the registry returned."""
+        registry = CollectorRegistry()
+        self.figures = CountingSenderFigures(registry)
+        self.runner = self.make_runner()
+        self.runner.settler.load_states()
+        return registry
 
     def use_real_clock(self) -> None:
         """From now on the runner lives in real time (failover, rate limits)."""

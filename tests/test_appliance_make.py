@@ -25,6 +25,7 @@ def test_make_run_starts_the_daemon_once_and_make_stop_ends_it(make_app: Applian
     for where in (app.config.queue.dir, app.config.local.maildir, app.config.log.file):
         assert str(where) in started.stdout
     assert "swaks --server" in started.stdout
+    assert "metrics    off (set [metrics] listen" in started.stdout
     assert app.answers_220()
     app.supervisord_pid = int(app.pidfile.read_text())
     # Detached: supervisord is not a child of make (nor of this test).

@@ -148,6 +148,13 @@ BAD_CONFIGS = [
     ("dkim-keys-bad-selector", "[dkim]\ndomain = \"a.org\"\nselector = \"s\"\n"
      "key_file = \"k\"\n[[dkim.keys]]\ndomain = \"b.org\"\nselector = \"t t\"\n"
      "key_file = \"k2\"\n", "dkim.keys[0].selector"),
+    ("metrics-bad-listen", "[metrics]\nlisten = \"9325\"\n", "metrics.listen"),
+    ("metrics-listen-is-smtp", "[receiver]\nlisten = \"127.0.0.1:2600\"\n[metrics]\n"
+     "listen = \"127.0.0.1:2600\"\n", "metrics.listen: 127.0.0.1:2600 is an SMTP listen"),
+    ("metrics-empty-duration", "[metrics]\nrelay_down_after = \"\"\n",
+     "metrics.relay_down_after"),
+    ("metrics-bool-duration", "[metrics]\nmax_queue_age = false\n", "metrics.max_queue_age"),
+    ("metrics-unknown", "[metrics]\nport = 9325\n", "unknown key 'port' in [metrics]"),
 ]
 
 
@@ -172,6 +179,9 @@ def test_new_sections_default(tmp_path: Path) -> None:
     assert config.rewrite.envelope_sender == "" and dict(config.rewrite.senders) == {}
     assert config.bounce.delay_warning == 4 * 3600
     assert config.dkim.all_keys == ()
+    assert config.metrics.listen is None  # off: nothing counted, nothing served
+    assert (config.metrics.relay_down_after, config.metrics.max_queue_age) == (600, 3600)
+    assert config.metrics_dir == tmp_path / "var" / "metrics"  # next to var/queue
 
 
 def test_new_sections_are_read(tmp_path: Path) -> None:
@@ -182,7 +192,10 @@ def test_new_sections_are_read(tmp_path: Path) -> None:
         '[bounce]\ndelay_warning = ""\n'
         '[dkim]\ndomain = "example.com"\nselector = "s1"\nkey_file = "keys/a.pem"\n'
         '[[dkim.keys]]\ndomain = "example.org"\nselector = "s2"\nkey_file = "/k/b.pem"\n'
+        '[metrics]\nlisten = "[::1]:9325"\nrelay_down_after = "5m"\nmax_queue_age = 7200\n'
     )))
+    assert config.metrics.listen == HostPort("::1", 9325)
+    assert (config.metrics.relay_down_after, config.metrics.max_queue_age) == (300, 7200)
     assert dict(config.aliases) == {"root": ("ops@example.org",), "ops": ("a", "b@example.com"),
                                     "*": ("root",)}
     assert config.rewrite.envelope_sender == "me@example.com"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from services.admin.listing import (
+    Census,
     ListingError,
     QueueRow,
     duration,
@@ -21,7 +23,15 @@ from services.admin.listing import (
     state_of,
 )
 from shared.config import load_config
-from shared.queue import STATE_DIRNAME, DeliveryState, QueueWriter, StateStore, new_queue_id
+from shared.queue import (
+    STATE_DIRNAME,
+    DeliveryState,
+    FolderStamp,
+    QueueWriter,
+    StateCache,
+    StateStore,
+    new_queue_id,
+)
 from tests.support import write_config
 
 NOW = 1_764_600_000.0  # 2025-12-01T14:40:00Z
@@ -205,3 +215,133 @@ def test_an_unreadable_queue_folder_is_one_error(tmp_path: Path) -> None:
         list_queue(config, failed=False, as_json=False, now=NOW)
     assert caught.value.exit_code == os.EX_IOERR
     assert str(caught.value) == f"cannot read {config.queue.dir}: Not a directory"
+
+
+# ---------------------------------------------------------------------------- census
+
+def test_census_counts_the_states_of_the_listing_and_the_oldest_waiting(tmp_path: Path) -> None:
+    config, writer = _queue(tmp_path)
+    now = 1_900_000_000.0
+
+    def store(age: float) -> str:
+        return writer.store("a@x.org", ["b@y.org"], b"hi\r\n",
+                            queue_id=new_queue_id(int((now - age) * 1e9)))
+
+    held, deferred, ready, fresh = store(9000), store(500), store(300), store(1)
+    states = StateStore(config.queue.dir)
+    states.save(held, DeliveryState(held=True))
+    states.save(deferred, DeliveryState(attempts=1, next_attempt=now + 60))
+    states.save(ready, DeliveryState(attempts=1, next_attempt=now - 1))  # due again
+    by_hand = config.queue.dir / "by-hand"
+    by_hand.write_bytes(b"From: <a@x.org>\nTo: <b@y.org>\n\nhi\n")
+    os.utime(by_hand, (now - 700, now - 700))  # no id: its mtime is its arrival
+    (config.queue.dir / "a-link").symlink_to(by_hand)  # no message
+    failed = config.queue.failed
+    failed.mkdir(parents=True)
+    for name in ("f1", "f1.reason", "f2.1", "f2.1.reason", ".tmp-thing"):
+        (failed / name).write_text("x")
+    found = Census(config.queue.dir, failed).count(now)
+    assert dict(found.counts) == {"ready": 3, "deferred": 1, "held": 1, "failed": 2}
+    assert found.oldest_waiting == pytest.approx(now - 700)  # the held one waits for nobody
+    # The listing says the same, message by message.
+    rows = queue_rows(config.queue.dir, now)
+    assert {state: sum(r.state == state for r in rows) for state in ("ready", "deferred", "held")
+            } == {"ready": 3, "deferred": 1, "held": 1}
+    assert fresh in {r.id for r in rows}
+
+
+def test_census_of_an_empty_queue_and_of_one_that_cannot_be_read(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    empty = Census(config.queue.dir, config.queue.failed).count(NOW)
+    assert (dict(empty.counts), empty.oldest_waiting) == (
+        {"ready": 0, "deferred": 0, "held": 0, "failed": 0}, None)
+    config.queue.dir.parent.mkdir(parents=True)
+    config.queue.dir.write_text("a file where the folder should be")
+    with pytest.raises(ListingError):
+        Census(config.queue.dir, config.queue.failed).count(NOW)
+
+
+def test_the_state_cache_reads_a_state_again_only_when_it_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = StateStore(tmp_path)
+    cache = StateCache(tmp_path)
+    store.save("a", DeliveryState(attempts=1, next_attempt=10.0))
+    store.save("b", DeliveryState(held=True))
+    assert cache.load() == {"a": DeliveryState(attempts=1, next_attempt=10.0),
+                            "b": DeliveryState(held=True)}
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        opened.append(os.path.basename(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    assert cache.load()["b"] == DeliveryState(held=True)
+    assert opened == []  # nothing changed: nothing read
+    # Three writes of "a": a rename each, and ext4 hands the first inode back to the
+    # third, so the inode alone would hide the change (the stat does not).
+    for attempts in (2, 3):
+        store.save("a", DeliveryState(attempts=attempts, next_attempt=100.0 * attempts))
+    store.remove("b")
+    assert cache.load() == {"a": DeliveryState(attempts=3, next_attempt=300.0)}
+    assert [name for name in opened if not name.startswith(".")] == ["a"]
+
+
+def test_the_state_cache_creates_nothing_and_skips_what_it_cannot_read(tmp_path: Path) -> None:
+    cache = StateCache(tmp_path)
+    assert cache.load() == {}
+    assert not (tmp_path / STATE_DIRNAME).exists()
+    StateStore(tmp_path).save("ok", DeliveryState(held=True))
+    (tmp_path / STATE_DIRNAME / "bad").write_bytes(b"{not json")
+    assert cache.load() == {"ok": DeliveryState(held=True)}
+
+
+def test_a_census_follows_the_queue_and_lists_a_settled_folder_only_when_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, writer = _queue(tmp_path)
+    now = 1_900_000_000.0
+    first = writer.store("a@x.org", ["b@y.org"], b"hi\r\n",
+                         queue_id=new_queue_id(int((now - 60) * 1e9)))
+    counter = Census(config.queue.dir, config.queue.failed)
+    assert counter.count(now).counts["ready"] == 1
+    StateStore(config.queue.dir).save(first, DeliveryState(attempts=1, next_attempt=now + 9))
+    assert counter.count(now).counts["deferred"] == 1  # its state changed: seen at once
+    assert counter.count(now + 10).counts["ready"] == 1  # and its next attempt came
+    time.sleep(FolderStamp.SETTLE_NS / 1e9 + 0.02)  # the last changes are a tick old now
+    assert counter.count(now).counts == {"ready": 0, "deferred": 1, "held": 0, "failed": 0}
+    listed: list[str] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path):  # noqa: ANN001, ANN202
+        listed.append(str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    assert counter.count(now).counts["deferred"] == 1
+    assert listed == []  # nothing changed: no folder listed, no state read
+    second = writer.store("a@x.org", ["c@y.org"], b"hi\r\n",
+                          queue_id=new_queue_id(int((now - 90) * 1e9)))
+    found = counter.count(now)
+    assert (found.counts["ready"], found.oldest_waiting) == (1, pytest.approx(now - 90))
+    assert listed == [str(config.queue.dir)]  # only the folder that changed
+    (config.queue.dir / second).unlink()
+    assert counter.count(now).counts["ready"] == 0
+
+
+def test_a_folder_stamp_is_trusted_only_once_its_last_change_is_a_tick_old(
+        tmp_path: Path) -> None:
+    stamp = FolderStamp(tmp_path / "f")
+    assert stamp.changed()  # the first look
+    assert not stamp.changed()  # still no folder
+    (tmp_path / "f").mkdir()
+    assert stamp.changed() and stamp.changed()  # just changed: not trusted yet
+    time.sleep(FolderStamp.SETTLE_NS / 1e9 + 0.02)
+    assert stamp.changed()  # the first settled look
+    assert not stamp.changed()
+    (tmp_path / "f" / "x").write_text("")
+    assert stamp.changed()
+    time.sleep(FolderStamp.SETTLE_NS / 1e9 + 0.02)
+    assert stamp.changed() and not stamp.changed()
+    os.rename(tmp_path / "f" / "x", tmp_path / "f" / "y")
+    assert stamp.changed()

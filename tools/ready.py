@@ -108,12 +108,20 @@ def main(argv: list[str]) -> int:
              or "none (only local domains are delivered; set [sender] relay)")
     host = WILDCARDS.get(listen.host, listen.host)
     server = f"[{host}]:{listen.port}" if ":" in host else f"{host}:{listen.port}"
+    metrics = config.metrics.listen
+    if metrics:
+        metrics_host = WILDCARDS.get(metrics.host, metrics.host)
+        where = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+        endpoint = f"http://{where}:{metrics.port}/metrics and /healthz"
+    else:
+        endpoint = "off (set [metrics] listen, README Monitoring)"
     print(f"""mailbag is running (receiver answers 220 on {listen}).
   config     {path}
   queue      {config.queue.dir}
   mailboxes  {config.local.maildir}/<user>/new/   (local domains: {', '.join(config.local.domains)})
   logfile    {config.log.file}
   relay      {relay}
+  metrics    {endpoint}
 
 Send a first message:   swaks --server {server} --to you@localhost
 Watch it:               tail -f {config.log.file}

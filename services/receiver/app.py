@@ -10,6 +10,11 @@ settings anew - the policy (hostname, limits, local domains), the connection and
 time limits, `relay_networks`, the TLS certificate and the users file - and hands
 them to the servers for the sessions that start from then on; open sessions keep
 theirs. The listening addresses need a restart.
+
+With `[metrics] listen` set the receiver counts, and serves the metrics endpoint
+(services/monitoring/); a metrics port that cannot be had is one line, not a stop:
+SMTP is the product, the endpoint only reports on it. A reload applies new health
+limits (`relay_down_after`, `max_queue_age`); a new `listen` needs a restart.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from services import monitoring
+from services.monitoring.endpoint import MetricsEndpoint
 from services.receiver.pool import SlotPool
 from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits
 from services.receiver.session import SessionPolicy
@@ -28,6 +37,7 @@ from services.receiver.users import UserFileError, load_users, verify_password
 from shared.cli import EXIT_OK, StartupError, open_log
 from shared.config import Config, HostPort, IPNetwork
 from shared.log import EventLog, shutdown_logging
+from shared.metrics.figures import CountingReceiverFigures, ReceiverFigures
 from shared.queue import GroupCommit, MessageStore, QueueWriter
 from shared.reload import RESTART_KEYS, reload_config
 from shared.signals import ReloadFlag, StopFlag
@@ -125,7 +135,8 @@ def session_settings(config: Config) -> SessionSettings:
     return SessionSettings(policy, limits, rcv.relay_networks, tls_context, check_password)
 
 
-def build_servers(config: Config, queue: MessageStore) -> list[ReceiverServer]:
+def build_servers(config: Config, queue: MessageStore,
+                  figures: ReceiverFigures | None = None) -> list[ReceiverServer]:
     rcv = config.receiver
     settings = session_settings(config)
     slots = SlotPool(rcv.max_connections, rcv.max_connections_per_ip)  # for all listeners
@@ -141,6 +152,7 @@ def build_servers(config: Config, queue: MessageStore) -> list[ReceiverServer]:
                     queue=queue,
                     implicit_tls=implicit,
                     slots=slots,
+                    figures=figures,
                     **settings.as_arguments(),
                 )
             )
@@ -151,18 +163,23 @@ def build_servers(config: Config, queue: MessageStore) -> list[ReceiverServer]:
     return servers
 
 
-def reconfigure(servers: list[ReceiverServer], config: Config) -> None:
+def reconfigure(servers: list[ReceiverServer], config: Config,
+                endpoint: MetricsEndpoint | None = None) -> None:
     """A reload: build the new settings first (StartupError: nothing changed), then
-    hand them to every server for the sessions to come."""
+    hand them to every server for the sessions to come, and the health limits to
+    the metrics endpoint."""
     settings = session_settings(config)
     rcv = config.receiver
     servers[0].slots.resize(rcv.max_connections, rcv.max_connections_per_ip)  # shared
     for server in servers:
         server.reconfigure(**settings.as_arguments())
+    if endpoint is not None:
+        endpoint.monitor.reconfigure(config)
 
 
 def serve_until_stopped(servers: list[ReceiverServer], config: Config, log: EventLog,
-                        stop: StopFlag, reload: ReloadFlag) -> None:
+                        stop: StopFlag, reload: ReloadFlag,
+                        endpoint: MetricsEndpoint | None = None) -> None:
     """The main loop: sleeps until TERM, reloading on each HUP meanwhile."""
     wake = threading.Event()
     reload.wake_also(wake)
@@ -173,12 +190,14 @@ def serve_until_stopped(servers: list[ReceiverServer], config: Config, log: Even
         wake.clear()
         if reload.take() and not stop.is_set:
             running = reload_config(running, config, log, RECEIVER_RESTART_KEYS,
-                                    lambda new: reconfigure(servers, new))
+                                    lambda new: reconfigure(servers, new, endpoint))
 
 
 def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     writer = build_queue(config)
-    servers = build_servers(config, message_store(config, writer))
+    registry = CollectorRegistry() if config.metrics.listen else None
+    figures = CountingReceiverFigures(registry) if registry else ReceiverFigures()
+    servers = build_servers(config, message_store(config, writer), figures)
     try:
         log = open_log(config, PROGRAM)
     except StartupError:
@@ -194,17 +213,23 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     ]
     for thread in threads:
         thread.start()
+    endpoint = None
+    if registry is not None:
+        endpoint = monitoring.start(config, registry,
+                                    lambda: sum(s.session_count() for s in servers), log)
     log.ok(
         "start",
         listen=",".join(f"{s.server_address[0]}:{s.server_address[1]}" for s in servers),
         queue=config.queue.dir,
         pid=os.getpid(),
     )
-    serve_until_stopped(servers, config, log, stop, reload)
+    serve_until_stopped(servers, config, log, stop, reload, endpoint)
     log.info("stop", signal=stop.signal_name, sessions=sum(s.session_count() for s in servers))
     for server in servers:
         server.begin_shutdown()
     clean = all(server.wait_for_sessions(GRACE_SECONDS) for server in servers)
+    if endpoint is not None:
+        endpoint.stop()
     log.ok("exit", clean=clean)
     shutdown_logging()
     return EXIT_OK

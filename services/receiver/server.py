@@ -64,6 +64,7 @@ from services.receiver.session import (
 from services.receiver.trace import stored_chunks
 from shared.config import IPNetwork
 from shared.log import EventLog, describe_exception
+from shared.metrics.figures import ReceiverFigures
 from shared.queue import MessageStore, QueueWriteError, new_queue_id
 from shared.smtp import Reply
 
@@ -104,6 +105,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         implicit_tls: bool = False,
         check_password: Callable[[str, str], bool] | None = None,
         slots: SlotPool | None = None,
+        figures: ReceiverFigures | None = None,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.policy = policy
@@ -116,6 +118,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.check_password = check_password
         self.stopping = threading.Event()
         self.slots = slots or SlotPool(limits.max_connections, limits.max_connections_per_ip)
+        self.figures = figures or ReceiverFigures()  # counts nothing unless metrics are on
         self.threads = SessionThreads(self._run_session, _thread_limit(limits))
         self._lock = threading.Condition()
         self._sessions: set[SessionHandler] = set()
@@ -179,6 +182,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         finally:
             request.close()
         log.fail("connect", reason="too many connections", reply=421)
+        self.figures.rejected(421)
 
     def _run_session(self, request: socket.socket, client_address: tuple) -> None:
         slot = Slot(self.slots, client_address[0])
@@ -425,6 +429,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 self.outgoing.append(event.data)
                 if event.reply.code >= 400:
                     self.rejections.rejected(event.command, event.reply)
+                    self.server.figures.rejected(event.reply.code)
             elif isinstance(event, MessageReady):
                 size = self._store(event)
                 del event  # the message's chunks: free before the next read
@@ -492,6 +497,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
             return size
         self.session.message_stored(queue_id)
         self.queued += 1
+        self.server.figures.received()
         # Logged before the 250 goes out: a message the client was told is queued
         # always has its line, and it comes before the sender's line about it.
         self.log.ok("queued", id=queue_id, sender=f"<{envelope.mail_from}>",

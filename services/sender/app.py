@@ -17,6 +17,9 @@ HUP (shared/reload.py): between two passes the config is read again and the rela
 settings (with the password and CA files), retry times, limits and local domains
 are replaced; the relay session open then is ended with QUIT, a message in flight
 is settled first. A bad new config is logged and the old one stays in force.
+
+With `[metrics] listen` set, the sender that owns the queue counts its figures and
+shares them with the receiver's endpoint (shared/metrics/share.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, open_log
 from shared.config import Config, ConfigError, RouteConfig
 from shared.dkim import DkimSigner
 from shared.log import EventLog, shutdown_logging
+from shared.metrics.share import start_sharing
 from shared.queue import QueueReader
 from shared.reload import RESTART_KEYS, reload_config
 from shared.signals import ReloadFlag, StopFlag
@@ -168,9 +172,13 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     # The runner waits on `wake`; a stop or a reload must wake it too.
     threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
     reload.wake_also(wake)
+    # Only the sender that owns the queue counts and shares: a standby one has
+    # nothing to say, and must not overwrite the owner's figures.
+    sharing = start_sharing(config.metrics_dir, log) if config.metrics.listen else None
     runner = QueueRunner(
         config, reader, log, relays=relays, signer=signer,
         local=LocalDelivery(config.local.maildir), stop=stop.event,
+        figures=sharing.figures if sharing else None,
     )
     runner.before_pass = reloader(config, runner, log, stop.event, reload)
     observer = watch_queue(config.queue.dir, wake, ignore=runner.settler.is_own_move)
@@ -195,6 +203,8 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
         observer.stop()
         observer.join(timeout=5)
         runner.settler.report_unfinished(reader.close())
+        if sharing is not None:
+            sharing.stop()
     if status == EXIT_OK:
         log.ok("exit", signal=stop.signal_name or "-", status=status)
     else:

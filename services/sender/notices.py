@@ -18,17 +18,19 @@ from collections.abc import Sequence
 from services.sender.bounce import DELAYED, FAILED, Action, FailedRecipient, build_notice
 from services.sender.decision import Decision, Outcome, Status
 from shared.log import EventLog
+from shared.metrics.figures import SenderFigures
 from shared.queue import QueueFile, QueueWriteError, QueueWriter
 from shared.smtp import Reply
 
 
 class Notifier:
     def __init__(self, writer: QueueWriter, hostname: str, lifetime: float,
-                 log: EventLog) -> None:
+                 log: EventLog, figures: SenderFigures | None = None) -> None:
         self.writer = writer
         self.hostname = hostname
         self.lifetime = lifetime
         self.log = log
+        self.figures = figures or SenderFigures()
 
     def notify(self, queue_id: str, message: QueueFile, decision: Decision,
                origins: dict[str, str], arrival: float, now: float) -> None:
@@ -61,6 +63,8 @@ class Notifier:
             return
         self.log.ok(event, id=queue_id, notice=notice_id, to=f"<{message.sender}>",
                     rcpts=len(recipients))
+        if action == FAILED:
+            self.figures.bounced()
 
 
 def _reply(outcome: Outcome) -> Reply | None:

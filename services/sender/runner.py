@@ -65,6 +65,7 @@ from shared.aliases import AliasTable
 from shared.config import Config
 from shared.dkim import DkimSigner
 from shared.log import EventLog
+from shared.metrics.figures import SenderFigures
 from shared.queue import (
     QueueEntry,
     QueueFormatError,
@@ -106,13 +107,16 @@ class QueueRunner:
         signer: DkimSigner | None = None,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
+        figures: SenderFigures | None = None,
     ) -> None:
         self.reader = reader
         self.log = log
         self.stop = stop or threading.Event()
         self.clock = clock
+        self.figures = figures or SenderFigures()  # counts nothing unless metrics are on
         self.bucket: TokenBucket | None = None
-        self.settler = Settler(reader, *self._rules(config, QueueWriter(reader.dir)), log)
+        self.settler = Settler(reader, *self._rules(config, QueueWriter(reader.dir)), log,
+                               self.figures)
         self._use_settings(config, relays, local or LocalDelivery(config.local.maildir),
                            signer or DkimSigner([]))
         # Called at the start of every pass, on the runner's thread (the program's
@@ -160,7 +164,8 @@ class QueueRunner:
         snd = config.sender
         policy = RetryPolicy(Backoff(snd.retry_initial, snd.retry_max),
                              snd.max_queue_lifetime, config.bounce.delay_warning)
-        return policy, Notifier(writer, config.hostname, snd.max_queue_lifetime, self.log)
+        return policy, Notifier(writer, config.hostname, snd.max_queue_lifetime, self.log,
+                                self.figures)
 
     def reconfigure(self, config: Config, relays: RelayPool, signer: DkimSigner) -> None:
         """New settings (a reload), on the runner's thread between two passes: the
@@ -350,6 +355,8 @@ class QueueRunner:
             if flight:
                 conn.wait()
         except RelayError as err:
+            if not self.stop.is_set():  # abandoned for a stop: not the relay's fault
+                self.figures.relay_session(False, self.clock())
             self._settle_results(conn)  # what came before the failure
             for message in reversed(conn.take_unsent()):  # never started: first in
                 self._put_ready(flight.pop(message.ref), front=True)  # the next session
@@ -367,7 +374,7 @@ class QueueRunner:
             job = self._flight.pop(done.ref)
             if not job.outcomes and self._all_sent(done.results):
                 self._after_attempt.pop(job.queue_id, None)  # delivered: nothing to do
-                self.settler.finish_sent(job, conn.peer, done.results)
+                self.settler.finish_sent(job, conn.peer, done.results, self.clock())
                 continue
             self._settle(job, [Outcome.of_reply(r, reply, conn.peer)
                                for r, reply in done.results])
@@ -594,13 +601,16 @@ class QueueRunner:
                 conn.close()
                 if self.stop.is_set():  # abandoned for the stop: not the relay's fault
                     return None, "stopping"
-                retry_at = route.state.failed(self.clock())
+                failed_at = self.clock()
+                self.figures.relay_session(False, failed_at)
+                retry_at = route.state.failed(failed_at)
                 event = {"connect": "connect", "tls": "tls", "STARTTLS": "tls",
                          "AUTH": "auth"}.get(err.stage, "session")
                 conn.log.error(event, error=str(err), retry=format_time(retry_at))
                 why = f"{route.name}: {err}"
                 continue
             route.state.succeeded()
+            self.figures.relay_session(True, self.clock())
             self._conn = conn
             return conn, ""
         until = format_time(self.relays.next_retry())

@@ -2,6 +2,7 @@
 
 `Settler.settle` asks `decide()` (pure) what becomes of a message after an attempt,
 logs the outcome (one line per peer and outcome, each with the message's id),
+counts it (shared/metrics/figures.py: nothing when metrics are off),
 queues the notices the decision calls for (notices.py) and carries the decision
 out: the file finished, failed, rewritten or left, its delivery state saved. The
 runner (runner.py) drives delivery; this module owns what the queue remembers.
@@ -41,6 +42,7 @@ from services.sender.decision import (
 )
 from services.sender.notices import Notifier
 from shared.log import EventLog
+from shared.metrics.figures import SenderFigures
 from shared.queue import (
     BLANK,
     DeliveryState,
@@ -101,11 +103,12 @@ class Settler:
     thread reads."""
 
     def __init__(self, reader: QueueReader, policy: RetryPolicy, notifier: Notifier,
-                 log: EventLog) -> None:
+                 log: EventLog, figures: SenderFigures | None = None) -> None:
         self.reader = reader
         self.policy = policy
         self.notifier = notifier
         self.log = log
+        self.figures = figures or SenderFigures()
         self.store = StateStore(reader.dir)
         self.states: dict[str, DeliveryState] = {}
         self._peer_logs: dict[str, EventLog] = {}
@@ -191,8 +194,8 @@ class Settler:
 
     def settle(self, job: Job, outcomes: Sequence[Outcome], *, at: float,
                waiting_until: float, hold: bool = False) -> Decision | None:
-        """Ask decide() what becomes of the message, log it, queue its notices, carry
-        it out. `hold`: an operator held it during the attempt. The decision, or None
+        """Ask decide() what becomes of the message, log and count it, queue its
+        notices, carry it out. `hold`: an operator held it during the attempt. The decision, or None
         when its move failed (kept and retried: see `retry_stuck`)."""
         state = self.states.get(job.queue_id, BLANK)
         if hold:
@@ -201,6 +204,7 @@ class Settler:
                           arrival=job.arrival, policy=self.policy,
                           waiting_until=waiting_until)
         self.log_outcomes(job.queue_id, decision)
+        self.count(decision, job.arrival, at)
         if decision.bounce or decision.warn:  # queued before the move: never lost
             self._notify(job, decision, at)
         try:
@@ -219,11 +223,15 @@ class Settler:
         except Exception as exc:  # noqa: BLE001 - one odd address must not stop delivery
             self.log.error("bounce", id=job.queue_id, to=f"<{job.message.sender}>", exc=exc)
 
-    def finish_sent(self, job: Job, peer: str, results: Sequence[tuple[str, Reply]]) -> None:
+    def finish_sent(self, job: Job, peer: str, results: Sequence[tuple[str, Reply]],
+                    at: float) -> None:
         """The common case of `settle`, without its lists: every recipient relayed with
-        one 2xx, none was local. decide() would say FINISH; the same log line."""
+        one 2xx at `at`, none was local. decide() would say FINISH; the same log line
+        and figures."""
         to = ",".join([f"<{r}>" for r, _ in results])
         self.peer_log(peer).ok("sent", id=job.queue_id, to=to, reply=str(results[0][1]))
+        self.figures.delivered("relay", len(results))
+        self.figures.delivery_time(at - job.arrival)
         self.reader.finish(job.path)
         if job.queue_id in self.states:
             self.set_state(job.queue_id, BLANK)
@@ -338,6 +346,33 @@ class Settler:
                 log.defer("deferred", id=queue_id, to=to, until=until, reply=detail)
             else:
                 log.defer("waiting", id=queue_id, to=to, until=until, reason=detail)
+
+    def count(self, decision: Decision, arrival: float, at: float) -> None:
+        """The attempt's figures: recipients delivered (per route) and failed for
+        good, whether it ended in a temporary failure, and the time to the relay."""
+        relayed = local = failed = 0
+        deferred = False
+        for outcome in decision.outcomes:
+            status = outcome.status
+            if status is Status.SENT:
+                if outcome.peer == "local":
+                    local += 1
+                else:
+                    relayed += 1
+            elif status is Status.FAILED:
+                failed += 1
+            elif status is Status.DEFERRED:
+                deferred = True
+        figures = self.figures
+        if relayed:
+            figures.delivered("relay", relayed)
+            figures.delivery_time(at - arrival)
+        if local:
+            figures.delivered("local", local)
+        if failed:
+            figures.failed(failed)
+        if deferred:
+            figures.deferred()
 
     def peer_log(self, peer: str) -> EventLog:
         """One EventLog per peer: with_peer() binds a new loguru logger each time."""

@@ -22,8 +22,9 @@ Folders (all on the queue's filesystem, so every move is an atomic rename):
 Names starting with "." are never messages: the sender and the watch skip them.
 """
 
-from shared.queue.files import fsync_dir, read_file, write_durably
+from shared.queue.files import FolderStamp, fsync_dir, read_file, write_durably
 from shared.queue.format import (
+    ARRIVAL_PREFIX,
     QueueFile,
     QueueFormatError,
     arrival_time,
@@ -32,7 +33,7 @@ from shared.queue.format import (
 )
 from shared.queue.moves import FINISH_BACKLOG, REASON_SUFFIX, REWRITE_SUFFIX, Remover
 from shared.queue.reader import LOCK_NAME, QueueEntry, QueueReader, QueueScan
-from shared.queue.state import BLANK, STATE_DIRNAME, DeliveryState, StateStore
+from shared.queue.state import BLANK, STATE_DIRNAME, DeliveryState, StateCache, StateStore
 from shared.queue.writer import (
     TMP_DIRNAME,
     GroupCommit,
@@ -42,9 +43,9 @@ from shared.queue.writer import (
 )
 
 __all__ = [
-    "BLANK", "FINISH_BACKLOG", "LOCK_NAME", "REASON_SUFFIX", "REWRITE_SUFFIX",
-    "STATE_DIRNAME", "TMP_DIRNAME", "DeliveryState", "GroupCommit", "MessageStore",
-    "QueueEntry", "QueueFile", "QueueFormatError", "QueueReader", "QueueScan",
-    "QueueWriteError", "QueueWriter", "Remover", "StateStore", "arrival_time",
+    "ARRIVAL_PREFIX", "BLANK", "FINISH_BACKLOG", "LOCK_NAME", "REASON_SUFFIX", "REWRITE_SUFFIX",
+    "STATE_DIRNAME", "TMP_DIRNAME", "DeliveryState", "FolderStamp", "GroupCommit",
+    "MessageStore", "QueueEntry", "QueueFile", "QueueFormatError", "QueueReader", "QueueScan",
+    "QueueWriteError", "QueueWriter", "Remover", "StateCache", "StateStore", "arrival_time",
     "envelope_of", "fsync_dir", "new_queue_id", "read_file", "write_durably",
 ]

@@ -1,4 +1,5 @@
-"""Durable file primitives the queue is built of: create-and-fsync, replace, read.
+"""Durable file primitives the queue is built of: create-and-fsync, replace, read;
+and `FolderStamp`, which tells a reader whether a folder changed since it last looked.
 
 Nothing here knows the queue format; `format.py` does. Every function either
 completes or raises OSError, and callers clean up (see writer.py and moves.py).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,3 +95,42 @@ def unlink_quietly(path: str | Path) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+class FolderStamp:
+    """Whether a folder's entries may have changed since the last look: for a reader
+    that lists the same folder again and again (the metrics endpoint's census).
+
+    Every create, rename in or out, and unlink in a folder sets its mtime and ctime.
+    Those come from the kernel's coarse clock (one tick: a few milliseconds), so a
+    change in the same tick as the last one could leave them equal: the stamp is
+    trusted only once the folder's last change is older than SETTLE_NS. A file
+    rewritten in place (no rename) does not show: the queue never does that.
+    """
+
+    SETTLE_NS = 50_000_000  # well over a clock tick (1-10 ms)
+    ABSENT = (0, 0, 0)  # the stamp of a folder that does not exist (yet)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int, int] | None = None  # a settled stamp
+
+    def changed(self) -> bool:
+        """True if the folder must be listed again (also when it cannot be stat'ed:
+        then its listing says why). Call it BEFORE listing: a change made while the
+        caller lists shows at the next call."""
+        now_ns = time.time_ns()
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            stamp, settled = self.ABSENT, True
+        except OSError:
+            self._seen = None
+            return True
+        else:
+            stamp = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+            settled = max(info.st_mtime_ns, info.st_ctime_ns) < now_ns - self.SETTLE_NS
+        if stamp == self._seen:
+            return False
+        self._seen = stamp if settled else None
+        return True

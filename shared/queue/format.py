@@ -110,6 +110,10 @@ def new_queue_id(now_ns: int | None = None) -> str:
     return f"{now_ns if now_ns is not None else time.time_ns():016x}{random.getrandbits(24):06x}"
 
 
+# What new_queue_id writes first: names that start so sort by arrival as strings.
+ARRIVAL_PREFIX = re.compile(r"[0-9a-f]{16}")
+
+
 def arrival_time(queue_id: str, fallback: float) -> float:
     """The arrival time encoded in a queue id (16 hex digits of time_ns), else `fallback`
     (a file named by hand)."""

@@ -21,11 +21,13 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
 
 from shared.queue.files import (
+    FolderStamp,
     fsync_dir,
     read_file,
     unlink_quietly,
@@ -159,3 +161,48 @@ class StateStore:
                 if not entry.name.startswith("."):
                     removed.append(entry.name)
         return removed
+
+
+class StateCache:
+    """Every message's state as on disk, for a reader that asks again and again (the
+    metrics endpoint, at each scrape). While nothing was renamed in or out of
+    `.state` (every write renames a new file in: `FolderStamp`) the last answer
+    stands without a look at any file; else a state file is parsed again only when
+    its inode, mtime or size changed - the inode alone is not enough, ext4 hands a
+    freed one to the next new file, so a name can go back to an inode it had.
+    Read-only and light: creates nothing; no `.state` folder yet means no states; a
+    file that cannot be read counts as none (as for the sender). Not thread-safe:
+    one caller at a time."""
+
+    def __init__(self, queue_dir: Path) -> None:
+        self.dir = Path(queue_dir) / STATE_DIRNAME
+        self._stamp = FolderStamp(self.dir)
+        self._known: dict[str, tuple[tuple[int, int, int], DeliveryState]] = {}
+        self._states: Mapping[str, DeliveryState] = MappingProxyType({})
+
+    def load(self) -> Mapping[str, DeliveryState]:
+        """The states now (read-only); OSError if the folder exists but cannot be listed."""
+        if not self._stamp.changed():
+            return self._states
+        known: dict[str, tuple[tuple[int, int, int], DeliveryState]] = {}
+        try:
+            entries = os.scandir(self.dir)
+        except FileNotFoundError:
+            entries = None
+        if entries is not None:
+            with entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue  # a write in progress (or its leftover)
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+                        cached = self._known.get(entry.name)
+                        if cached is None or cached[0] != key:
+                            cached = (key, DeliveryState.from_json(read_file(entry.path)))
+                    except (OSError, ValueError):
+                        continue  # gone meanwhile, or unreadable: no state
+                    known[entry.name] = cached
+        self._known = known
+        self._states = MappingProxyType({name: state for name, (_, state) in known.items()})
+        return self._states

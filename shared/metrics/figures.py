@@ -1,0 +1,181 @@
+"""Every metric mailbag exports: its name, its meaning, and what counts it (SPEC §9).
+
+The names are an interface (dashboards and alerts use them): extend, never rename.
+
+    counted by the receiver          mailbag_received_total, mailbag_rejected_total{code}
+    counted by the sender            mailbag_delivered_total{route}, mailbag_deferred_total,
+                                     mailbag_failed_total, mailbag_bounces_total,
+                                     mailbag_delivery_seconds (histogram), mailbag_relay_up,
+                                     mailbag_relay_down_since_timestamp_seconds
+    computed by the endpoint         mailbag_queue_messages{state}, mailbag_queue_oldest_seconds,
+      at each scrape                 mailbag_sessions_active, mailbag_program_up{program}
+
+Each program counts through one object: `ReceiverFigures` / `SenderFigures` count
+nothing (metrics off); their `Counting...` subclasses count into a prometheus_client
+registry. The programs call the same methods either way, so "metrics off" costs a
+method call that returns at once.
+
+Recipients or messages: `received` and `deferred` count messages (one per 250, one
+per attempt of a message that ended in a temporary failure), `delivered` and
+`failed` count recipients (a message to three relayed recipients is three
+deliveries, as in Postfix's log), `bounces` counts notices queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# A `_created` series beside every counter doubles what is stored and is read by
+# nothing here; Prometheus handles counter resets without it.
+disable_created_metrics()
+
+RECEIVED = "mailbag_received_total"
+REJECTED = "mailbag_rejected_total"
+DELIVERED = "mailbag_delivered_total"
+DEFERRED = "mailbag_deferred_total"
+FAILED = "mailbag_failed_total"
+BOUNCES = "mailbag_bounces_total"
+DELIVERY_SECONDS = "mailbag_delivery_seconds"
+RELAY_UP = "mailbag_relay_up"
+RELAY_DOWN_SINCE = "mailbag_relay_down_since_timestamp_seconds"
+QUEUE_MESSAGES = "mailbag_queue_messages"
+QUEUE_OLDEST = "mailbag_queue_oldest_seconds"
+SESSIONS_ACTIVE = "mailbag_sessions_active"
+PROGRAM_UP = "mailbag_program_up"
+
+HELP = {
+    RECEIVED: "Messages acknowledged with 250 by the receiver (one per message).",
+    REJECTED: "Commands and connections the receiver refused, by reply code (4xx, 5xx).",
+    DELIVERED: "Recipients delivered: route=relay (the relay's 250) or route=local (Maildir).",
+    DEFERRED: "Delivery attempts of a message that ended in a temporary failure.",
+    FAILED: "Recipients that failed for good (a 5xx, or expired in the queue).",
+    BOUNCES: "Bounce notices (RFC 3464) queued to the senders of failed mail.",
+    DELIVERY_SECONDS: "Seconds from a message's arrival in the queue to the relay's 250.",
+    RELAY_UP: "1 when the last relay session succeeded, 0 when it failed; "
+              "absent before the first.",
+    RELAY_DOWN_SINCE: "Unix time of the first failed relay session since the last one "
+                      "that succeeded; absent while the relay is up.",
+    QUEUE_MESSAGES: "Messages in the queue by state (as `mailbag queue` lists them): "
+                    "ready, deferred, held, and failed (in the failed folder).",
+    QUEUE_OLDEST: "Age in seconds of the oldest message waiting for delivery (ready or "
+                  "deferred; held ones are left out); 0 when none waits.",
+    SESSIONS_ACTIVE: "SMTP sessions the receiver is serving now.",
+    PROGRAM_UP: "1 while the program runs, 0 while it does not (program=receiver|sender).",
+}
+
+ROUTES = ("relay", "local")
+# queued -> relay's 250: milliseconds on an idle queue, up to days for deferred mail.
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
+
+
+class ReceiverFigures:
+    """What the receiver counts. This base class counts nothing (metrics off)."""
+
+    def received(self) -> None:
+        """A message acknowledged with 250."""
+
+    def rejected(self, code: int) -> None:
+        """A command or a connection refused with reply `code`."""
+
+
+class CountingReceiverFigures(ReceiverFigures):
+    """The receiver's counters, in `registry`. Called from every session thread."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._received = Counter(RECEIVED, HELP[RECEIVED], registry=registry)
+        self._rejected = Counter(REJECTED, HELP[REJECTED], ["code"], registry=registry)
+        self._rejected_by_code: dict[int, Counter] = {}  # labels() takes a lock each call
+
+    def received(self) -> None:
+        self._received.inc()
+
+    def rejected(self, code: int) -> None:
+        child = self._rejected_by_code.get(code)
+        if child is None:
+            child = self._rejected_by_code.setdefault(
+                code, self._rejected.labels(code=str(code)))
+        child.inc()
+
+
+class SenderFigures:
+    """What the sender counts. This base class counts nothing (metrics off)."""
+
+    def delivered(self, route: str, recipients: int) -> None:
+        """`recipients` delivered on `route` ("relay" or "local")."""
+
+    def deferred(self) -> None:
+        """One attempt of one message ended in a temporary failure."""
+
+    def failed(self, recipients: int) -> None:
+        """`recipients` failed for good."""
+
+    def delivery_time(self, seconds: float) -> None:
+        """A message reached the relay `seconds` after its arrival in the queue."""
+
+    def bounced(self) -> None:
+        """A bounce notice was queued."""
+
+    def relay_session(self, ok: bool, at: float) -> None:
+        """A relay session succeeded (opened) or failed (could not open, or broke) at `at`."""
+
+
+class CountingSenderFigures(SenderFigures):
+    """The sender's counters, in `registry`. Called from the queue runner's thread."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        delivered = Counter(DELIVERED, HELP[DELIVERED], ["route"], registry=registry)
+        # Both routes from the start: a series that appears only at its first
+        # delivery hides that first increase from rate().
+        self._delivered = {route: delivered.labels(route=route) for route in ROUTES}
+        self._deferred = Counter(DEFERRED, HELP[DEFERRED], registry=registry)
+        self._failed = Counter(FAILED, HELP[FAILED], registry=registry)
+        self._bounces = Counter(BOUNCES, HELP[BOUNCES], registry=registry)
+        self._delivery = Histogram(DELIVERY_SECONDS, HELP[DELIVERY_SECONDS],
+                                   buckets=DELIVERY_BUCKETS, registry=registry)
+        self._relay = RelayStatus()
+        registry.register(self._relay)
+
+    def delivered(self, route: str, recipients: int) -> None:
+        self._delivered[route].inc(recipients)
+
+    def deferred(self) -> None:
+        self._deferred.inc()
+
+    def failed(self, recipients: int) -> None:
+        self._failed.inc(recipients)
+
+    def delivery_time(self, seconds: float) -> None:
+        self._delivery.observe(max(0.0, seconds))
+
+    def bounced(self) -> None:
+        self._bounces.inc()
+
+    def relay_session(self, ok: bool, at: float) -> None:
+        self._relay.session(ok, at)
+
+
+class RelayStatus(Collector):
+    """`mailbag_relay_up` and the time it went down: absent until the first session,
+    which a plain Gauge (always exported, 0 at first) cannot say. Both values are
+    replaced as one tuple, so the snapshot thread never reads half a change."""
+
+    def __init__(self) -> None:
+        self._now: tuple[bool, float | None] | None = None  # (up, down since)
+
+    def session(self, ok: bool, at: float) -> None:
+        down_since = self._now[1] if self._now else None
+        self._now = (True, None) if ok else (False, down_since if down_since else at)
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._now
+        if now is None:
+            return
+        up, down_since = now
+        yield GaugeMetricFamily(RELAY_UP, HELP[RELAY_UP], value=1.0 if up else 0.0)
+        if down_since is not None:
+            yield GaugeMetricFamily(RELAY_DOWN_SINCE, HELP[RELAY_DOWN_SINCE], value=down_since)
