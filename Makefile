@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml
 # Two workers or more (one per core): the end-to-end tests mostly wait on sockets and
 # processes. --dist loadfile keeps each file's tests in one worker (some share a user
 # or a mount by name).
+# Bytecode first: every end-to-end test starts programs, and where
+# PYTHONDONTWRITEBYTECODE is set each start would compile the sources again.
 test: venv
+	$(PY) -m compileall -q shared services tools tests >/dev/null
 	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: venv

@@ -818,7 +818,7 @@ def counting_figures(report: Report, calls: int = 200_000) -> None:
     message with metrics on), in this process: free of the load's noise."""
     from prometheus_client import CollectorRegistry
 
-    from shared.metrics.figures import CountingReceiverFigures, CountingSenderFigures
+    from shared.metrics.counting import CountingReceiverFigures, CountingSenderFigures
 
     receiver = CountingReceiverFigures(CollectorRegistry())
     sender = CountingSenderFigures(CollectorRegistry())

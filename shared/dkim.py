@@ -36,15 +36,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import dkim
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from typing import TYPE_CHECKING, Literal
 
 from shared.config import ConfigError, DkimConfig
 from shared.headers import parse_address_field, scan_headers
+
+# dkimpy and cryptography are imported where keys are read or mail is signed: a
+# sender without a DKIM key never pays for them at start (a seventh of a second).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 # RFC 6376 §5.4.1: the fields a signature should cover (when present).
 SIGNED_FIELDS = (
@@ -135,6 +135,8 @@ class DkimSigner:
         present = [f.name.lower() for f in section.fields]
         fields = [name for name in present if name in SIGNED_FIELDS]
         fields += [name for name in OVERSIGNED if name in present]
+        import dkim
+
         try:
             signer = dkim.DKIM(data, signature_algorithm=key.algorithm, linesep=section.eol)
             signature = signer.sign(
@@ -163,6 +165,10 @@ def _ascii_domain(domain: str) -> str:
 
 def load_key(domain: str, selector: str, path: Path) -> SigningKey:
     """Read a PEM private key for signing; ConfigError (one line naming `path`) if bad."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     try:
         pem = Path(path).read_bytes()
     except OSError as err:
@@ -194,6 +200,9 @@ def load_key(domain: str, selector: str, path: Path) -> SigningKey:
 
 def dns_value(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
     """The TXT value publishing `key`'s public half (RFC 6376 §3.6.1, RFC 8463 §4.2)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     if isinstance(key, rsa.RSAPrivateKey):
         der = key.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -231,6 +240,9 @@ def keygen(domain: str, selector: str, folder: Path, algorithm: Algorithm = "rsa
     be replaced by accident). ValueError for an unknown algorithm or too few bits;
     OSError if the folder or the file cannot be written.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     if algorithm == "rsa":
         if bits < MIN_RSA_BITS:
             raise ValueError(f"an RSA key needs at least {MIN_RSA_BITS} bits, not {bits}")

@@ -28,7 +28,8 @@ from services.sender.runner import QueueRunner
 from shared.config import load_config
 from shared.dkim import DkimSigner
 from shared.log import EventLog
-from shared.metrics.figures import CountingSenderFigures, SenderFigures
+from shared.metrics.counting import CountingSenderFigures
+from shared.metrics.figures import SenderFigures
 from shared.queue import QueueFile, QueueReader, QueueWriter
 from tests.support import free_port, write_config
 

@@ -14,14 +14,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from shared.log import EventLog
 from shared.metrics.alive import AliveMark, is_alive
-from shared.metrics.figures import (
-    DELIVERY_SECONDS,
-    RELAY_DOWN_SINCE,
-    RELAY_UP,
-    CountingReceiverFigures,
-    CountingSenderFigures,
-    RelayStatus,
-)
+from shared.metrics.counting import CountingReceiverFigures, CountingSenderFigures, RelayStatus
+from shared.metrics.figures import DELIVERY_SECONDS, RELAY_DOWN_SINCE, RELAY_UP
 from shared.metrics.share import (
     SnapshotWriter,
     alive_path,

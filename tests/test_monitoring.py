@@ -11,7 +11,7 @@ from services.monitoring.look import Monitor
 from shared.config import load_config
 from shared.log import EventLog
 from shared.metrics.alive import AliveMark
-from shared.metrics.figures import CountingSenderFigures
+from shared.metrics.counting import CountingSenderFigures
 from shared.metrics.share import SnapshotWriter, alive_path, snapshot_path
 from shared.queue import DeliveryState, QueueWriter, StateStore, arrival_time
 from tests.metrics_support import samples

@@ -24,12 +24,8 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
-
-from services import monitoring
-from services.monitoring.endpoint import MetricsEndpoint
 from services.receiver.pool import SlotPool
 from services.receiver.server import PROGRAM, ReceiverServer, ServerLimits
 from services.receiver.session import SessionPolicy
@@ -37,10 +33,13 @@ from services.receiver.users import UserFileError, load_users, verify_password
 from shared.cli import EXIT_OK, StartupError, open_log
 from shared.config import Config, HostPort, IPNetwork
 from shared.log import EventLog, shutdown_logging
-from shared.metrics.figures import CountingReceiverFigures, ReceiverFigures
+from shared.metrics.figures import ReceiverFigures
 from shared.queue import GroupCommit, MessageStore, QueueWriter
 from shared.reload import RESTART_KEYS, reload_config
 from shared.signals import ReloadFlag, StopFlag
+
+if TYPE_CHECKING:
+    from services.monitoring.endpoint import MetricsEndpoint
 
 GRACE_SECONDS = 8.0  # how long a stop waits for DATA in progress (supervisor waits 15)
 
@@ -195,8 +194,13 @@ def serve_until_stopped(servers: list[ReceiverServer], config: Config, log: Even
 
 def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     writer = build_queue(config)
-    registry = CollectorRegistry() if config.metrics.listen else None
-    figures = CountingReceiverFigures(registry) if registry else ReceiverFigures()
+    registry, figures = None, ReceiverFigures()
+    if config.metrics.listen:  # only then: prometheus_client costs a tenth of a second
+        from prometheus_client import CollectorRegistry
+
+        from shared.metrics.counting import CountingReceiverFigures
+        registry = CollectorRegistry()
+        figures = CountingReceiverFigures(registry)
     servers = build_servers(config, message_store(config, writer), figures)
     try:
         log = open_log(config, PROGRAM)
@@ -215,6 +219,8 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
         thread.start()
     endpoint = None
     if registry is not None:
+        from services import monitoring
+
         endpoint = monitoring.start(config, registry,
                                     lambda: sum(s.session_count() for s in servers), log)
     log.ok(

@@ -41,7 +41,6 @@ from shared.cli import EXIT_OK, EXIT_RUNTIME_ERROR, StartupError, open_log
 from shared.config import Config, ConfigError, RouteConfig
 from shared.dkim import DkimSigner
 from shared.log import EventLog, shutdown_logging
-from shared.metrics.share import start_sharing
 from shared.queue import QueueReader
 from shared.reload import RESTART_KEYS, reload_config
 from shared.signals import ReloadFlag, StopFlag
@@ -174,7 +173,11 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     reload.wake_also(wake)
     # Only the sender that owns the queue counts and shares: a standby one has
     # nothing to say, and must not overwrite the owner's figures.
-    sharing = start_sharing(config.metrics_dir, log) if config.metrics.listen else None
+    sharing = None
+    if config.metrics.listen:  # only then: prometheus_client costs a tenth of a second
+        from shared.metrics.share import start_sharing
+
+        sharing = start_sharing(config.metrics_dir, log)
     runner = QueueRunner(
         config, reader, log, relays=relays, signer=signer,
         local=LocalDelivery(config.local.maildir), stop=stop.event,

@@ -27,7 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.log import EventLog
 from shared.metrics.alive import AliveMark, is_alive
-from shared.metrics.figures import CountingSenderFigures, SenderFigures
+from shared.metrics.counting import CountingSenderFigures
+from shared.metrics.figures import SenderFigures
 
 SNAPSHOT_NAME = "sender.prom"
 ALIVE_NAME = "sender.alive"
