@@ -17,51 +17,25 @@ from shared.config import load_config
 from shared.queue import QueueWriter
 from tests.admin_support import lines_with, start_program
 from tests.hardening_support import wait_for
-from tests.sender_support import LoopbackRelay
+from tests.sender_support import LoopbackRelay, PipeliningRelay
 from tests.support import write_config
 
 BODY = b"Subject: hardening\r\n\r\nhello\r\n"
 SENDER_READY = "S-SMTP - start ok"
 
 
-class SlowGreetingRelay(LoopbackRelay):
+class SlowGreetingRelay(PipeliningRelay):
     """Accepts at once, greets after `delay` seconds, then takes every message."""
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.connected = threading.Event()
-        self.messages: list[tuple[str, list[str]]] = []
         super().__init__()
 
     def session(self, conn: socket.socket) -> None:
         self.connected.set()
-        time.sleep(self.delay)
-        conn.sendall(b"220 slow.test ESMTP\r\n")
-        sender, rcpts, in_data = "", [], False
-        for line in self.lines(conn):
-            if in_data:
-                if line == b".":
-                    self.messages.append((sender, rcpts))
-                    conn.sendall(b"250 2.0.0 queued\r\n")
-                    in_data = False
-                continue
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                conn.sendall(b"250 slow.test\r\n")
-            elif verb == b"MAIL":
-                sender, rcpts = line.decode().split("<", 1)[1].split(">")[0], []
-                conn.sendall(b"250 ok\r\n")
-            elif verb == b"RCPT":
-                rcpts.append(line.decode().split("<", 1)[1].split(">")[0])
-                conn.sendall(b"250 ok\r\n")
-            elif verb == b"DATA":
-                in_data = True
-                conn.sendall(b"354 go\r\n")
-            elif verb == b"QUIT":
-                conn.sendall(b"221 bye\r\n")
-                return
-            else:
-                conn.sendall(b"250 ok\r\n")
+        if not self.stop.wait(self.delay):
+            super().session(conn)
 
 
 @pytest.mark.e2e

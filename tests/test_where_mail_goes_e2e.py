@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import load_config
+from tests.hardening_support import wait_for
 from tests.sender_support import RecordingHandler, Relay
 from tests.support import MailbagProcess, wait_for_banner, write_config
 from tests.trace_support import split_trace
@@ -36,16 +37,6 @@ def swaks(port: int, *args: str) -> None:
                            "--helo", "cron.box.example", *args],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-def wait(condition, what: str, timeout: float = 15.0):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -89,7 +80,7 @@ def test_a_550_for_one_of_two_bounces_and_the_other_gets_it_once(appliance) -> N
     (got,) = handler.wait_for(1, timeout=15)
     assert got.rcpt_tos == ["ok@example.org"]
     box = config.local.maildir / "alice" / "new"
-    (notice_file,) = wait(lambda: box.is_dir() and list(box.iterdir()), "the bounce")
+    (notice_file,) = wait_for(lambda: box.is_dir() and list(box.iterdir()), what="the bounce")
     notice = email.message_from_bytes(notice_file.read_bytes(), policy=email.policy.default)
     assert notice.get_content_type() == "multipart/report"
     status = notice.get_payload()[1].get_payload()
@@ -103,8 +94,8 @@ def test_a_failing_message_from_the_null_sender_bounces_nowhere(appliance) -> No
     config, handler = appliance
     swaks(config.receiver.listen.port, "--from", "<>", "--to", "gone@example.org",
           "--header", "Subject: a bounce")
-    wait(lambda: any(p.suffix == ".reason" for p in config.queue.failed.iterdir())
-         if config.queue.failed.is_dir() else False, "the failed record")
+    wait_for(lambda: any(p.suffix == ".reason" for p in config.queue.failed.iterdir())
+             if config.queue.failed.is_dir() else False, what="the failed record")
     time.sleep(0.5)
     queued = [p for p in config.queue.dir.iterdir() if p.is_file() and not p.name.startswith(".")]
     assert queued == [] and handler.messages == []
