@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -478,6 +479,8 @@ def _convert(value: typing.Any, annotation: typing.Any, key: str, base: Path) ->
         if annotation is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{key}: expected a number, got {value!r}")
+            if not math.isfinite(value):  # TOML has nan and inf; no timeout is either
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         if annotation is str:
             return _expect(value, str, key)

@@ -261,6 +261,14 @@ def local_received(*, uid: int, hostname: str, queue_id: str, recipient: str | N
     return text.encode("utf-8")
 
 
+def _printable_name(text: str) -> str:
+    """A display name from a command line or the environment, made safe for a
+    header: no line ends or other controls (they would end the header section),
+    and bytes that were not UTF-8 (surrogate escapes) shown as U+FFFD."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", " ", text).split())
+
+
 def _comment_safe(text: str) -> str:
     """A client-chosen name, made harmless inside a Received: field (no spaces,
     controls or parentheses that would end the comment or the field)."""
@@ -275,8 +283,9 @@ def from_field(address: str, full_name: str | None, eol: bytes = b"\r\n") -> byt
     """A `From:` field for a message that has none: `Full Name <address>` (RFC 5322
     §3.4; a name outside ASCII encoded as RFC 2047 words), or the bare address."""
     # formataddr refuses an address outside ASCII (RFC 6532): then the address alone.
-    named = full_name and address.isascii()
-    text = formataddr((full_name, address), charset="utf-8") if named else address
+    name = _printable_name(full_name or "")
+    named = name and address.isascii()
+    text = formataddr((name, address), charset="utf-8") if named else address
     return f"From: {text}".encode("utf-8", "surrogateescape") + eol
 
 

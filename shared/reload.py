@@ -39,6 +39,9 @@ def reload_config(running: Config, started: Config, log: EventLog,
     except (ConfigError, StartupError) as err:
         log.error("reload", file=running.path, error=str(err), kept="the running config")
         return running
+    except Exception as exc:  # noqa: BLE001 - a file a reload reads must never end the program
+        log.error("reload", file=running.path, exc=exc, kept="the running config")
+        return running
     log.ok("reload", file=new.path)
     pending = changed_keys(started, new, restart_keys)
     if pending:

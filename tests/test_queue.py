@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from shared.queue import (
     QueueWriter,
 )
 from shared.queue.files import IOV_MAX
+from shared.queue.writer import LEFTOVER_AGE
 from tests.support import PROPERTY_SETTINGS, tiny_tmpfs
 
 # ---------------------------------------------------------------------------- format
@@ -205,8 +207,10 @@ def test_clean_leftovers_removes_only_temporary_files(tmp_path: Path) -> None:
     writer = QueueWriter(tmp_path / "queue")
     kept = writer.store("a@b", ["c@d"], b"x")
     (writer.tmp_dir / "half-written").write_bytes(b"From: <a@b>\n")
-    assert writer.clean_leftovers() == ["half-written"]
-    assert os.listdir(writer.tmp_dir) == []
+    (writer.tmp_dir / "being-written").write_bytes(b"From: <a@b>\n")
+    os.utime(writer.tmp_dir / "half-written", (0, time.time() - LEFTOVER_AGE - 1))
+    assert writer.clean_leftovers() == ["half-written"]  # the young one may be in use
+    assert os.listdir(writer.tmp_dir) == ["being-written"]
     assert ready_files(writer.dir) == [kept]
 
 

@@ -143,9 +143,12 @@ def mailbag(tmp_path_factory) -> Iterator[Config]:
     # closing; the limit itself is tested on its own receiver.
     path = write_config(folder, receiver={"max_connections": 20}, top={"hostname": HOST})
     config = load_config(path)
-    # What a crashed receiver left half-written; start-up must clear it away.
+    # What a crashed receiver left half-written, two hours ago; start-up must clear it
+    # away (a younger file may be a submission being written: it stays).
     (config.queue.dir / ".tmp").mkdir(parents=True)
-    (config.queue.dir / ".tmp" / LEFTOVER).write_bytes(b"From: <a@b.example>\nTo: <c")
+    leftover = config.queue.dir / ".tmp" / LEFTOVER
+    leftover.write_bytes(b"From: <a@b.example>\nTo: <c")
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))
     proc = MailbagProcess("receiver", path).start()
     try:
         wait_for_banner(config.receiver.listen.host, config.receiver.listen.port)

@@ -25,6 +25,7 @@ of it, so `grep ID var/log/mailbag.log*` shows the operator's part of its story.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +48,6 @@ from shared.queue import (
     StateStore,
     fsync_dir,
     operations,
-    read_file,
 )
 
 PROGRAM = "ADMIN"
@@ -212,19 +212,39 @@ def delete_failed(config: Config, name: str) -> Result:
 
 def requeue(config: Config, name: str) -> Result:
     """Store the failed message `name` into the queue as a new message, then remove
-    it from the failed folder."""
+    it from the failed folder. The failed file is flock'ed meanwhile: two commands
+    requeueing it at once give one copy, and the second says so."""
     path = failed_path(config, name)
     if path is None:
         return Result(name, "not in the failed folder", found=False)
     try:
-        message = QueueFile.from_bytes(read_file(path))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return Result(name, "not in the failed folder", found=False)
+    except OSError as err:
+        raise AdminError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AdminError(f"{name} is being requeued by another command") from None
+        if os.fstat(fd).st_nlink == 0:  # the other command requeued it meanwhile
+            return Result(name, "not in the failed folder", found=False)
+        return _requeue_locked(config, name, path, fd)
+    finally:
+        os.close(fd)
+
+
+def _requeue_locked(config: Config, name: str, path: Path, fd: int) -> Result:
+    try:
+        message = QueueFile.from_bytes(read_fd(fd))
     except QueueFormatError as err:
         raise AdminError(f"{name} cannot be requeued: {err}") from None
     except OSError as err:
         raise AdminError(f"cannot read {path}: {err.strerror or err}") from None
     try:
-        writer = QueueWriter(config.queue.dir)
-        new_id = writer.store(message.sender, message.recipients, message.data)
+        with QueueWriter(config.queue.dir) as writer:
+            new_id = writer.store(message.sender, message.recipients, message.data)
     except (QueueWriteError, OSError) as err:
         raise AdminError(f"cannot store {name} into the queue: {err.strerror or err}") from None
     try:
@@ -234,6 +254,16 @@ def requeue(config: Config, name: str) -> Result:
         raise AdminError(f"{name} was requeued as {new_id}, but cannot be removed from "
                          f"{path.parent}: {err.strerror or err}") from None
     return Result(name, f"requeued as {new_id}", new_id=new_id)
+
+
+def read_fd(fd: int) -> bytes:
+    """All of an open file, from its start."""
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _remove_reason(path: Path) -> None:

@@ -31,6 +31,7 @@ import errno
 import os
 import pwd
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -49,15 +50,23 @@ Check = Callable[[Config], list[str]]
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
-def answers_220(listen: HostPort, hostname: str) -> bool:
-    """Our receiver greets with `220 <hostname> ...`; another server on the port does not."""
+def answers_220(listen: HostPort, hostname: str, *, tls: bool = False) -> bool:
+    """Our receiver greets with `220 <hostname> ...`; another server on the port does
+    not. `tls`: the implicit-TLS port, greeting after the handshake (any certificate:
+    this only asks who answers)."""
     host = WILDCARDS.get(listen.host, listen.host)
     try:
-        with socket.create_connection((host, listen.port), timeout=2.0) as sock:
+        with socket.create_connection((host, listen.port), timeout=2.0) as plain:
+            sock = plain
+            if tls:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                sock = context.wrap_socket(plain)
             greeting = sock.recv(512)
             sock.sendall(b"QUIT\r\n")
             return greeting.startswith(f"220 {hostname} ".encode())
-    except OSError:
+    except (OSError, ssl.SSLError):
         return False
 
 
@@ -74,8 +83,8 @@ def check_listen(config: Config) -> list[str]:
                 probe.bind((listen.host, listen.port))
             except OSError as err:
                 in_use = err.errno == errno.EADDRINUSE
-                if not (in_use and key == "receiver.listen"
-                        and answers_220(listen, config.hostname)):
+                implicit_tls = key == "receiver.tls_listen"
+                if not (in_use and answers_220(listen, config.hostname, tls=implicit_tls)):
                     problems.append(f"{key} {listen}: cannot listen: {err.strerror or err}"
                                     + (" (by another program)" if in_use else ""))
     return problems

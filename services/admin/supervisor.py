@@ -54,7 +54,7 @@ class SupervisorConf:
         try:
             with open(path, encoding="utf-8") as handle:
                 parser.read_file(handle)
-        except (OSError, configparser.Error) as err:
+        except (OSError, configparser.Error, UnicodeDecodeError) as err:
             raise SupervisorUnavailable(f"cannot read {path}: {err}") from None
         here = str(Path(path).absolute().parent)
 

@@ -4,8 +4,9 @@ It runs inside the receiver, on its own thread, and must never disturb SMTP:
 
 - at most `MAX_CLIENTS` requests at once; a connection beyond that is closed at
   once, so a flood of connections cannot pile up threads in the receiver;
-- a client has `REQUEST_TIMEOUT` seconds for each read and write (a request that
-  trickles in, or never ends, is dropped);
+- a client has `REQUEST_TIMEOUT` seconds to send its whole request (one deadline,
+  not one per read: a request that trickles in a byte at a time is cut), and as
+  long for each write of the answer;
 - a malformed request gets the standard library's 400 (or 414, 501) and the
   connection closes; nothing is logged per request, and a bug while answering is
   one log line and a 500, never a traceback on stderr.
@@ -91,7 +92,25 @@ class EndpointHandler(BaseHTTPRequestHandler):
     server_version = "mailbag"
     sys_version = ""
 
+    def setup(self) -> None:
+        super().setup()
+        # The socket timeout bounds each read; this bounds the request as a whole.
+        self._deadline = threading.Timer(REQUEST_TIMEOUT, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
     def do_GET(self) -> None:  # noqa: N802 - the http.server protocol
+        self._deadline.cancel()  # the request is in: answering may take its time
         path = urlsplit(self.path).path
         try:
             if path == "/metrics":

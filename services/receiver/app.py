@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,15 @@ def message_store(config: Config, writer: QueueWriter) -> MessageStore:
     return GroupCommit(writer) if config.queue.group_commit else writer
 
 
+class _KeyHasPassphrase(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    """OpenSSL asks for a key's passphrase on the terminal unless told: never ask."""
+    raise _KeyHasPassphrase
+
+
 def build_tls_context(config: Config) -> ssl.SSLContext | None:
     rcv = config.receiver
     if not rcv.tls_cert or not rcv.tls_key:
@@ -69,7 +79,10 @@ def build_tls_context(config: Config) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(rcv.tls_cert, rcv.tls_key)
+        context.load_cert_chain(rcv.tls_cert, rcv.tls_key, password=_no_passphrase)
+    except _KeyHasPassphrase:
+        raise StartupError(f"TLS key {rcv.tls_key}: has a passphrase; mailbag needs the "
+                           "key without one (it never prompts)") from None
     except (OSError, ssl.SSLError) as err:
         detail = getattr(err, "strerror", None) or str(err)
         raise StartupError(
@@ -233,7 +246,10 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     log.info("stop", signal=stop.signal_name, sessions=sum(s.session_count() for s in servers))
     for server in servers:
         server.begin_shutdown()
-    clean = all(server.wait_for_sessions(GRACE_SECONDS) for server in servers)
+    deadline = time.monotonic() + GRACE_SECONDS  # one grace for every listener
+    clean = True
+    for server in servers:
+        clean &= server.wait_for_sessions(max(0.0, deadline - time.monotonic()))
     if endpoint is not None:
         endpoint.stop()
     log.ok("exit", clean=clean)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import math
 import socket
 import socketserver
 import ssl
@@ -119,6 +120,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.stopping = threading.Event()
         self.slots = slots or SlotPool(limits.max_connections, limits.max_connections_per_ip)
         self.figures = figures or ReceiverFigures()  # counts nothing unless metrics are on
+        self.refusals = RefusalLog(EventLog(PROGRAM, "-"))
         self.threads = SessionThreads(self._run_session, _thread_limit(limits))
         self._lock = threading.Condition()
         self._sessions: set[SessionHandler] = set()
@@ -173,7 +175,6 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
 
     def _refuse(self, request: socket.socket, client_address: tuple) -> None:
         """Over the limit: 421 at once, then close; never blocks the accepting thread."""
-        log = self.log.with_peer(_peer_text(client_address))
         try:
             reply = R.S421_UNAVAILABLE.format(hostname=self.policy.hostname).to_bytes()
             request.send(reply, socket.MSG_DONTWAIT)
@@ -181,7 +182,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
             pass
         finally:
             request.close()
-        log.fail("connect", reason="too many connections", reply=421)
+        self.refusals.refused(_peer_text(client_address))
         self.figures.rejected(421)
 
     def _run_session(self, request: socket.socket, client_address: tuple) -> None:
@@ -264,6 +265,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         """Stop accepting now; sessions see `stopping` within READ_SLICE seconds."""
         self.shutdown()
         self.server_close()
+        self.refusals.flush()
 
     def wait_for_sessions(self, timeout: float) -> bool:
         """Wait for the sessions to end; after `timeout`, cut the stragglers off."""
@@ -297,6 +299,44 @@ def _thread_limit(limits: ServerLimits) -> int:
     """Room for every session, and two more finishing their last reply after giving
     their slot back (a connection waits for one of them, not for a slot)."""
     return limits.max_connections + 2
+
+
+class RefusalLog:
+    """Connections refused over the limit, logged at most once per `interval`: a
+    storm of connections must not rotate the log's history away. The refusals in
+    between are counted into the next line (`repeated=N`), or into a last line at
+    the stop (`flush`)."""
+
+    def __init__(self, log: EventLog, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = log
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last = -math.inf
+        self._unlogged = 0  # refusals since the last line
+        self._peer = ""
+
+    def refused(self, peer: str) -> None:
+        with self._lock:
+            now = self._clock()
+            if now - self._last < self._interval:
+                self._unlogged += 1
+                self._peer = peer
+                return
+            repeated, self._unlogged, self._last = self._unlogged, 0, now
+        self._write(peer, repeated)
+
+    def flush(self) -> None:
+        with self._lock:
+            repeated, peer, self._unlogged = self._unlogged, self._peer, 0
+        if repeated:
+            self._write(peer, repeated - 1)
+
+    def _write(self, peer: str, repeated: int) -> None:
+        details = {"repeated": repeated} if repeated else {}
+        self._log.with_peer(peer).fail("connect", reason="too many connections", reply=421,
+                                       **details)
 
 
 def _peer_text(client_address: tuple) -> str:

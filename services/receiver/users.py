@@ -46,9 +46,11 @@ def verify_password(users: dict[str, str], username: str, password: str) -> bool
 
 def load_users(path: Path) -> dict[str, str]:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise UserFileError(f"cannot read users file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise UserFileError(f"users file {path}: not UTF-8 (byte {err.start})") from None
     users = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):

@@ -36,7 +36,25 @@ SUBMIT_UMASK = 0o007  # folders 0770 (the group writes too), files as created (0
 
 def run() -> None:
     """The console script's entry point."""
+    open_standard_streams()
     sys.exit(main(sys.argv))
+
+
+def open_standard_streams() -> None:
+    """A caller may start us with stdin, stdout or stderr closed (daemons do): such
+    a descriptor is opened on /dev/null, as Postfix's sendmail does, so that reading
+    an empty message or printing an error is a clear outcome, never a traceback -
+    and no file we open later lands on descriptor 1 or 2."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def main(argv: list[str]) -> int:

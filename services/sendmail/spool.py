@@ -36,9 +36,9 @@ def store(config: Config, submission: Submission, queue_id: str) -> None:
     """Write the message durably into the queue; SubmissionError (nothing left) if not."""
     folder = config.queue.dir
     try:
-        writer = QueueWriter(folder)
-        writer.store(submission.sender, submission.recipients, submission.chunks,
-                     queue_id=queue_id)
+        with QueueWriter(folder) as writer:
+            writer.store(submission.sender, submission.recipients, submission.chunks,
+                         queue_id=queue_id)
     except QueueFormatError as err:
         raise SubmissionError(os.EX_DATAERR, f"cannot queue this envelope: {err}") from None
     except OSError as err:  # QueueWriteError, or the folders could not be opened

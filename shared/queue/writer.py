@@ -23,7 +23,9 @@ import errno
 import os
 import queue
 import re
+import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from shared.queue.files import unlink_quietly, write_durably
 from shared.queue.format import envelope_of, new_queue_id
 
 TMP_DIRNAME = ".tmp"
+LEFTOVER_AGE = 3600.0  # seconds: an older file in .tmp is a crash's leftover
 
 Chunks = Sequence[bytes | bytearray | memoryview]
 
@@ -64,14 +67,35 @@ class QueueWriter:
         self._dir_prefix = f"{self.dir}{os.sep}"
         self._tmp_prefix = f"{self.tmp_dir}{os.sep}"
 
-    def clean_leftovers(self) -> list[str]:
-        """Delete temporary files a crashed receiver left; they were never acknowledged."""
+    def clean_leftovers(self, now: float | None = None) -> list[str]:
+        """Delete temporary files a crash left; they were never acknowledged. Only
+        those older than LEFTOVER_AGE: `mailbag-sendmail`, `mailbag requeue` and the
+        sender's notices write into `.tmp` too, at any moment, and a file being
+        written is seconds old."""
+        limit = (time.time() if now is None else now) - LEFTOVER_AGE
         removed = []
         for entry in os.scandir(self.tmp_dir):
-            if entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # published or taken back meanwhile
+            if stat.S_ISREG(info.st_mode) and info.st_mtime < limit:
+                unlink_quietly(entry.path)
                 removed.append(entry.name)
         return removed
+
+    def close(self) -> None:
+        """Close the folder's descriptor (a process that stores many messages through
+        one writer after another would run out of them)."""
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+    def __enter__(self) -> QueueWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def store(self, sender: str, recipients: Sequence[str], data: bytes | Chunks, *,
               queue_id: str | None = None) -> str:
