@@ -796,6 +796,7 @@ def metrics_figures(report: Report, workdir: Path, mode: Mode) -> None:
         return run[0], run[1]
 
     drained = paired(mode.metrics_rounds, drain)
+    report.note("metrics: the mailbag column is metrics on, the aiosmtpd column metrics off")
     for label, pairs in ((f"receive {load.label}", received),
                          (f"sender drain of {mode.metrics_drain} x 1 KiB", drained)):
         rates = [(on_[0], off_[0]) for off_, on_ in pairs]
