@@ -269,8 +269,9 @@ class QueueRunner:
                     return worked
                 if not (self._due or self._ready):
                     return worked
-                if self._ready:  # held back by the rate limit
-                    self._wait_for_rate()
+                if self._ready and not self._wait_for_rate():  # held back by the limit
+                    self._release_ready()  # woken: the next pass lists the queue again
+                    return True
                 continue
             self._exchange()
 
@@ -324,16 +325,32 @@ class QueueRunner:
             conn.log.error("outbound", id=job.queue_id, exc=exc)
             return sender, data
 
-    def _wait_for_rate(self) -> None:
+    def _wait_for_rate(self) -> bool:
         """Wait for the rate limit's next token, delivering local mail and serving
-        requests meanwhile (the held-back message is not deferred: no backoff)."""
+        requests meanwhile (the held-back message is not deferred: no backoff).
+
+        False when the runner is woken first (a new file, a reload): a token may be
+        an hour away ("1/h"), and what arrived since the pass began - local mail, a
+        new config - must not wait that long. A stop is the caller's to see."""
         assert self.bucket is not None
         while not self.stop.is_set():
             wait = self.bucket.wait(self.clock())
             if wait <= 0:
-                return
+                return True
+            if self._wake is not None and self._wake.is_set():
+                return False
             if not self._local_work():
-                self.stop.wait(min(wait, 0.5))
+                (self._wake or self.stop).wait(min(wait, 0.5))
+        return True
+
+    def _release_ready(self) -> None:
+        """End the pass with messages read but not handed to the relay: those whose
+        local recipients are delivered are settled (else those would get the message
+        again), the others are left as they are queued for the next pass to read."""
+        while self._ready:
+            job = self._take_ready()
+            if job.outcomes:
+                self._hold(job, "waiting for the rate limit")
 
     def _room(self) -> bool:
         """May another message go to the relay now? With none in flight, always (a new
