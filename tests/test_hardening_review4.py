@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from services.sender.decision import Backoff, Outcome, RetryPolicy, Status, decide
+from shared.queue import BLANK, DeliveryState
 from tests.sender_support import Relay
 
 DATA = b"Subject: review4\r\n\r\nbody\r\n"
@@ -48,3 +50,68 @@ def test_mail_that_arrives_while_the_rate_limit_holds_a_message_back_is_delivere
     assert not worker.is_alive()
     assert relay.handler.messages == []  # the token never came
     assert len(env.queued()) == 1  # the remote message is still queued, untouched
+
+
+def _block_mailbox(env, name: str) -> object:
+    """A file where the Maildir `name` would be: its delivery fails with 451."""
+    env.config.local.maildir.mkdir(parents=True, exist_ok=True)
+    blocker = env.config.local.maildir / name
+    blocker.write_bytes(b"")
+    return blocker
+
+
+def _delivered(env, name: str) -> int:
+    new = env.config.local.maildir / name / "new"
+    return len(list(new.iterdir())) if new.is_dir() else 0
+
+
+def test_an_alias_target_deferred_locally_is_not_expanded_again(setup, relay) -> None:
+    """`backup = ["backup", "ops@example.org"]`: ops gets its copy at once; the
+    mailbox backup, deferred (451), gets its copy on the retry - and ops no second."""
+    env = setup(relay.address, {"aliases": {"backup": ["backup", "ops@example.org"]}})
+    env.writer.store("a@example.com", ["backup@localhost"], DATA)
+    blocker = _block_mailbox(env, "backup")
+    env.pass_at(1e9)
+    assert [m.rcpt_tos for m in relay.handler.wait_for(1)] == [["ops@example.org"]]
+    blocker.unlink()
+    env.pass_at(1e9 + 100)
+    assert _delivered(env, "backup") == 1
+    assert env.queued() == []
+    time.sleep(0.3)  # a second copy would be on its way by now
+    assert len(relay.handler.messages) == 1, "ops@example.org got the message twice"
+
+
+def test_a_mailbox_reached_through_an_alias_stays_that_mailbox_on_the_retry(
+    setup, relay
+) -> None:
+    """`webmaster = ["alice", "bob@example.org"]` with a catch-all: alice's mailbox,
+    deferred once, still gets the message - not the catch-all's target."""
+    aliases = {"webmaster": ["alice", "bob@example.org"], '"*"': "catchall"}
+    env = setup(relay.address, {"aliases": aliases})
+    env.writer.store("a@example.com", ["webmaster@localhost"], DATA)
+    blocker = _block_mailbox(env, "alice")
+    env.pass_at(1e9)
+    relay.handler.wait_for(1)
+    blocker.unlink()
+    env.pass_at(1e9 + 100)
+    assert env.queued() == []
+    assert (_delivered(env, "alice"), _delivered(env, "catchall")) == (1, 0)
+
+
+S, D = Status.SENT, Status.DEFERRED
+
+
+@pytest.mark.parametrize(("statuses", "state", "expanded", "marked"), [
+    ((S, D), BLANK, True, True),  # a rewrite of alias targets: final from now on
+    ((S, D), BLANK, False, False),  # no alias applied: the file holds what was queued
+    ((D, D), BLANK, True, False),  # nothing done: the file is left as queued
+    ((D,), DeliveryState(attempts=1, expanded=True), False, True),  # kept once set
+])
+def test_the_decision_marks_a_rewrite_of_alias_targets(statuses, state, expanded,
+                                                       marked) -> None:
+    outcomes = [Outcome(f"r{n}@example.org", status, "x", "relay")
+                for n, status in enumerate(statuses)]
+    decision = decide(outcomes, sender="a@example.com", state=state, at=100.0, arrival=0.0,
+                      policy=RetryPolicy(Backoff(60, 3600), 1000.0), waiting_until=0.0,
+                      expanded=expanded)
+    assert decision.state.expanded is marked

@@ -20,7 +20,10 @@ The rules (SPEC §4, §7, §8):
   nor past the delay-warning time while no warning was sent;
 - failed recipients bounce (RFC 3464) unless the sender is the null sender `<>`,
   whose messages never cause a notice (no loops); one delay warning per message;
-- the state's `held` flag (an operator's hold) is kept as it is.
+- the state's `held` flag (an operator's hold) is kept as it is;
+- outcomes of an alias expansion (`expanded`) are per target: when a partial
+  delivery rewrites the file with what is left, those targets are final, and the
+  state says so (`expanded`): the aliases never apply to them again.
 """
 
 from __future__ import annotations
@@ -122,10 +125,12 @@ def decide(
     arrival: float,
     policy: RetryPolicy,
     waiting_until: float,
+    expanded: bool = False,
 ) -> Decision:
     """The decision after an attempt that ended at `at` (see the module doc).
 
-    `outcomes`: one per recipient still queued before the attempt, in queue order.
+    `outcomes`: one per recipient still queued before the attempt, in queue order
+    (per alias target when `expanded`: the queued recipients went through the aliases).
     `waiting_until`: when the waiting recipients may be tried again.
     """
     deadline = expires_at(arrival, policy)
@@ -151,10 +156,11 @@ def decide(
     next_attempt = min(next_attempt, deadline)
     if policy.delay_warning is not None and not (state.warned or warn) and sender != "":
         next_attempt = min(next_attempt, arrival + policy.delay_warning)
+    action = Action.PARTIAL if len(remaining) < len(outcomes) else Action.KEEP
     new_state = replace(state, attempts=attempts, next_attempt=next_attempt,
                         last_reply=(deferred or later)[0].detail,
-                        warned=state.warned or warn)
-    action = Action.PARTIAL if len(remaining) < len(outcomes) else Action.KEEP
+                        warned=state.warned or warn,
+                        expanded=state.expanded or (expanded and action is Action.PARTIAL))
     return Decision(action, tuple(outcomes), failed, remaining, new_state, bounce, warn,
                     expired)
 

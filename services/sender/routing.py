@@ -12,6 +12,10 @@ session. One log line per recipient that an alias changed, naming the alias.
   a bounce must reach somebody, and a bounce of a bounce is never sent.
 - Messages with no local recipient skip all of this: the relay hot path pays one
   `is_local` test per recipient.
+- A message rewritten after a partial delivery holds alias targets already
+  (`expanded`, from its delivery state): each goes where it is written, never
+  through the aliases again (a target that names its own alias would expand to
+  every target once more, and the catch-all would catch a mailbox target).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 from services.sender.decision import Outcome, Status
 from services.sender.local import LocalDelivery, is_local
-from shared.aliases import POSTMASTER, AliasTable
+from shared.aliases import POSTMASTER, AliasTable, Expansion
 from shared.log import EventLog
 from shared.queue import QueueFile
 
@@ -34,6 +38,7 @@ class Routes:
     local: list[Outcome] = field(default_factory=list)  # delivered (or refused) already
     remote: tuple[str, ...] = ()  # for the relay
     origins: dict[str, str] = field(default_factory=dict)  # target -> recipient as queued
+    expanded: bool = False  # the recipients went through the aliases
 
 
 class Router:
@@ -44,14 +49,18 @@ class Router:
         self.local_domains = local_domains
         self.log = log.with_peer("local")
 
-    def route(self, queue_id: str, message: QueueFile) -> Routes:
+    def route(self, queue_id: str, message: QueueFile, *, expanded: bool = False) -> Routes:
+        """Deliver the local recipients, return the others; `expanded`: the queued
+        recipients are alias targets already."""
         recipients = message.recipients
         if not self.local_domains or not any(is_local(r, self.local_domains)
                                              for r in recipients):
             return Routes(remote=recipients)
-        routes = Routes()
+        routes = Routes(expanded=True)
         remote: list[str] = []
-        for expansion in self.aliases.expand(recipients):
+        expansions = ([Expansion(r, r, None) for r in recipients] if expanded
+                      else self.aliases.expand(recipients))
+        for expansion in expansions:
             if expansion.via is not None:
                 self.log.info("alias", id=queue_id, to=f"<{expansion.original}>",
                               alias=expansion.via,

@@ -593,9 +593,11 @@ class QueueRunner:
         except OSError as err:
             self.settler.unreadable(entry, err, self.clock())
             return None
-        routes = self.router.route(queue_id, message)
+        state = self.settler.states.get(queue_id)
+        routes = self.router.route(queue_id, message,
+                                   expanded=state is not None and state.expanded)
         return Job(queue_id, path, message, arrival_time(queue_id, entry.mtime_ns / 1e9),
-                    routes.local, routes.remote, routes.origins)
+                    routes.local, routes.remote, routes.origins, routes.expanded)
 
     def _connection(self) -> tuple[RelayConnection | None, str]:
         """The open relay session, or a new one with the first relay that answers;

@@ -67,11 +67,12 @@ class Job:
 
     A plain slotted class, not a dataclass: one is made per message."""
 
-    __slots__ = ("queue_id", "path", "message", "arrival", "outcomes", "remote", "origins")
+    __slots__ = ("queue_id", "path", "message", "arrival", "outcomes", "remote", "origins",
+                 "expanded")
 
     def __init__(self, queue_id: str, path: str, message: QueueFile, arrival: float,
                  outcomes: list[Outcome], remote: tuple[str, ...],
-                 origins: dict[str, str] | None = None) -> None:
+                 origins: dict[str, str] | None = None, expanded: bool = False) -> None:
         self.queue_id = queue_id
         self.path = path  # in queue.dir (a plain string: see QueueReader.path_of)
         self.message = message
@@ -79,6 +80,7 @@ class Job:
         self.outcomes = outcomes  # decided so far (the local recipients)
         self.remote = remote  # for the relay
         self.origins = origins or {}  # alias target -> the recipient as queued
+        self.expanded = expanded  # the recipients went through the aliases (routing.py)
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,10 @@ class Settler:
             self.states.pop(queue_id, None)
         else:
             self.states[queue_id] = state
-        # Only a change of the held flag must survive a power cut; a lost next
-        # attempt means the message is simply tried once more.
-        self.store.save(queue_id, state, durable=state.held != old.held)
+        # Only a change of the held or expanded flag must survive a power cut; a lost
+        # next attempt means the message is simply tried once more.
+        self.store.save(queue_id, state, durable=state.held != old.held
+                        or state.expanded != old.expanded)
 
     def forget_gone(self, present: set[str], strange: set[str]) -> None:
         """Drop what is known of messages no longer queued (delivered, failed,
@@ -202,7 +205,7 @@ class Settler:
             state = replace(state, held=True)
         decision = decide(outcomes, sender=job.message.sender, state=state, at=at,
                           arrival=job.arrival, policy=self.policy,
-                          waiting_until=waiting_until)
+                          waiting_until=waiting_until, expanded=job.expanded)
         self.log_outcomes(job.queue_id, decision)
         self.count(decision, job.arrival, at)
         if decision.bounce or decision.warn:  # queued before the move: never lost

@@ -5,7 +5,7 @@ state worth keeping (it was deferred, is held, or was warned about); a message
 delivered at its first attempt never gets one::
 
     {"attempts": 2, "next_attempt": 1764601234.5, "last_reply": "451 4.3.0 busy",
-     "held": false, "warned": false}
+     "held": false, "warned": false, "expanded": false}
 
 Never inside the queue file, whose format SPEC §3 fixes. Written atomically (a
 temporary dot-name, fsync, rename), so a crash leaves the old state or the new one,
@@ -47,6 +47,10 @@ class DeliveryState:
     last_reply: str = ""  # the reply (or why nothing was tried) of the last attempt
     held: bool = False  # by `mailbag hold`: not sent until released
     warned: bool = False  # the delay warning (SPEC §8) has been sent
+    # The file's recipients are alias targets already (a partial delivery rewrote
+    # it with what was left): delivered as they are, never expanded again - else a
+    # target that names its alias, or one the catch-all would catch, changes.
+    expanded: bool = False
 
     @property
     def is_blank(self) -> bool:
