@@ -3,12 +3,17 @@ with real relays on 127.0.0.1 and a real queue."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 
 import pytest
 
 from services.sender.decision import Backoff, Outcome, RetryPolicy, Status, decide
+from services.sender.relay import RelayConnection, RelayError, RelaySettings
+from shared.config import HostPort
+from shared.log import EventLog
 from shared.queue import BLANK, DeliveryState
 from tests.sender_support import Relay
 
@@ -115,3 +120,43 @@ def test_the_decision_marks_a_rewrite_of_alias_targets(statuses, state, expanded
                       policy=RetryPolicy(Backoff(60, 3600), 1000.0), waiting_until=0.0,
                       expanded=expanded)
     assert decision.state.expanded is marked
+
+
+def reset_every_connection(listener: socket.socket, stop: threading.Event) -> None:
+    """Accept each connection and reset it at once (SO_LINGER 0), as an overloaded
+    smarthost or a firewall may: the reset can land between the client's connect and
+    anything it does next."""
+    listener.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+
+def test_a_relay_that_resets_every_connection_is_only_ever_a_relay_error() -> None:
+    """The runner relies on it (relay.py: every failure to talk to the relay is a
+    RelayError); anything else ends the sender. The reset lands at a random point,
+    so many connections are tried."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=100)
+    stop = threading.Event()
+    relay = threading.Thread(target=reset_every_connection, args=(listener, stop))
+    relay.start()
+    settings = RelaySettings(HostPort("127.0.0.1", listener.getsockname()[1]), "mailbag.test")
+    log = EventLog("S-SMTP", "-")
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            conn = RelayConnection(settings, log)
+            try:
+                conn.open()
+            except RelayError:
+                pass
+            finally:
+                conn.close()
+    finally:
+        stop.set()
+        relay.join(5)
+        listener.close()

@@ -193,7 +193,11 @@ class RelayConnection:
         address = self.settings.address
         self._use(self._connect())
         assert self.sock is not None
-        ip = self.sock.getpeername()[0]
+        try:
+            ip = self.sock.getpeername()[0]
+        except OSError as err:  # reset between the connect and this call
+            self._drop()
+            raise RelayError("connect", _os_error_text(err)) from None
         if ip != address.host:
             self.peer = f"{address.host}[{ip}]:{address.port}"
             self.log = self.log.with_peer(self.peer)
@@ -286,8 +290,12 @@ class RelayConnection:
         infos = self._resolve(address, deadline)
         error = "no address"
         for family, kind, proto, _, sockaddr in infos:
-            sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                                 proto)
+            try:  # no socket at all (EMFILE, an address family the host lacks) is the same
+                sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                     proto)
+            except OSError as err:
+                error = _os_error_text(err)
+                continue
             try:
                 code = sock.connect_ex(sockaddr)
                 if code not in (0, errno.EINPROGRESS):
