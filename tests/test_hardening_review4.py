@@ -160,3 +160,25 @@ def test_a_relay_that_resets_every_connection_is_only_ever_a_relay_error() -> No
         stop.set()
         relay.join(5)
         listener.close()
+
+
+def test_a_rate_limit_slower_than_the_relays_idle_timeout_defers_nothing(setup) -> None:
+    """"20/min": a token every 3 s; the relay closes a session idle for 0.5 s (421,
+    as RFC 5321 §4.5.3.2.7 lets it). The session is not kept idle across the wait
+    for a token, so no message meets the relay's goodbye and is deferred for it."""
+    relay = Relay(timeout=0.5).start()
+    try:
+        env = setup(relay.address, max_rate="20/min")
+        for n in range(2):
+            env.writer.store("a@example.com", [f"b{n}@example.org"], DATA)
+        env.use_real_clock()
+        started = time.monotonic()
+        while env.queued() and time.monotonic() - started < 15:
+            env.runner.run_pass()
+            if env.runner.settler.states:
+                break
+        env.runner.close_relay()
+        assert env.runner.settler.states == {}, "a message was deferred"
+        assert len(relay.handler.wait_for(2)) == 2
+    finally:
+        relay.stop()

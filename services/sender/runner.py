@@ -80,6 +80,11 @@ PROGRAM = "S-SMTP"
 MIN_SLEEP = 0.01  # seconds; the shortest wait between passes
 READY_MAX = 16  # messages read and waiting for the relay, at most...
 READY_MAX_BYTES = 32 * 1024 * 1024  # ... and their data in bytes
+# Seconds a relay session may stay idle while a message waits for the rate limit's
+# token (Postfix's smtp_connection_cache_time_limit); a longer wait ends it with QUIT:
+# a relay may close an idle session (RFC 5321 §4.5.3.2.7), and the next message would
+# meet its 421 and be deferred for it.
+RATE_IDLE_SESSION = 2.0
 
 
 @dataclass
@@ -339,6 +344,8 @@ class QueueRunner:
                 return True
             if self._wake is not None and self._wake.is_set():
                 return False
+            if wait > RATE_IDLE_SESSION:
+                self.close_relay()  # nothing is in flight: the next token opens a new one
             if not self._local_work():
                 (self._wake or self.stop).wait(min(wait, 0.5))
         return True
