@@ -149,3 +149,53 @@ def test_the_token_bucket() -> None:
     bucket.take(100.5)
     assert bucket.wait(100.5) == pytest.approx(0.5)
     assert bucket.wait(110.0) == 0.0 and bucket.tokens == 2.0  # never above its size
+
+
+def test_a_session_broken_by_a_421_moves_the_pass_to_the_next_relay(
+    setup, relays, log_lines
+) -> None:
+    """A relay that greets well and then answers a message with 421 is going away:
+    that message is deferred, and the relay backs off like one that cannot be
+    reached - the next message goes to the second relay, not to the first again."""
+    first, second = relays(2)
+    first.handler.rcpt_replies["b0@example.org"] = "421 4.3.2 going away"
+    first.start()
+    second.start()
+    env = setup([first.address, second.address], relay_retry=30)
+    env.use_real_clock()
+    broken = env.writer.store("a@example.com", ["b0@example.org"], DATA)
+    env.runner.run_pass()
+    env.runner.close_relay()
+    assert env.queued() == [broken]
+    assert "421" in env.runner.settler.states[broken].last_reply
+    env.writer.store("a@example.com", ["c1@example.org"], DATA)
+    env.runner.run_pass()
+    env.runner.close_relay()
+    assert second.handler.wait_for(1)[0].rcpt_tos == ["c1@example.org"]
+    assert first.handler.messages == []
+    (line,) = [x for x in log_lines if " session fail " in x]
+    assert str(first.port) in line and "retry=" in line
+
+
+def test_a_session_the_relay_ends_between_messages_is_no_failure(setup, relays) -> None:
+    """aiosmtpd's idle timeout (421, then close) while the session waits between two
+    messages: the next message opens a new session with the same, first relay."""
+    first, second = Relay(timeout=0.5), Relay()
+    first.start()
+    second.start()
+    try:
+        env = setup([first.address, second.address], relay_retry=30)
+        env.use_real_clock()
+        env.writer.store("a@example.com", ["one@example.org"], DATA)
+        env.runner.run_pass()  # the session stays open after the pass
+        time.sleep(1.0)  # the relay's idle timeout: 421 and close
+        env.writer.store("a@example.com", ["two@example.org"], DATA)
+        env.runner.run_pass()
+        env.runner.close_relay()
+        assert [m.rcpt_tos for m in first.handler.wait_for(2)] == [
+            ["one@example.org"], ["two@example.org"]]
+        assert second.handler.messages == []
+        assert env.queued() == []
+    finally:
+        first.stop()
+        second.stop()

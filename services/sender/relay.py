@@ -221,6 +221,22 @@ class RelayConnection:
         self.messages += 1
         self.idle = False
 
+    def still_open(self) -> bool:
+        """May this session take another message? Not once the relay has ended it: a
+        relay may close a session left idle (RFC 5321 §4.5.3.2.7), with a 421 or
+        without a word, and a message sent into it would meet that 421 and be
+        deferred for it. Anything the relay sends while nothing is outstanding is such
+        an end, so the session is dropped (nothing to QUIT) and a new one is opened."""
+        if not self.usable or self.sock is None:
+            return False
+        if not self.idle:
+            return True  # replies are due: the session's own reading sees any end
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if readable:
+            self._drop()
+            return False
+        return True
+
     @property
     def unsent(self) -> int:
         """Submitted messages none of whose commands has gone out yet."""

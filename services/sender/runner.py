@@ -57,7 +57,7 @@ from services.sender.notices import Notifier
 from services.sender.outbound import Outbound
 from services.sender.rate import TokenBucket
 from services.sender.relay import RelayConnection, RelayError
-from services.sender.relays import RelayPool
+from services.sender.relays import RelayPool, RelayRoute
 from services.sender.rewrite import SenderRewriter
 from services.sender.routing import Router
 from services.sender.settle import Job, Settler, format_time
@@ -128,6 +128,7 @@ class QueueRunner:
         # reload on HUP: new settings take effect between passes).
         self.before_pass: Callable[[], None] | None = None
         self._conn: RelayConnection | None = None
+        self._route: RelayRoute | None = None  # the relay `_conn` talks to
         # This pass's messages: listed and due, and read but waiting for the relay.
         self._due: deque[QueueEntry] = deque()
         self._ready: deque[Job] = deque()
@@ -379,17 +380,44 @@ class QueueRunner:
             if flight:
                 conn.wait()
         except RelayError as err:
-            if not self.stop.is_set():  # abandoned for a stop: not the relay's fault
-                self.figures.relay_session(False, self.clock())
+            unsent = conn.take_unsent()
+            broke = self._broke_a_transaction(conn, len(flight) - len(unsent))
             self._settle_results(conn)  # what came before the failure
-            for message in reversed(conn.take_unsent()):  # never started: first in
-                self._put_ready(flight.pop(message.ref), front=True)  # the next session
+            for message in reversed(unsent):  # never started: first in the next session
+                self._put_ready(flight.pop(message.ref), front=True)
+            if broke and not self.stop.is_set():  # a stop is not the relay's fault
+                assert self._route is not None
+                self._relay_failed(self._route, conn, err)
             for job in list(flight.values()):
                 conn.log.fail("transaction", id=job.queue_id, error=str(err))
                 self._settle(job, [Outcome(r, Status.DEFERRED, str(err), conn.peer)
                                    for r in job.remote])
             flight.clear()
             self.close_relay()
+
+    @staticmethod
+    def _broke_a_transaction(conn: RelayConnection, started: int) -> bool:
+        """Did the session end in a transaction - `started` messages were under way,
+        of which those in `conn.results` have their outcome - either cut off with
+        none, or ended by the relay's 421?"""
+        if started > len(conn.results):
+            return True
+        return any(reply.code == 421 for done in conn.results for _, reply in done.results)
+
+    def _relay_failed(self, route: RelayRoute, conn: RelayConnection,
+                      err: RelayError) -> None:
+        """The relay `route` failed now, through its session `conn`: it could not be
+        used (connect, TLS, the greeting, AUTH), or the session broke with a
+        transaction in it (a 421, a timeout, a dropped connection). It backs off, and
+        the rest of the pass goes to the next relay. A session that ends between
+        transactions (a relay's idle timeout) is no failure: the next message simply
+        opens a new one."""
+        failed_at = self.clock()
+        self.figures.relay_session(False, failed_at)
+        retry_at = route.state.failed(failed_at)
+        event = {"connect": "connect", "tls": "tls", "STARTTLS": "tls",
+                 "AUTH": "auth"}.get(err.stage, "session")
+        conn.log.error(event, error=str(err), retry=format_time(retry_at))
 
     def _settle_results(self, conn: RelayConnection) -> None:
         results = conn.results
@@ -610,7 +638,7 @@ class QueueRunner:
         """The open relay session, or a new one with the first relay that answers;
         None (and why) when there is none."""
         conn = self._conn
-        if conn is not None and conn.usable and conn.messages < self.per_connection:
+        if conn is not None and conn.messages < self.per_connection and conn.still_open():
             return conn, ""
         self.close_relay()
         if not self.relays.configured:
@@ -627,17 +655,12 @@ class QueueRunner:
                 conn.close()
                 if self.stop.is_set():  # abandoned for the stop: not the relay's fault
                     return None, "stopping"
-                failed_at = self.clock()
-                self.figures.relay_session(False, failed_at)
-                retry_at = route.state.failed(failed_at)
-                event = {"connect": "connect", "tls": "tls", "STARTTLS": "tls",
-                         "AUTH": "auth"}.get(err.stage, "session")
-                conn.log.error(event, error=str(err), retry=format_time(retry_at))
+                self._relay_failed(route, conn, err)
                 why = f"{route.name}: {err}"
                 continue
             route.state.succeeded()
             self.figures.relay_session(True, self.clock())
-            self._conn = conn
+            self._conn, self._route = conn, route
             return conn, ""
         until = format_time(self.relays.next_retry())
         return None, f"relay unavailable until {until}" + (f" ({why})" if why else "")
