@@ -199,3 +199,11 @@ def test_a_session_the_relay_ends_between_messages_is_no_failure(setup, relays) 
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize("saved", [b'{"tokens": NaN, "at": 1}', b'{"tokens": 5, "at": NaN}',
+                                   b'{"tokens": Infinity, "at": 1}', b"not json"])
+def test_a_damaged_rate_file_gives_an_empty_bucket(tmp_path, saved: bytes) -> None:
+    (tmp_path / RATE_FILE).write_bytes(saved)
+    bucket = TokenBucket.load(Rate.parse("5/s"), tmp_path, now=100.0)
+    assert bucket.wait(100.0) > 0  # nothing to spend at once: never above the limit

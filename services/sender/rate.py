@@ -17,6 +17,7 @@ Pure arithmetic but for `load`/`save`; time is passed in.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -60,8 +61,8 @@ class TokenBucket:
             tokens, at = float(saved["tokens"]), float(saved["at"])
         except (OSError, ValueError, KeyError, TypeError):
             return cls(rate, 0.0, now)
-        if at > now:  # the clock went back: trust nothing
-            return cls(rate, 0.0, now)
+        if at > now or not (math.isfinite(tokens) and math.isfinite(at)):
+            return cls(rate, 0.0, now)  # the clock went back, or a damaged file: trust nothing
         return cls(rate, tokens, at)
 
     def save(self, queue_dir: Path) -> None:
