@@ -8,12 +8,18 @@ Real processes and files; every wait is bounded.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from shared.config import Config, load_config
-from tests.admin_support import lines_with, mailbag
+from tests.admin_support import MAILBAG, lines_with, mailbag
 from tests.support import write_config
 
 SENDMAIL = Path(sys.executable).parent / "mailbag-sendmail"
@@ -54,3 +60,78 @@ def test_an_id_named_twice_is_deleted_once_and_reported_as_deleted(tmp_path: Pat
 
     held = mailbag(path, "hold", second, second)
     assert held.returncode == 0 and held.stdout == f"{second}: held\n", held
+
+
+# ---------------------------------------------------------------- a user outside the queue
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder another user can enter (pytest's tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="mailbag-review3-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AS_NOBODY, *command], capture_output=True, text=True, timeout=60,
+                          cwd="/")
+
+
+def test_a_user_who_may_not_enter_the_queue_gets_one_line_never_a_traceback(
+        shared_folder: Path) -> None:
+    """SPEC §7: a bad argument (or a folder out of reach) gets one clear line, never
+    a traceback; `status` exits 0 whatever it finds; `check` prints each problem.
+    The queue folders are 0770 (sendmail's umask): for anyone outside the group,
+    pathlib's is_dir()/exists()/is_file() raised PermissionError (Python 3.11)
+    out of `mailq`, `mailbag queue`, `status`, `check`, `delete --failed ID` and
+    `requeue ID`."""
+    path = write_config(shared_folder)
+    path.chmod(0o644)
+    config = load_config(path)
+    assert _submit(path, "bob@example.com").returncode == 0
+    (queue_id,) = _queued_ids(config)
+    var = config.queue.dir.parent
+    var.chmod(0o770)  # the appliance's state: not for everyone
+
+    mailq = _as_nobody(str(SENDMAIL), "--config", str(path), "-bp")
+    assert mailq.returncode == os.EX_NOPERM, mailq.stderr
+    assert mailq.stderr == f"mailbag-sendmail: cannot read {config.queue.dir}: Permission denied\n"
+
+    for args in (("queue",), ("delete", "--failed", queue_id), ("requeue", queue_id),
+                 ("show", queue_id)):
+        done = _as_nobody(str(MAILBAG), "--config", str(path), *args)
+        errors = [line for line in done.stderr.splitlines() if "warning:" not in line]
+        assert done.returncode == 1 and len(errors) == 1, (args, done.stderr)
+        assert "Permission denied" in errors[0], (args, done.stderr)
+
+    status = _as_nobody(str(MAILBAG), "--config", str(path), "status",
+                        "--supervisord-conf", str(shared_folder / "none.conf"))
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+    assert f"queue         cannot read {config.queue.dir}: Permission denied" in status.stdout
+
+    check = _as_nobody(str(MAILBAG), "--config", str(path), "check")
+    assert check.returncode == 1 and "Traceback" not in check.stderr, check.stderr
+    assert f"queue.dir {config.queue.dir} cannot be looked at by user nobody" in check.stdout
+    assert _queued_ids(config) == [queue_id]  # nothing changed
+
+
+# ---------------------------------------------------------------- names the listing prints
+
+def test_the_listing_shows_control_characters_of_a_file_name_escaped(tmp_path: Path) -> None:
+    """README: a hostile message cannot drive the operator's terminal. Whoever may
+    write the queue (the documented submit group: PHP as www-data) chooses a queued
+    file's name; `mailbag queue` and `mailq` printed it raw, ESC sequences and all."""
+    path = write_config(tmp_path)
+    config = load_config(path)
+    assert _submit(path, "bob@example.com").returncode == 0
+    (queue_id,) = _queued_ids(config)
+    evil = f"{queue_id}\x1b]0;owned\x07\x1b[2J"
+    os.rename(config.queue.dir / queue_id, config.queue.dir / evil)
+
+    listing = mailbag(path, "queue")
+    assert listing.returncode == 0, listing.stderr
+    assert "\x1b" not in listing.stdout and "\x07" not in listing.stdout
+    assert f"{queue_id}?]0;owned??[2J" in listing.stdout
+    mailq = _submit(path, "-bp", data=b"")
+    assert mailq.returncode == 0 and b"\x1b" not in mailq.stdout, mailq

@@ -215,13 +215,15 @@ def state_of(state: DeliveryState, now: float) -> tuple[str, float | None]:
 
 def _load_states(queue_dir: Path) -> dict[str, DeliveryState]:
     """Every readable state file; none when there is no `.state` folder yet (a
-    StateStore would create it, and the listing creates nothing)."""
-    if not (queue_dir / STATE_DIRNAME).is_dir():
-        return {}
+    StateStore would create it, and the listing creates nothing). ListingError when
+    the folder cannot be looked at: a user who may not enter queue.dir gets that
+    (pathlib's is_dir raises PermissionError then, it does not answer False)."""
     try:
+        if not (queue_dir / STATE_DIRNAME).is_dir():
+            return {}
         states, _unreadable = StateStore(queue_dir).load_all()
     except OSError as err:
-        raise _listing_error(err, queue_dir / STATE_DIRNAME) from None
+        raise _listing_error(err, queue_dir) from None
     return states
 
 
@@ -345,8 +347,9 @@ def format_json(rows: Sequence[QueueRow], now: float) -> Iterator[str]:
 
 
 def _cells(row: QueueRow, now: float) -> tuple[str, ...]:
-    return (row.id, row.state, duration(now - row.arrival), str(row.size), str(row.attempts),
-            _next(row, now), f"<{_printable(row.sender)}>")
+    # The id is a file name: whoever may write the queue chose it, control characters too.
+    return (_printable(row.id), row.state, duration(now - row.arrival), str(row.size),
+            str(row.attempts), _next(row, now), f"<{_printable(row.sender)}>")
 
 
 def _next(row: QueueRow, now: float) -> str:
