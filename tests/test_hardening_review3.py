@@ -135,3 +135,32 @@ def test_the_listing_shows_control_characters_of_a_file_name_escaped(tmp_path: P
     assert f"{queue_id}?]0;owned??[2J" in listing.stdout
     mailq = _submit(path, "-bp", data=b"")
     assert mailq.returncode == 0 and b"\x1b" not in mailq.stdout, mailq
+
+
+# ---------------------------------------------------------------- many short lines
+
+def test_a_message_of_many_short_lines_takes_memory_near_its_size(tmp_path: Path) -> None:
+    """The collector promises a bounded input is never held beyond its size. Each
+    line was kept as its own bytes object in a list: 10 MB of empty lines (within
+    max_message_bytes) took ~900 MB of memory, enough to get a small appliance's
+    sendmail - or its neighbours - killed."""
+    path = write_config(tmp_path)
+    config = load_config(path)
+    data = b"\n" * (10 * 1024 * 1024 - 1024)
+    proc = subprocess.Popen([str(SENDMAIL), "--config", str(path), "-i", "bob@example.com"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(data)
+        proc.stdin.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stderr = proc.stderr.read()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    assert usage.ru_maxrss < 250 * 1024, f"max RSS {usage.ru_maxrss} KB"  # was ~900 MB
+    assert len(_queued_ids(config)) == 1
