@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,3 +166,42 @@ def test_a_message_of_many_short_lines_takes_memory_near_its_size(tmp_path: Path
     assert proc.returncode == 0, stderr
     assert usage.ru_maxrss < 250 * 1024, f"max RSS {usage.ru_maxrss} KB"  # was ~900 MB
     assert len(_queued_ids(config)) == 1
+
+
+# ---------------------------------------------------------------- status beside a stranger
+
+def test_status_with_a_socket_that_is_no_supervisord_is_a_line_not_a_traceback(
+        tmp_path: Path) -> None:
+    """SPEC §7: `mailbag status` exits 0 whatever it finds. A supervisord.conf whose
+    socket is served by something that does not speak HTTP (another program's, a
+    wrong path) made http.client raise BadStatusLine, which nothing caught."""
+    path = write_config(tmp_path)
+    sock_path = tmp_path / "not-supervisord.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(4)
+    listener.settimeout(20)
+
+    def answer_garbage() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"garbage\r\n\r\n")
+
+    server = threading.Thread(target=answer_garbage, daemon=True)
+    server.start()
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(f"[unix_http_server]\nfile = {sock_path}\n")
+    try:
+        done = subprocess.run([str(MAILBAG), "--config", str(path), "status",
+                               "--supervisord-conf", str(conf)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        listener.close()
+        server.join(5)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "supervisord   supervisord did not answer: garbage" in done.stdout, done.stdout
+    assert "queue         0 messages" in done.stdout, done.stdout  # and the rest follows
