@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import Config, load_config
-from tests.admin_support import MAILBAG, lines_with, mailbag
+from tests.admin_support import MAILBAG, lines_with, mailbag, start_program
 from tests.support import write_config
 
 SENDMAIL = Path(sys.executable).parent / "mailbag-sendmail"
@@ -205,3 +205,33 @@ def test_status_with_a_socket_that_is_no_supervisord_is_a_line_not_a_traceback(
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert "supervisord   supervisord did not answer: garbage" in done.stdout, done.stdout
     assert "queue         0 messages" in done.stdout, done.stdout  # and the rest follows
+
+
+# ---------------------------------------------------------------- a deep queue folder
+
+def test_a_queue_folder_deeper_than_a_socket_address_is_still_reachable(tmp_path: Path) -> None:
+    """SPEC §7: hold/release work with or without a running sender. A unix socket
+    address holds 107 bytes of path: with a deeper queue.dir, connecting to
+    `.control` raised "AF_UNIX path too long" - every hold, release, delete and
+    flush failed (exit 1) even with no sender running, and a running sender
+    served no control socket at all."""
+    deep = tmp_path / ("q" * 60) / ("u" * 60)
+    path = write_config(tmp_path, queue={"dir": str(deep / "queue")},
+                        sender={"relay": "127.0.0.1:9", "relay_retry": 3600})
+    config = load_config(path)
+    assert len(os.fsencode(config.queue.dir / ".control")) > 107
+    assert _submit(path, "bob@example.com").returncode == 0
+    (queue_id,) = _queued_ids(config)
+
+    held = mailbag(path, "hold", queue_id)  # no sender: the command takes the queue lock
+    assert held.returncode == 0 and held.stdout == f"{queue_id}: held\n", held.stderr
+
+    sender = start_program("sender", path, "S-SMTP - start ok")
+    try:
+        released = mailbag(path, "release", queue_id)
+        assert released.returncode == 0, released.stderr
+        assert released.stdout == f"{queue_id}: released\n"
+        assert lines_with(config, "ADMIN", "release ok", f"id={queue_id}", "via=sender")
+    finally:
+        assert sender.stop() == 0
+    assert not (config.queue.dir / ".control").exists()  # a clean stop removes it
