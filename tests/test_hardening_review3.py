@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from shared.config import Config, load_config
+from shared.headers import scan_headers
+from shared.queue import QueueFile
 from tests.admin_support import MAILBAG, lines_with, mailbag, start_program
 from tests.support import write_config
 
@@ -36,6 +38,8 @@ def _submit(config_path: Path, *args: str, data: bytes = b"Subject: t\n\nhi\n"
 
 
 def _queued_ids(config: Config) -> list[str]:
+    if not config.queue.dir.exists():
+        return []
     return sorted(p.name for p in config.queue.dir.iterdir()
                   if p.is_file() and not p.name.startswith("."))
 
@@ -235,3 +239,62 @@ def test_a_queue_folder_deeper_than_a_socket_address_is_still_reachable(tmp_path
     finally:
         assert sender.stop() == 0
     assert not (config.queue.dir / ".control").exists()  # a clean stop removes it
+
+
+# ---------------------------------------------------------------- what programs hand sendmail
+
+GIT_PATCH = (b"From 3b18e512dba79e4c8300dd08aeb37f8e728b8dad Mon Sep 17 00:00:00 2001\n"
+             b"From: Dev <dev@example.com>\n"
+             b"To: list@example.org\n"
+             b"Subject: [PATCH] queue: fix it\n"
+             b"\n"
+             b"From the start, the fix.\n")
+
+
+def test_a_message_starting_with_an_mbox_from_line_keeps_its_header(tmp_path: Path) -> None:
+    """`git format-patch` output (and a saved mailbox's message) starts with an mbox
+    `From <hash> <date>` line, which Postfix's sendmail drops. Kept, it is no header
+    field, so the header section ended before it: From:, To: and Subject: became
+    body text, a second From: was added, and `sendmail -t` found no recipients (64)."""
+    path = write_config(tmp_path)
+    config = load_config(path)
+    done = _submit(path, "-t", "-i", data=GIT_PATCH)
+    assert done.returncode == 0, done.stderr
+    (queue_id,) = _queued_ids(config)
+    message = QueueFile.from_bytes((config.queue.dir / queue_id).read_bytes())
+    assert message.recipients == ("list@example.org",)
+    section = scan_headers(message.data)
+    header = message.data[:section.end]
+    assert b"From 3b18e512" not in message.data
+    assert header.count(b"\r\nFrom: ") == 1 and b"From: Dev <dev@example.com>\r\n" in header
+    assert b"Subject: [PATCH] queue: fix it\r\n" in header
+    assert message.data.endswith(b"\r\n\r\nFrom the start, the fix.\r\n")  # only the first
+
+
+@pytest.mark.parametrize(("argument", "expected"), [
+    ("ops@example.com,dev@example.com", ("ops@example.com", "dev@example.com")),  # cron MAILTO
+    ("ops@example.com, root", ("ops@example.com", "root@localhost")),
+    ("<root>", ("root@localhost",)),
+    ("Ops Team <ops@example.com>", ("ops@example.com",)),
+])
+def test_an_argument_is_an_address_list_as_postfix_reads_it(
+        tmp_path: Path, argument: str, expected: tuple[str, ...]) -> None:
+    """Postfix's sendmail parses each recipient argument as an address list. cron
+    passes `MAILTO=ops@example.com,dev@example.com` as ONE argument: it was refused
+    (65, "Malformed address") and the job's output was lost."""
+    path = write_config(tmp_path)
+    config = load_config(path)
+    done = _submit(path, "-FCronDaemon", "-i", "-B8BITMIME", "-oem", argument)
+    assert done.returncode == 0, done.stderr
+    (queue_id,) = _queued_ids(config)
+    message = QueueFile.from_bytes((config.queue.dir / queue_id).read_bytes())
+    assert message.recipients == expected
+
+
+@pytest.mark.parametrize("argument", ["a@b@c", ",", "<>", "ops@example.com,a b@c"])
+def test_a_bad_address_list_is_still_refused_whole(tmp_path: Path, argument: str) -> None:
+    path = write_config(tmp_path)
+    done = _submit(path, argument)
+    assert done.returncode == os.EX_DATAERR, done.stderr
+    assert done.stderr.decode().startswith("mailbag-sendmail: bad recipient")
+    assert _queued_ids(load_config(path)) == []
