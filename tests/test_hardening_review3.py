@@ -15,13 +15,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from services.sender.control import ControlServer, ask_sender, control_path
 from shared.config import Config, load_config
 from shared.headers import scan_headers
+from shared.log import EventLog
 from shared.queue import QueueFile
 from tests.admin_support import MAILBAG, lines_with, mailbag, start_program
 from tests.support import write_config
@@ -298,3 +301,43 @@ def test_a_bad_address_list_is_still_refused_whole(tmp_path: Path, argument: str
     assert done.returncode == os.EX_DATAERR, done.stderr
     assert done.stderr.decode().startswith("mailbag-sendmail: bad recipient")
     assert _queued_ids(load_config(path)) == []
+
+
+# ---------------------------------------------------------------- the control socket
+
+def test_a_client_that_trickles_its_request_does_not_hold_the_control_socket(
+        tmp_path: Path) -> None:
+    """The control socket serves one connection at a time, and promises each its
+    CONNECTION_TIMEOUT to send its request. The timeout applied to each recv: a
+    client (any member of the group) sending a byte every few seconds held the
+    socket for as long as it liked, and every `mailbag hold/flush/...` waited
+    and failed. The request line must now be complete in that time, in all."""
+    def apply(action: str, ids: Sequence[str], timeout: float) -> dict[str, str]:
+        return {queue_id: "done" for queue_id in ids}  # the runner's side, answering
+
+    server = ControlServer(tmp_path, apply, EventLog("S-SMTP", "-"),
+                           connection_timeout=1.0, runner_timeout=1.0)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+            slow.connect(str(control_path(tmp_path)))
+            for byte in b'{"action": "hold", "ids": ["x"]}':
+                if stop.wait(0.5):
+                    return
+                try:
+                    slow.sendall(bytes([byte]))
+                except OSError:
+                    return  # dropped by the server: what should happen
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    try:
+        trickler.start()
+        time.sleep(0.3)  # it is connected and being served
+        started = time.monotonic()
+        assert ask_sender(tmp_path, "hold", ["a"], timeout=10) == {"a": "done"}
+        assert time.monotonic() - started < 3, "waited for the trickling client"
+    finally:
+        stop.set()
+        trickler.join(5)
+        server.close()

@@ -34,6 +34,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,15 +196,17 @@ class ControlServer:
                     self.log.error("control", exc=exc)
 
     def _serve_one(self, conn: socket.socket) -> None:
-        conn.settimeout(self.connection_timeout)
         try:
-            line = _read_line(conn, MAX_REQUEST)
+            line = _read_line(conn, MAX_REQUEST, self.connection_timeout)
         except RequestError as err:
+            conn.settimeout(self.connection_timeout)
             conn.sendall(_response(ok=False, error=str(err)))
             return
         if line is None:
             return  # connected and closed (a probe), or no complete line in time
-        conn.sendall(self._answer(line))
+        answer = self._answer(line)
+        conn.settimeout(self.connection_timeout)
+        conn.sendall(answer)
 
     def _answer(self, line: bytes) -> bytes:
         try:
@@ -225,12 +228,19 @@ class ControlServer:
         return _response(ok=True, results=results)
 
 
-def _read_line(conn: socket.socket, limit: int) -> bytes | None:
-    """One line (without its LF) of at most `limit` bytes; None if the peer closed
-    or stalled first; RequestError if the line is longer."""
+def _read_line(conn: socket.socket, limit: int, within: float) -> bytes | None:
+    """One line (without its LF) of at most `limit` bytes, complete within `within`
+    seconds in all - a peer that trickles a byte now and then must not hold the one
+    connection served at a time; None if the peer closed or ran out of time first;
+    RequestError if the line is longer."""
+    deadline = time.monotonic() + within
     chunks: list[bytes] = []
     size = 0
     while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        conn.settimeout(remaining)
         try:
             chunk = conn.recv(65536)
         except TimeoutError:
@@ -301,7 +311,7 @@ def _exchange(queue_dir: Path, request: dict[str, object],
             raise ControlError(f"cannot connect to {path}: {err.strerror or err}") from None
         try:
             sock.sendall(json.dumps(request).encode() + b"\n")
-            line = _read_line(sock, MAX_RESPONSE)
+            line = _read_line(sock, MAX_RESPONSE, timeout)
         except RequestError as err:
             raise ControlError(f"not an answer from {path}: {err}") from None
         except OSError as err:
