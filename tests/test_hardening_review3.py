@@ -341,3 +341,26 @@ def test_a_client_that_trickles_its_request_does_not_hold_the_control_socket(
         stop.set()
         trickler.join(5)
         server.close()
+
+
+def test_the_listing_of_an_envelope_that_is_not_utf8_prints_on_a_strict_terminal(
+        tmp_path: Path) -> None:
+    """The queue format takes any byte but controls and angle brackets in an
+    address, and the listing reads them as surrogates. On a strict UTF-8 stdout (a
+    terminal under en_US.UTF-8) printing them raised UnicodeEncodeError: one such
+    file put there by anyone who may write the queue made `mailbag queue` and
+    `mailq` end in a traceback, listing nothing."""
+    path = write_config(tmp_path)
+    config = load_config(path)
+    config.queue.dir.mkdir(parents=True)
+    name = "18ed352a6d4a00aef62b99"
+    (config.queue.dir / name).write_bytes(
+        b"From: <\xff@example.org>\nTo: <b\xfe@example.com>\n\nSubject: x\r\n\r\nhi\r\n")
+    strict = {"PYTHONIOENCODING": "utf-8"}
+    listing = mailbag(path, "queue", env=strict)
+    assert listing.returncode == 0, listing.stderr
+    assert f"{name}  ready" in listing.stdout
+    assert "<\ufffd@example.org>" in listing.stdout and "<b\ufffd@example.com>" in listing.stdout
+    mailq = subprocess.run([str(SENDMAIL), "--config", str(path), "-bp"], capture_output=True,
+                           timeout=60, env={**os.environ, **strict})
+    assert mailq.returncode == 0 and b"Traceback" not in mailq.stderr, mailq.stderr

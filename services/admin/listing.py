@@ -392,5 +392,7 @@ def duration(seconds: float) -> str:
 
 def _printable(text: str) -> str:
     """One line on a terminal: a multi-line reply joined with " / ", control
-    characters shown as "?"."""
+    characters shown as "?", bytes that are not UTF-8 (an envelope or a file name
+    holds them as surrogates, which a strict UTF-8 stdout refuses) as U+FFFD."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return _CONTROL.sub("?", " / ".join(text.splitlines()))
