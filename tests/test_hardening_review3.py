@@ -364,3 +364,18 @@ def test_the_listing_of_an_envelope_that_is_not_utf8_prints_on_a_strict_terminal
     mailq = subprocess.run([str(SENDMAIL), "--config", str(path), "-bp"], capture_output=True,
                            timeout=60, env={**os.environ, **strict})
     assert mailq.returncode == 0 and b"Traceback" not in mailq.stderr, mailq.stderr
+
+
+def test_status_names_the_oldest_message_printably(tmp_path: Path) -> None:
+    """`mailbag status` names the oldest message by its file name - chosen by
+    whoever may write the queue - and printed it raw: terminal escapes went to the
+    operator's terminal, and bytes that are not UTF-8 ended it in a traceback."""
+    path = write_config(tmp_path)
+    config = load_config(path)
+    config.queue.dir.mkdir(parents=True)
+    name = os.fsdecode(b"00000000000000ff\x1b[2J\xff")
+    (config.queue.dir / name).write_bytes(b"From: <a@example.org>\nTo: <b@example.com>\n\nx\r\n")
+    done = mailbag(path, "status", "--supervisord-conf", str(tmp_path / "none.conf"),
+                   env={"PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr
+    assert "(00000000000000ff?[2J\ufffd)" in done.stdout and "\x1b" not in done.stdout
