@@ -379,3 +379,21 @@ def test_status_names_the_oldest_message_printably(tmp_path: Path) -> None:
                    env={"PYTHONIOENCODING": "utf-8"})
     assert done.returncode == 0, done.stderr
     assert "(00000000000000ff?[2J\ufffd)" in done.stdout and "\x1b" not in done.stdout
+
+
+def test_delete_all_reports_odd_file_names_printably_and_logs_each(tmp_path: Path) -> None:
+    """`mailbag delete --all` prints each id it removed; ids there are file names.
+    One with bytes that are not UTF-8 ended the command in a traceback on a strict
+    stdout after its deletion - and the ADMIN lines of the ids after it were never
+    written; control characters went raw to the terminal."""
+    path = write_config(tmp_path)
+    config = load_config(path)
+    config.queue.dir.mkdir(parents=True)
+    odd = os.fsdecode(b"00000000000000ff\x1b[2J\xff")
+    (config.queue.dir / odd).write_bytes(b"From: <a@example.org>\nTo: <b@example.com>\n\nx\r\n")
+    assert _submit(path, "bob@example.com").returncode == 0
+    done = mailbag(path, "delete", "--all", env={"PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr
+    assert "00000000000000ff?[2J\ufffd: deleted" in done.stdout and "\x1b" not in done.stdout
+    assert _queued_ids(config) == []
+    assert len(lines_with(config, "ADMIN", "delete ok")) == 2

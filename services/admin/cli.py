@@ -311,13 +311,18 @@ def _report(action: str, results: list[Result], log: AdminLog, *,
             missing_ok: bool = False, **details: str) -> int:
     """Print what became of each id, log it (one ADMIN line per id); 1 if an id was
     not found (unless `missing_ok`: a message delivered since it was listed)."""
+    from services.admin.listing import _printable as printable
+
     status_code = EXIT_OK
     for result in results:
         log.record(action, result, **details)
+        # An id may be a file name someone put into a folder: control characters and
+        # bytes that are not UTF-8 must reach neither the terminal nor a strict stdout.
+        shown = printable(result.queue_id)
         if result.found or missing_ok:
-            print(f"{result.queue_id}: {result.text}")
+            print(f"{shown}: {result.text}")
         else:
-            _error(f"{result.queue_id}: {result.text}", EXIT_FAILED)
+            _error(f"{shown}: {result.text}", EXIT_FAILED)
             status_code = EXIT_FAILED
     return status_code
 
