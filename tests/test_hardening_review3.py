@@ -397,3 +397,20 @@ def test_delete_all_reports_odd_file_names_printably_and_logs_each(tmp_path: Pat
     assert "00000000000000ff?[2J\ufffd: deleted" in done.stdout and "\x1b" not in done.stdout
     assert _queued_ids(config) == []
     assert len(lines_with(config, "ADMIN", "delete ok")) == 2
+
+
+# ---------------------------------------------------------------- dkim-keygen
+
+def test_dkim_keygen_refuses_a_key_size_no_verifier_needs_at_once(tmp_path: Path) -> None:
+    """A bad argument gets one line and a non-zero exit (SPEC §7). `--bits 32768`
+    (a 4096 typed with a digit too many) was taken: the command spun at 100% CPU
+    for minutes to hours, for a key RFC 8301 does not require verifiers to check
+    and whose record would not fit a DNS answer."""
+    path = write_config(tmp_path)
+    done = subprocess.run([str(MAILBAG), "--config", str(path), "dkim-keygen", "example.com",
+                           "sel", "--dir", str(tmp_path / "dkim"), "--bits", "32768"],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("mailbag: an RSA key for DKIM has 1024 to 4096 bits (RFC 8301), "
+                           "not 32768 (see mailbag --help)\n")
+    assert not (tmp_path / "dkim").exists() or not any((tmp_path / "dkim").iterdir())
