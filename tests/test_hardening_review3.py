@@ -9,6 +9,7 @@ Real processes and files; every wait is bounded.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from tests.support import write_config
 
 SENDMAIL = Path(sys.executable).parent / "mailbag-sendmail"
 NOBODY = 65534
+AS_LIMIT = 400 * 1024 * 1024  # bytes of address space for a 10 MB submission
 AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
 
 
@@ -152,66 +154,21 @@ def test_a_message_of_many_short_lines_takes_memory_near_its_size(tmp_path: Path
     """The collector promises a bounded input is never held beyond its size. Each
     line was kept as its own bytes object in a list: 10 MB of empty lines (within
     max_message_bytes) took ~900 MB of memory, enough to get a small appliance's
-    sendmail - or its neighbours - killed."""
+    sendmail - or its neighbours - killed. Run within an address-space limit of
+    400 MB (set in the child: its RSS high-water mark would include the test
+    runner's, whose image it starts from)."""
     path = write_config(tmp_path)
     config = load_config(path)
     data = b"\n" * (10 * 1024 * 1024 - 1024)
-    proc = subprocess.Popen([str(SENDMAIL), "--config", str(path), "-i", "bob@example.com"],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        assert proc.stdin is not None and proc.stderr is not None
-        proc.stdin.write(data)
-        proc.stdin.close()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        stderr = proc.stderr.read()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, stderr
-    assert usage.ru_maxrss < 250 * 1024, f"max RSS {usage.ru_maxrss} KB"  # was ~900 MB
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+
+    done = subprocess.run([str(SENDMAIL), "--config", str(path), "-i", "bob@example.com"],
+                          input=data, capture_output=True, timeout=120,
+                          preexec_fn=limit_memory)
+    assert done.returncode == 0, done.stderr[-600:]
     assert len(_queued_ids(config)) == 1
-
-
-# ---------------------------------------------------------------- status beside a stranger
-
-def test_status_with_a_socket_that_is_no_supervisord_is_a_line_not_a_traceback(
-        tmp_path: Path) -> None:
-    """SPEC §7: `mailbag status` exits 0 whatever it finds. A supervisord.conf whose
-    socket is served by something that does not speak HTTP (another program's, a
-    wrong path) made http.client raise BadStatusLine, which nothing caught."""
-    path = write_config(tmp_path)
-    sock_path = tmp_path / "not-supervisord.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(sock_path))
-    listener.listen(4)
-    listener.settimeout(20)
-
-    def answer_garbage() -> None:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.recv(65536)
-            conn.sendall(b"garbage\r\n\r\n")
-
-    server = threading.Thread(target=answer_garbage, daemon=True)
-    server.start()
-    conf = tmp_path / "supervisord.conf"
-    conf.write_text(f"[unix_http_server]\nfile = {sock_path}\n")
-    try:
-        done = subprocess.run([str(MAILBAG), "--config", str(path), "status",
-                               "--supervisord-conf", str(conf)],
-                              capture_output=True, text=True, timeout=60)
-    finally:
-        listener.close()
-        server.join(5)
-    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
-    assert "supervisord   supervisord did not answer: garbage" in done.stdout, done.stdout
-    assert "queue         0 messages" in done.stdout, done.stdout  # and the rest follows
 
 
 # ---------------------------------------------------------------- a deep queue folder
