@@ -58,6 +58,9 @@ SIGNED_FIELDS = (
 OVERSIGNED = ("from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id",
               "in-reply-to", "references")
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2: verifiers must refuse smaller keys
+# RFC 8301 §3.2: verifiers must handle keys up to 4096 bits, larger ones need not
+# verify; generating one takes minutes to hours (keygen refuses them).
+MAX_RSA_BITS = 4096
 TXT_STRING_MAX = 255  # RFC 1035 §3.3.14: one <character-string> in a TXT record
 
 Algorithm = Literal["rsa", "ed25519"]
@@ -237,15 +240,16 @@ def keygen(domain: str, selector: str, folder: Path, algorithm: Algorithm = "rsa
     """Write a new private key to `folder/<domain>.<selector>.pem` (mode 0600).
 
     Never overwrites: an existing file raises FileExistsError (a key in use must not
-    be replaced by accident). ValueError for an unknown algorithm or too few bits;
-    OSError if the folder or the file cannot be written.
+    be replaced by accident). ValueError for an unknown algorithm, or bits out of
+    RSA's range for DKIM; OSError if the folder or the file cannot be written.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
     if algorithm == "rsa":
-        if bits < MIN_RSA_BITS:
-            raise ValueError(f"an RSA key needs at least {MIN_RSA_BITS} bits, not {bits}")
+        if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+            raise ValueError(f"an RSA key for DKIM has {MIN_RSA_BITS} to {MAX_RSA_BITS} bits "
+                             f"(RFC 8301), not {bits}")
         key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey = rsa.generate_private_key(
             public_exponent=65537, key_size=bits)
     elif algorithm == "ed25519":

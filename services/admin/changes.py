@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -191,11 +192,19 @@ def failed_ids(config: Config) -> list[str]:
 
 
 def failed_path(config: Config, name: str) -> Path | None:
-    """The failed message of that name, or None (never a reason file or a dot name)."""
+    """The failed message of that name, or None (never a reason file or a dot name).
+    AdminError when the failed folder cannot be looked at by this user."""
     if not name or "/" in name or name.startswith(".") or name.endswith(REASON_SUFFIX):
         return None
     path = config.queue.failed / name
-    return path if path.is_file() and not path.is_symlink() else None
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as err:
+        raise AdminError(f"cannot use the failed folder {config.queue.failed}: "
+                         f"{err.strerror or err}") from None
+    return path if stat.S_ISREG(info.st_mode) else None
 
 
 def delete_failed(config: Config, name: str) -> Result:

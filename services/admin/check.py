@@ -119,10 +119,13 @@ def check_folders(config: Config) -> list[str]:
     folders = [("queue.dir", queue.dir), ("queue.failed_dir", queue.failed),
                ("queue.quarantine_dir", queue.quarantine), ("local.maildir", config.local.maildir),
                ("the log folder", config.log.file.parent)]
-    problems = [problem for key, folder in folders if (problem := _folder_problem(key, folder))]
+    problems = [problem for key, folder in folders if (problem := _looked_at(key, folder))]
     log = config.log.file
-    if log.exists() and not os.access(log, os.W_OK):
-        problems.append(f"log.file {log} is not writable by {invoking_user()}")
+    try:
+        if log.exists() and not os.access(log, os.W_OK):
+            problems.append(f"log.file {log} is not writable by {invoking_user()}")
+    except OSError:
+        pass  # the log folder cannot be looked at: that problem is in the list already
     return problems
 
 
@@ -155,6 +158,15 @@ def _startup_problems(build: Callable[[], object]) -> list[str]:
     except StartupError as err:
         return [str(err)]
     return []
+
+
+def _looked_at(key: str, folder: Path) -> str | None:
+    """`_folder_problem`, or why this user cannot even look: a parent it may not
+    enter makes pathlib's exists() raise PermissionError, not answer False."""
+    try:
+        return _folder_problem(key, folder)
+    except OSError as err:
+        return f"{key} {folder} cannot be looked at by {invoking_user()}: {err.strerror or err}"
 
 
 def _folder_problem(key: str, folder: Path) -> str | None:

@@ -134,6 +134,13 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(resolve_config_path(getattr(args, "config", None)))
 
 
+def _unique(ids: Sequence[str]) -> list[str]:
+    """The ids in the order given, each once: an id named twice is changed once, and
+    its one result is what was done to it (a second "delete" would answer "not in
+    the queue" for a message the first one removed)."""
+    return list(dict.fromkeys(ids))
+
+
 def _print(lines: Iterable[str]) -> None:
     for line in lines:
         print(line)
@@ -244,7 +251,7 @@ def cmd_change(args: argparse.Namespace) -> int:
 
     config = _config(args)
     log = changes.AdminLog(config, _warn)
-    results, via = changes.change_queued(config, args.command, args.ids)
+    results, via = changes.change_queued(config, args.command, _unique(args.ids))
     status_code = _report(args.command, results, log, via=via)
     if args.command == "flush":
         if not args.ids:  # every deferred one: say how many, even none
@@ -267,14 +274,14 @@ def cmd_delete(args: argparse.Namespace) -> int:
     log = changes.AdminLog(config, _warn)
     status_code = EXIT_OK
     if args.failed:
-        names = args.ids or changes.failed_ids(config)
+        names = _unique(args.ids) or changes.failed_ids(config)
         status_code = _each("delete", names, lambda name: changes.delete_failed(config, name),
                             log, where="failed", missing_ok=not args.ids)
     if args.all:
         results, via = changes.change_queued(config, "delete", changes.queued_ids(config))
         _report("delete", results, log, via=via, missing_ok=True)
     elif args.ids and not args.failed:
-        results, via = changes.change_queued(config, "delete", args.ids)
+        results, via = changes.change_queued(config, "delete", _unique(args.ids))
         status_code = _report("delete", results, log, via=via)
     return status_code
 
@@ -284,7 +291,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
     config = _config(args)
     log = changes.AdminLog(config, _warn)
-    return _each("requeue", args.ids, lambda name: changes.requeue(config, name), log)
+    return _each("requeue", _unique(args.ids), lambda name: changes.requeue(config, name), log)
 
 
 def _each(action: str, names: Sequence[str], change: Callable[[str], Result], log: AdminLog,
@@ -304,13 +311,18 @@ def _report(action: str, results: list[Result], log: AdminLog, *,
             missing_ok: bool = False, **details: str) -> int:
     """Print what became of each id, log it (one ADMIN line per id); 1 if an id was
     not found (unless `missing_ok`: a message delivered since it was listed)."""
+    from services.admin.listing import _printable as printable
+
     status_code = EXIT_OK
     for result in results:
         log.record(action, result, **details)
+        # An id may be a file name someone put into a folder: control characters and
+        # bytes that are not UTF-8 must reach neither the terminal nor a strict stdout.
+        shown = printable(result.queue_id)
         if result.found or missing_ok:
-            print(f"{result.queue_id}: {result.text}")
+            print(f"{shown}: {result.text}")
         else:
-            _error(f"{result.queue_id}: {result.text}", EXIT_FAILED)
+            _error(f"{shown}: {result.text}", EXIT_FAILED)
             status_code = EXIT_FAILED
     return status_code
 

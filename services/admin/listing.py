@@ -215,13 +215,15 @@ def state_of(state: DeliveryState, now: float) -> tuple[str, float | None]:
 
 def _load_states(queue_dir: Path) -> dict[str, DeliveryState]:
     """Every readable state file; none when there is no `.state` folder yet (a
-    StateStore would create it, and the listing creates nothing)."""
-    if not (queue_dir / STATE_DIRNAME).is_dir():
-        return {}
+    StateStore would create it, and the listing creates nothing). ListingError when
+    the folder cannot be looked at: a user who may not enter queue.dir gets that
+    (pathlib's is_dir raises PermissionError then, it does not answer False)."""
     try:
+        if not (queue_dir / STATE_DIRNAME).is_dir():
+            return {}
         states, _unreadable = StateStore(queue_dir).load_all()
     except OSError as err:
-        raise _listing_error(err, queue_dir / STATE_DIRNAME) from None
+        raise _listing_error(err, queue_dir) from None
     return states
 
 
@@ -345,8 +347,9 @@ def format_json(rows: Sequence[QueueRow], now: float) -> Iterator[str]:
 
 
 def _cells(row: QueueRow, now: float) -> tuple[str, ...]:
-    return (row.id, row.state, duration(now - row.arrival), str(row.size), str(row.attempts),
-            _next(row, now), f"<{_printable(row.sender)}>")
+    # The id is a file name: whoever may write the queue chose it, control characters too.
+    return (_printable(row.id), row.state, duration(now - row.arrival), str(row.size),
+            str(row.attempts), _next(row, now), f"<{_printable(row.sender)}>")
 
 
 def _next(row: QueueRow, now: float) -> str:
@@ -389,5 +392,7 @@ def duration(seconds: float) -> str:
 
 def _printable(text: str) -> str:
     """One line on a terminal: a multi-line reply joined with " / ", control
-    characters shown as "?"."""
+    characters shown as "?", bytes that are not UTF-8 (an envelope or a file name
+    holds them as surrogates, which a strict UTF-8 stdout refuses) as U+FFFD."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return _CONTROL.sub("?", " / ".join(text.splitlines()))

@@ -32,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 from services.admin.listing import ListingError, duration, failed_rows, queue_rows
+from services.admin.listing import _printable as printable
 from services.admin.supervisor import (
     ProgramState,
     SupervisorConf,
@@ -214,7 +215,8 @@ def _queue_lines(status: Status, now: float) -> list[str]:
     lines = [_row("queue", text)]
     if status.oldest is not None:
         queue_id, arrival = status.oldest
-        lines.append(_row("oldest", f"{duration(now - arrival)} ({queue_id})"))
+        # The id is a file name: whoever may write the queue chose it.
+        lines.append(_row("oldest", f"{duration(now - arrival)} ({printable(queue_id)})"))
     lines.append(_row("failed", f"{status.failed} message{'' if status.failed == 1 else 's'}"
                       + (" (mailbag queue --failed)" if status.failed else "")))
     return lines

@@ -13,6 +13,7 @@ environment, so it is the `MAILBAG_CONFIG` in supervisord's own environment
 from __future__ import annotations
 
 import configparser
+import http.client
 import os
 import socket
 import xmlrpc.client
@@ -84,8 +85,10 @@ def program_states(conf: SupervisorConf) -> list[ProgramState]:
         raise SupervisorUnavailable(
             f"not running (its socket {conf.socket}: "
             f"{err.strerror or err})") from None
-    except xmlrpc.client.Error as err:
-        raise SupervisorUnavailable(f"supervisord did not answer: {err}") from None
+    except (xmlrpc.client.Error, http.client.HTTPException) as err:
+        # HTTPException: whatever listens there does not speak HTTP (not supervisord).
+        raise SupervisorUnavailable(f"supervisord did not answer: "
+                                    f"{err or type(err).__name__}") from None
     finally:
         socket.setdefaulttimeout(previous)
     known = {info["name"]: info for info in infos}

@@ -116,9 +116,9 @@ def wait_for_queue(reader: QueueReader, log: EventLog, stop: threading.Event,
 
 
 def start_control(config: Config, runner: QueueRunner, log: EventLog) -> ControlServer | None:
-    """Serve the control socket; without it (e.g. a path too long for a unix
-    socket) the sender still delivers, and the `mailbag` command says it cannot
-    reach it."""
+    """Serve the control socket; without it (e.g. a queue folder where the socket
+    cannot be made) the sender still delivers, and the `mailbag` command says it
+    cannot reach it."""
     try:
         return ControlServer(config.queue.dir, runner.request, log)
     except OSError as err:

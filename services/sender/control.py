@@ -34,7 +34,9 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +55,7 @@ CONNECTION_TIMEOUT = 5.0  # seconds a client has to send its request line
 RUNNER_TIMEOUT = 10.0  # seconds the runner has to apply a request
 CLIENT_TIMEOUT = RUNNER_TIMEOUT + 5.0  # seconds the command waits for the answer
 ACCEPT_SLICE = 0.5  # seconds between looks at the closing flag
+SUN_PATH_MAX = 107  # bytes of a path a unix socket address holds (108 with its NUL)
 
 # The runner's side (QueueRunner.request): apply `action` to `ids`; the result per id,
 # or None on timeout; RunnerEnded once the runner has ended.
@@ -74,6 +77,23 @@ class RequestError(ValueError):
 
 def control_path(queue_dir: Path) -> Path:
     return Path(queue_dir) / CONTROL_NAME
+
+
+@contextmanager
+def _socket_address(path: Path) -> Iterator[str]:
+    """The name under which bind/connect reach the socket file `path`: the path
+    itself, or - when it is longer than a unix socket address holds (a deep
+    queue.dir) - the same file through a descriptor of its folder,
+    `/proc/self/fd/N/<name>`, which Linux resolves like any path. OSError if the
+    folder cannot be opened."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{folder}/{path.name}"
+    finally:
+        os.close(folder)
 
 
 # ---------------------------------------------------------------------------- requests
@@ -128,7 +148,8 @@ class ControlServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             _unlink_socket(temporary)
-            listener.bind(str(temporary))
+            with _socket_address(temporary) as address:
+                listener.bind(address)
             os.chmod(temporary, 0o660)
             os.rename(temporary, self.path)
             listener.listen(8)
@@ -146,7 +167,8 @@ class ControlServer:
         try:  # a connection of our own wakes the accept at once
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
                 wake.settimeout(ACCEPT_SLICE)
-                wake.connect(str(self.path))
+                with _socket_address(self.path) as address:
+                    wake.connect(address)
         except OSError:
             pass  # it notices the flag within ACCEPT_SLICE anyway
         self._thread.join(self.connection_timeout + self.runner_timeout)
@@ -174,15 +196,17 @@ class ControlServer:
                     self.log.error("control", exc=exc)
 
     def _serve_one(self, conn: socket.socket) -> None:
-        conn.settimeout(self.connection_timeout)
         try:
-            line = _read_line(conn, MAX_REQUEST)
+            line = _read_line(conn, MAX_REQUEST, self.connection_timeout)
         except RequestError as err:
+            conn.settimeout(self.connection_timeout)
             conn.sendall(_response(ok=False, error=str(err)))
             return
         if line is None:
             return  # connected and closed (a probe), or no complete line in time
-        conn.sendall(self._answer(line))
+        answer = self._answer(line)
+        conn.settimeout(self.connection_timeout)
+        conn.sendall(answer)
 
     def _answer(self, line: bytes) -> bytes:
         try:
@@ -204,12 +228,19 @@ class ControlServer:
         return _response(ok=True, results=results)
 
 
-def _read_line(conn: socket.socket, limit: int) -> bytes | None:
-    """One line (without its LF) of at most `limit` bytes; None if the peer closed
-    or stalled first; RequestError if the line is longer."""
+def _read_line(conn: socket.socket, limit: int, within: float) -> bytes | None:
+    """One line (without its LF) of at most `limit` bytes, complete within `within`
+    seconds in all - a peer that trickles a byte now and then must not hold the one
+    connection served at a time; None if the peer closed or ran out of time first;
+    RequestError if the line is longer."""
+    deadline = time.monotonic() + within
     chunks: list[bytes] = []
     size = 0
     while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        conn.settimeout(remaining)
         try:
             chunk = conn.recv(65536)
         except TimeoutError:
@@ -270,7 +301,8 @@ def _exchange(queue_dir: Path, request: dict[str, object],
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(str(path))
+            with _socket_address(path) as address:
+                sock.connect(address)
         except (FileNotFoundError, ConnectionRefusedError):
             return None
         except OSError as err:
@@ -279,7 +311,7 @@ def _exchange(queue_dir: Path, request: dict[str, object],
             raise ControlError(f"cannot connect to {path}: {err.strerror or err}") from None
         try:
             sock.sendall(json.dumps(request).encode() + b"\n")
-            line = _read_line(sock, MAX_RESPONSE)
+            line = _read_line(sock, MAX_RESPONSE, timeout)
         except RequestError as err:
             raise ControlError(f"not an answer from {path}: {err}") from None
         except OSError as err:

@@ -26,7 +26,13 @@ from functools import partial
 from services.admin.listing import ListingError, list_queue
 from services.sendmail.options import Mode, Options, UsageError, parse_command_line
 from services.sendmail.spool import PROGRAM, SubmitLog, current_submitter, say, store
-from services.sendmail.submission import InputCollector, SubmissionError, collect, prepare
+from services.sendmail.submission import (
+    InputCollector,
+    SubmissionError,
+    collect,
+    prepare,
+    without_from_lines,
+)
 from shared.config import Config, ConfigError, load_config, resolve_config_path
 from shared.queue import new_queue_id
 
@@ -85,7 +91,7 @@ def enqueue(options: Options, config: Config) -> int:
     collector = InputCollector(dot_ends_input=options.dot_ends_input,
                                limit=config.receiver.max_message_bytes)
     try:
-        raw = read_stdin(collector)
+        raw = without_from_lines(read_stdin(collector))
         queue_id = new_queue_id()
         submission = prepare(
             raw, recipients=options.recipients, extract=options.extract_recipients,

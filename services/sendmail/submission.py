@@ -3,10 +3,12 @@
 What `mailbag-sendmail` does to what a program hands it (SPEC §7):
 
 - the input ends at EOF, or at a line holding only "." unless -i/-oi (`InputCollector`);
+  mbox `From ` lines at its start are dropped (`without_from_lines`);
 - line ends become CRLF: the queue holds SMTP data (SPEC §3), whatever the caller
   wrote; every other byte (8-bit text, NUL) is stored as is;
-- recipients come from the command line and, with -t, from To:, Cc: and Bcc: (read
-  with the `email` package); a bare name (`root`) gets the first local domain, so
+- recipients come from the command line (each argument an address list, as
+  Postfix reads it) and, with -t, from To:, Cc: and Bcc: (read with the `email`
+  package); a bare name (`root`) gets the first local domain, so
   that the sender's aliases apply; every address passes the receiver's check
   (`shared.smtp.check_mailbox`);
 - `Bcc:` fields are removed whether or not -t was given: they must never reach a
@@ -20,11 +22,13 @@ Errors are `SubmissionError` carrying the sysexits code and one line.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from email import policy
 from email.parser import BytesHeaderParser
+from email.utils import getaddresses
 
 from shared.headers import (
     body_separator,
@@ -39,6 +43,10 @@ from shared.smtp import CRLF, PathSyntaxError, check_mailbox, crlf_lines
 RECIPIENT_FIELDS = ("to", "cc", "bcc")  # -t reads these (RFC 5322 §3.6.3)
 REMOVED_FIELDS = frozenset({"bcc"})
 _DOT_LINES = frozenset({b".", b".\n", b".\r\n"})
+_LIST_SYNTAX = re.compile(r"[,<>()]")  # an argument holding these is an address list
+# Leading mbox separator lines (`From sender date`, also UUCP's `>From ...`): what
+# `git format-patch`, `formail` and saved mailboxes start a message with.
+_FROM_LINES = re.compile(rb"(?:>*From [^\n]*(?:\n|\Z))+")
 
 
 class SubmissionError(Exception):
@@ -53,14 +61,15 @@ class InputCollector:
     """The message as it arrives on stdin, in pieces of at most one line each.
 
     Bounded: more than `limit` bytes raise SubmissionError (EX_DATAERR) at once,
-    so an endless input is never held in memory.
+    so an endless input is never held in memory. The pieces go into one buffer, not
+    a list: a message of many short lines would otherwise cost a Python object per
+    line, tens of times its size.
     """
 
     def __init__(self, *, dot_ends_input: bool, limit: int) -> None:
         self.dot_ends_input = dot_ends_input
         self.limit = limit
-        self._pieces: list[bytes] = []
-        self._size = 0
+        self._data = bytearray()
         self._at_line_start = True
 
     def feed(self, piece: bytes) -> bool:
@@ -68,16 +77,15 @@ class InputCollector:
         is complete (a lone "." line without -i). The dot line is not data."""
         if self.dot_ends_input and self._at_line_start and piece in _DOT_LINES:
             return True
-        self._size += len(piece)
-        if self._size > self.limit:
+        if len(self._data) + len(piece) > self.limit:
             raise SubmissionError(os.EX_DATAERR,
                                   f"message larger than max_message_bytes ({self.limit})")
-        self._pieces.append(piece)
+        self._data += piece
         self._at_line_start = piece.endswith(b"\n")
         return False
 
     def data(self) -> bytes:
-        return b"".join(self._pieces)
+        return bytes(self._data)
 
 
 @dataclass(frozen=True)
@@ -152,12 +160,30 @@ def _as_text(parsed: str) -> str:
         return parsed
 
 
+def argument_addresses(argument: str) -> list[tuple[str, str]]:
+    """The addresses one command-line argument names, as (role, address) pairs.
+
+    Postfix's sendmail reads each argument as an RFC 822 address list: cron passes
+    a comma-separated MAILTO (`a@example.com,b@example.com`) as ONE argument, and
+    `<root>` or `Bob <bob@example.com>` are addresses too. An argument without a
+    comma, angle bracket or parenthesis is taken as it is; a list's empty members
+    (`a,,b`) are skipped, and an argument of nothing but those is checked whole
+    (so that its error names it)."""
+    if not _LIST_SYNTAX.search(argument):
+        return [("recipient", argument)]
+    addresses = [address for _, address in getaddresses([argument]) if address]
+    if not addresses:
+        return [("recipient", argument)]
+    role = "recipient" if addresses == [argument] else f"recipient (in {argument!r})"
+    return [(role, address) for address in addresses]
+
+
 def recipients_of(arguments: Sequence[str], header: bytes, *, extract: bool,
                   domain: str) -> tuple[str, ...]:
     """Command-line recipients, then (with -t) those of the header; qualified, checked,
     each once in the order first named. SubmissionError: EX_USAGE if there are
     none, EX_DATAERR for a bad address."""
-    named: list[tuple[str, str]] = [("recipient", arg) for arg in arguments]
+    named = [pair for arg in arguments for pair in argument_addresses(arg)]
     if extract:
         named.extend((f"{field}: recipient", address)
                      for field, address in header_recipients(header))
@@ -189,6 +215,15 @@ def prepare(raw: bytes, *, recipients: Sequence[str], extract: bool, sender: str
     kept = without_fields(header, REMOVED_FIELDS) if "bcc" in section.names else header
     chunks = (trace, kept, added, body_separator(data, section), data[section.end:])
     return Submission(envelope_from, envelope_to, tuple(c for c in chunks if c))
+
+
+def without_from_lines(raw: bytes) -> bytes:
+    """The message without the mbox `From ` lines it starts with, as Postfix's
+    sendmail strips them: such a line is no header field, so left in place it would
+    end the header section at once - the real header (From:, To:, Subject:) would
+    become body, and -t would find no recipients."""
+    match = _FROM_LINES.match(raw)
+    return raw[match.end():] if match else raw
 
 
 def collect(pieces: Iterable[bytes], collector: InputCollector) -> bytes:
