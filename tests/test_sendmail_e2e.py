@@ -233,10 +233,11 @@ def test_who_may_write_the_queue(shared_folder: Path) -> None:
         f"mailbag-sendmail: cannot write the queue {config.queue.dir}: Permission denied")
     assert queue_ids(config) == []
 
-    # The documented setup: the queue folders belong to a group the caller is in, setgid.
+    # The documented setup: the queue folders belong to a group the caller is in,
+    # setgid and sticky.
     for folder in (config.queue.dir, config.queue.dir / TMP_DIRNAME):
         os.chown(folder, 0, SUBMIT_GROUP)
-        folder.chmod(0o2770)
+        folder.chmod(0o3770)
     accepted = sendmail(config_path, "root", data=b"hi\n",
                         prefix=(*as_nobody, f"--groups={SUBMIT_GROUP}"))
     assert accepted.returncode == 0, accepted.stderr
@@ -246,6 +247,12 @@ def test_who_may_write_the_queue(shared_folder: Path) -> None:
     assert accepted.stderr.decode() == (
         f"mailbag-sendmail: queued as {queue_id}, but cannot write the log file "
         f"{config.log.file}: Permission denied\n")
+    # Sticky: another submitter in the group cannot remove (or replace) that message.
+    other = subprocess.run(["setpriv", "--reuid=1", "--regid=1", f"--groups={SUBMIT_GROUP}",
+                            "rm", "-f", str(config.queue.dir / queue_id)],
+                           capture_output=True, text=True, timeout=10)
+    assert other.returncode != 0 and "Operation not permitted" in other.stderr
+    assert queue_ids(config) == [queue_id]
 
 
 def test_bs_speaks_smtp_on_stdin_and_stdout(tmp_path: Path) -> None:
