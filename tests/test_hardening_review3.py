@@ -371,3 +371,35 @@ def test_dkim_keygen_refuses_a_key_size_no_verifier_needs_at_once(tmp_path: Path
     assert done.stderr == ("mailbag: an RSA key for DKIM has 1024 to 4096 bits (RFC 8301), "
                            "not 32768 (see mailbag --help)\n")
     assert not (tmp_path / "dkim").exists() or not any((tmp_path / "dkim").iterdir())
+
+
+# ------------------------------------------------- one id's failure amid several
+
+@pytest.mark.parametrize("owner", ["at rest", "running sender"])
+def test_a_change_that_fails_for_one_id_still_changes_and_logs_the_others(
+        tmp_path: Path, owner: str) -> None:
+    """SPEC §7: every change is logged with the ids. A hold whose state cannot be
+    written for the middle one of three ids (its state path is a folder) used to end
+    the whole command with one error: the first id was held, but neither reported
+    nor logged, and the third was never held."""
+    path = write_config(tmp_path, sender={"relay": "127.0.0.1:9", "poll_interval": 60})
+    config = load_config(path)
+    for name in ("a", "b", "c"):
+        assert _submit(path, f"{name}@example.com").returncode == 0
+    first, middle, last = _queued_ids(config)
+    blocker = config.queue.dir / ".state" / middle
+    blocker.mkdir(parents=True)
+    (blocker / "x").write_text("")  # a non-empty folder: no state file can replace it
+    sender = (start_program("sender", path, "start ok") if owner == "running sender"
+              else None)
+    try:
+        done = mailbag(path, "hold", first, middle, last)
+    finally:
+        if sender is not None:
+            sender.stop()
+    assert done.returncode == 1
+    assert f"{first}: held\n" in done.stdout and f"{last}: held\n" in done.stdout
+    assert f"{middle}: error: " in done.stderr
+    for queue_id in (first, last):
+        assert len(lines_with(config, "ADMIN", "hold ok", f"id={queue_id}")) == 1
+    assert len(lines_with(config, "ADMIN", "hold fail", f"id={middle}")) == 1

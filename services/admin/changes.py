@@ -40,7 +40,6 @@ from shared.config import Config
 from shared.log import EventLog, setup_logging
 from shared.queue import (
     REASON_SUFFIX,
-    DeliveryState,
     QueueFile,
     QueueFormatError,
     QueueReader,
@@ -64,7 +63,7 @@ class Result:
 
     queue_id: str
     text: str  # for the operator: "held", "not in the queue", "requeued as ..."
-    found: bool = True  # False: no such message (the command exits 1)
+    found: bool = True  # False: no such message, or its change failed (exit 1)
     new_id: str | None = None  # a requeued message's id in the queue
 
 
@@ -124,7 +123,7 @@ def change_queued(config: Config, action: str, ids: Sequence[str], *,
 
 
 def _results(answers: dict[str, str]) -> list[Result]:
-    return [Result(queue_id, text, text != operations.NOT_QUEUED)
+    return [Result(queue_id, text, operations.succeeded(text))
             for queue_id, text in answers.items()]
 
 
@@ -147,23 +146,12 @@ def _at_rest(config: Config, action: str, ids: Sequence[str],
             ids = operations.deferred_ids(states, now)
         answers = {}
         for queue_id in ids:
-            answers[queue_id] = _operate(queue.dir, store, states, action, queue_id, now)
+            answers[queue_id] = operations.apply(action, queue.dir, store, states, queue_id, now)
         return answers
     except OSError as err:
         raise AdminError(f"cannot change the queue {queue.dir}: {err.strerror or err}") from None
     finally:
         reader.close()
-
-
-def _operate(queue_dir: Path, store: StateStore, states: dict[str, DeliveryState],
-             action: str, queue_id: str, now: float) -> str:
-    if action == "hold":
-        return operations.hold(queue_dir, store, states, queue_id)
-    if action == "release":
-        return operations.release(queue_dir, store, states, queue_id, now)
-    if action == "flush":
-        return operations.flush(queue_dir, store, states, queue_id, now)
-    return operations.delete(queue_dir, store, states, queue_id)
 
 
 def queued_ids(config: Config) -> list[str]:

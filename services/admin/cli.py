@@ -311,7 +311,7 @@ def _report(action: str, results: list[Result], log: AdminLog, *,
             missing_ok: bool = False, **details: str) -> int:
     """Print what became of each id, log it (one ADMIN line per id); 1 if an id was
     not found (unless `missing_ok`: a message delivered since it was listed)."""
-    from services.admin.listing import _printable as printable
+    from services.admin.listing import printable
 
     status_code = EXIT_OK
     for result in results:

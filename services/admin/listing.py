@@ -348,8 +348,8 @@ def format_json(rows: Sequence[QueueRow], now: float) -> Iterator[str]:
 
 def _cells(row: QueueRow, now: float) -> tuple[str, ...]:
     # The id is a file name: whoever may write the queue chose it, control characters too.
-    return (_printable(row.id), row.state, duration(now - row.arrival), str(row.size),
-            str(row.attempts), _next(row, now), f"<{_printable(row.sender)}>")
+    return (printable(row.id), row.state, duration(now - row.arrival), str(row.size),
+            str(row.attempts), _next(row, now), f"<{printable(row.sender)}>")
 
 
 def _next(row: QueueRow, now: float) -> str:
@@ -359,11 +359,11 @@ def _next(row: QueueRow, now: float) -> str:
 
 
 def _tail(row: QueueRow) -> str:
-    shown = ", ".join(f"<{_printable(r)}>" for r in row.recipients[:SHOWN_RECIPIENTS])
+    shown = ", ".join(f"<{printable(r)}>" for r in row.recipients[:SHOWN_RECIPIENTS])
     more = len(row.recipients) - SHOWN_RECIPIENTS
     if more > 0:
         shown += f" +{more} more"
-    reply = f" ({_printable(row.last_reply)})" if row.last_reply else ""
+    reply = f" ({printable(row.last_reply)})" if row.last_reply else ""
     return (shown or "-") + reply
 
 
@@ -390,7 +390,7 @@ def duration(seconds: float) -> str:
     return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """One line on a terminal: a multi-line reply joined with " / ", control
     characters shown as "?", bytes that are not UTF-8 (an envelope or a file name
     holds them as surrogates, which a strict UTF-8 stdout refuses) as U+FFFD."""

@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 from services.admin.listing import ListingError, duration, failed_rows, queue_rows
-from services.admin.listing import _printable as printable
+from services.admin.listing import printable
 from services.admin.supervisor import (
     ProgramState,
     SupervisorConf,

@@ -511,10 +511,10 @@ class QueueRunner:
         if after == "hold":
             self.log.info("hold", id=job.queue_id, reason="held by the operator in flight")
         elif after == "delete":
-            try:
-                self._operate("delete", job.queue_id)
-            except OSError as err:  # it stays queued; the operator may delete it again
-                self.log.error("delete", id=job.queue_id, error=err.strerror or str(err))
+            answer = self._operate("delete", job.queue_id)
+            if answer.startswith(operations.ERROR_PREFIX):  # it stays queued; the
+                self.log.error("delete", id=job.queue_id,  # operator may delete it again
+                               error=answer.removeprefix(operations.ERROR_PREFIX))
                 return
             self.log.ok("delete", id=job.queue_id, reason="deleted by the operator in flight")
 
@@ -590,14 +590,8 @@ class QueueRunner:
 
     def _operate(self, action: str, queue_id: str) -> str:
         """A change to a message at rest (see shared/queue/operations.py)."""
-        queue_dir, store, states = self.reader.dir, self.settler.store, self.settler.states
-        if action == "hold":
-            return operations.hold(queue_dir, store, states, queue_id)
-        if action == "release":
-            return operations.release(queue_dir, store, states, queue_id, self.clock())
-        if action == "flush":
-            return operations.flush(queue_dir, store, states, queue_id, self.clock())
-        return operations.delete(queue_dir, store, states, queue_id)
+        return operations.apply(action, self.reader.dir, self.settler.store,
+                                self.settler.states, queue_id, self.clock())
 
     # -- one message -------------------------------------------------------------------
 

@@ -8,7 +8,10 @@ ones it is delivering itself, and these functions see only messages at rest.
 
 Each returns what it did as a short phrase for the operator ("held", "not held",
 ...); `NOT_QUEUED` when there is no such message. `states` is the owner's view of
-the delivery states (shared/queue/state.py), kept in step with the disk.
+the delivery states (shared/queue/state.py), kept in step with the disk. `apply`
+is the one entry for both owners: one message's change that cannot be made (an
+OSError) is that message's answer, `"error: ..."`, and the next id still gets its
+change - so an operator's command reports, and logs, every id it acted upon.
 """
 
 from __future__ import annotations
@@ -22,6 +25,27 @@ from shared.queue.state import BLANK, DeliveryState, StateStore
 
 ACTIONS = ("hold", "release", "delete", "flush")  # what an operator may ask for
 NOT_QUEUED = "not in the queue"
+ERROR_PREFIX = "error: "  # an answer saying the change could not be made
+
+
+def apply(action: str, queue_dir: Path, store: StateStore,
+          states: dict[str, DeliveryState], queue_id: str, now: float) -> str:
+    """One of ACTIONS to one message at rest: what became of it (see the module doc)."""
+    try:
+        if action == "hold":
+            return hold(queue_dir, store, states, queue_id)
+        if action == "release":
+            return release(queue_dir, store, states, queue_id, now)
+        if action == "flush":
+            return flush(queue_dir, store, states, queue_id, now)
+        return delete(queue_dir, store, states, queue_id)
+    except OSError as err:
+        return f"{ERROR_PREFIX}{err.strerror or err}"
+
+
+def succeeded(answer: str) -> bool:
+    """The answer of `apply` says the message was there and the change was made."""
+    return answer != NOT_QUEUED and not answer.startswith(ERROR_PREFIX)
 
 
 def is_queued(queue_dir: Path, queue_id: str) -> bool:
