@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from services.admin.listing import ListingError, duration, failed_rows, queue_rows
-from services.admin.listing import printable
+from services.admin.listing import ListingError, duration, failed_rows, printable, queue_rows
 from services.admin.supervisor import (
     ProgramState,
     SupervisorConf,
