@@ -308,3 +308,18 @@ def test_make_install_sendmail_never_replaces_another_mta_unless_forced(tmp_path
         b"\x7fELF postfix's sendmail"
     if real_before is not None:  # the machine's own sendmail was never touched
         assert real.stat() == real_before
+
+
+def test_a_cron_job_whose_output_has_a_long_line_is_queued_in_lines_smtp_allows(
+        tmp_path: Path) -> None:
+    """A job printing one 5,000-character line: queued (not refused, so the mail is
+    not lost), every stored line within RFC 5321's 998 octets, and the text whole
+    once the inserted line breaks are taken out again."""
+    config_path = write_config(tmp_path)
+    output = b"".join(b"%d" % (n % 10) for n in range(5000))
+    done = sendmail(config_path, "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root",
+                    data=b"Subject: Cron <root@host> job\n\n" + output + b"\n")
+    assert done.returncode == 0, done.stderr
+    (message,) = queued(load_config(config_path))
+    assert max(len(line) for line in message.data.split(b"\r\n")) <= 998
+    assert output in message.data.replace(b"\r\n ", b"")

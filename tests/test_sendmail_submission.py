@@ -15,6 +15,7 @@ from services.sendmail.submission import (
     Submitter,
     collect,
     envelope_sender,
+    fold_long_lines,
     prepare,
 )
 
@@ -206,3 +207,34 @@ def test_the_from_field_names_the_sender_with_the_full_name() -> None:
     assert b"From: MAILER-DAEMON@mb.example\r\n" in null
     kept = stored(submit(b"From: x@y.org\n\nhi\n", "root", full_name="Ignored"))
     assert kept.count(b"From:") == 1 and b"Ignored" not in kept
+
+
+@pytest.mark.parametrize("length", [998, 999, 1995, 1996, 5000])
+def test_a_long_line_is_broken_into_lines_smtp_allows(length: int) -> None:
+    """RFC 5321 §4.5.3.1.6: at most 998 octets and CRLF. Longer lines are broken
+    with CRLF and a space, as Postfix's smtp_line_length_limit; unbroken again
+    (CRLF+space removed) the text is what was written."""
+    line = b"".join(b"%d" % (n % 10) for n in range(length))
+    folded = fold_long_lines(b"Subject: x\r\n\r\n" + line + b"\r\nend\r\n")
+    lines = folded.split(b"\r\n")
+    assert max(len(x) for x in lines) <= 998
+    assert folded.replace(b"\r\n ", b"") == b"Subject: x\r\n\r\n" + line + b"\r\nend\r\n"
+    assert (folded == b"Subject: x\r\n\r\n" + line + b"\r\nend\r\n") == (length <= 998)
+
+
+def test_a_long_header_line_becomes_a_folded_field_the_email_package_reads() -> None:
+    value = ", ".join(f"user{n}@example.org" for n in range(120)).encode()
+    data = stored(submit(b"To: " + value + b"\nSubject: many\n\nbody\n", extract=True))
+    assert max(len(x) for x in data.split(b"\r\n")) <= 998
+    message = message_from_bytes(data, policy=policy.default)
+    assert message["Subject"] == "many"
+    assert len(message["To"].addresses) == 120
+
+
+def test_the_size_limit_applies_to_the_message_in_smtp_form() -> None:
+    """LF line ends become CRLF: 600 LF lines of 1 octet are 1,200 octets stored."""
+    raw = b"Subject: s\n\n" + b"x\n" * 600
+    with pytest.raises(SubmissionError) as refused:
+        prepare(raw, recipients=("root",), extract=False, sender=None, full_name=None,
+                submitter=ROOT, queue_id=QUEUE_ID, now=NOW, limit=len(raw) + 100)
+    assert refused.value.exit_code == os.EX_DATAERR

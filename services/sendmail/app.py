@@ -96,7 +96,8 @@ def enqueue(options: Options, config: Config) -> int:
         submission = prepare(
             raw, recipients=options.recipients, extract=options.extract_recipients,
             sender=options.sender, full_name=full_name(options.full_name, submitter.uid),
-            submitter=submitter, queue_id=queue_id, now=datetime.now().astimezone())
+            submitter=submitter, queue_id=queue_id, now=datetime.now().astimezone(),
+            limit=config.receiver.max_message_bytes)
         store(config, submission, queue_id)
     except SubmissionError as err:
         log.failed(err)

@@ -6,6 +6,10 @@ What `mailbag-sendmail` does to what a program hands it (SPEC §7):
   mbox `From ` lines at its start are dropped (`without_from_lines`);
 - line ends become CRLF: the queue holds SMTP data (SPEC §3), whatever the caller
   wrote; every other byte (8-bit text, NUL) is stored as is;
+- a line longer than SMTP allows (998 octets and CRLF, RFC 5321 §4.5.3.1.6) is
+  broken by inserting CRLF and a space, as Postfix's smtp_line_length_limit does:
+  a cron job's long output line must not cost the whole mail, and in a header the
+  break is a fold (`fold_long_lines`); the size limit applies to the result;
 - recipients come from the command line (each argument an address list, as
   Postfix reads it) and, with -t, from To:, Cc: and Bcc: (read with the `email`
   package); a bare name (`root`) gets the first local domain, so
@@ -38,11 +42,13 @@ from shared.headers import (
     scan_headers,
     without_fields,
 )
-from shared.smtp import CRLF, PathSyntaxError, check_mailbox, crlf_lines
+from shared.smtp import CRLF, MAX_TEXT_LINE, PathSyntaxError, check_mailbox, crlf_lines
 
 RECIPIENT_FIELDS = ("to", "cc", "bcc")  # -t reads these (RFC 5322 §3.6.3)
 REMOVED_FIELDS = frozenset({"bcc"})
 _DOT_LINES = frozenset({b".", b".\n", b".\r\n"})
+LINE_OCTETS = MAX_TEXT_LINE - 2  # a line's octets before its CRLF
+_LONG_LINE = re.compile(rb"[^\r\n]{%d,}" % (LINE_OCTETS + 1))
 _LIST_SYNTAX = re.compile(r"[,<>()]")  # an argument holding these is an address list
 # Leading mbox separator lines (`From sender date`, also UUCP's `>From ...`): what
 # `git format-patch`, `formail` and saved mailboxes start a message with.
@@ -198,9 +204,12 @@ def recipients_of(arguments: Sequence[str], header: bytes, *, extract: bool,
 
 def prepare(raw: bytes, *, recipients: Sequence[str], extract: bool, sender: str | None,
             full_name: str | None, submitter: Submitter, queue_id: str,
-            now: datetime) -> Submission:
-    """The envelope and the data to store for the message `raw` read from stdin."""
-    data = crlf_lines(raw)
+            now: datetime, limit: int | None = None) -> Submission:
+    """The envelope and the data to store for the message `raw` read from stdin;
+    SubmissionError (EX_DATAERR) if it is larger than `limit` once in SMTP's form."""
+    data = fold_long_lines(crlf_lines(raw))
+    if limit is not None and len(data) > limit:
+        raise SubmissionError(os.EX_DATAERR, f"message larger than max_message_bytes ({limit})")
     section = replace(scan_headers(data), eol=CRLF)  # also for an empty message
     header = data[:section.end]
     envelope_to = recipients_of(recipients, header, extract=extract, domain=submitter.domain)
@@ -215,6 +224,23 @@ def prepare(raw: bytes, *, recipients: Sequence[str], extract: bool, sender: str
     kept = without_fields(header, REMOVED_FIELDS) if "bcc" in section.names else header
     chunks = (trace, kept, added, body_separator(data, section), data[section.end:])
     return Submission(envelope_from, envelope_to, tuple(c for c in chunks if c))
+
+
+def fold_long_lines(data: bytes) -> bytes:
+    """CRLF data with every line of more than LINE_OCTETS octets broken into lines
+    that fit: the first LINE_OCTETS octets, then CRLF, a space and the next
+    LINE_OCTETS - 1, and so on. Data without such a line is returned as is."""
+    if _LONG_LINE.search(data) is None:
+        return data
+
+    def broken(match: re.Match[bytes]) -> bytes:
+        line = match.group()
+        pieces = [line[:LINE_OCTETS]]
+        step = LINE_OCTETS - 1
+        pieces += [b" " + line[at:at + step] for at in range(LINE_OCTETS, len(line), step)]
+        return CRLF.join(pieces)
+
+    return _LONG_LINE.sub(broken, data)
 
 
 def without_from_lines(raw: bytes) -> bytes:
