@@ -17,6 +17,7 @@ from services.sendmail.submission import (
     envelope_sender,
     fold_long_lines,
     prepare,
+    without_from_lines,
 )
 
 NOW = datetime(2026, 12, 1, 14, 50, 33, tzinfo=UTC)
@@ -223,12 +224,18 @@ def test_a_long_line_is_broken_into_lines_smtp_allows(length: int) -> None:
 
 
 def test_a_long_header_line_becomes_a_folded_field_the_email_package_reads() -> None:
-    value = ", ".join(f"user{n}@example.org" for n in range(120)).encode()
-    data = stored(submit(b"To: " + value + b"\nSubject: many\n\nbody\n", extract=True))
+    """-t reads the recipients from the field as written, and the stored field is
+    folded before whitespace: unfolded, it is exactly what was written."""
+    addresses = [f"user{n}@example.org" for n in range(120)]
+    field = b"To: " + ", ".join(addresses).encode()
+    submission = submit(field + b"\nSubject: many\n\nbody\n", extract=True)
+    assert submission.recipients == tuple(addresses)
+    data = stored(submission)
     assert max(len(x) for x in data.split(b"\r\n")) <= 998
     message = message_from_bytes(data, policy=policy.default)
     assert message["Subject"] == "many"
-    assert len(message["To"].addresses) == 120
+    assert [a.addr_spec for a in message["To"].addresses] == addresses
+    assert field in data.replace(b"\r\n ", b" ")
 
 
 def test_the_size_limit_applies_to_the_message_in_smtp_form() -> None:
@@ -238,3 +245,11 @@ def test_the_size_limit_applies_to_the_message_in_smtp_form() -> None:
         prepare(raw, recipients=("root",), extract=False, sender=None, full_name=None,
                 submitter=ROOT, queue_id=QUEUE_ID, now=NOW, limit=len(raw) + 100)
     assert refused.value.exit_code == os.EX_DATAERR
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r", b"\r\n"])
+def test_mbox_from_lines_are_dropped_whatever_the_line_ends(ending: bytes) -> None:
+    raw = ending.join([b"From me Tue Dec  1 10:00:00 2026", b">From you", b"To: a@b",
+                       b"", b"From here on, body", b""])
+    assert without_from_lines(raw) == ending.join([b"To: a@b", b"", b"From here on, body",
+                                                   b""])

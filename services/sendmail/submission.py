@@ -8,8 +8,10 @@ What `mailbag-sendmail` does to what a program hands it (SPEC §7):
   wrote; every other byte (8-bit text, NUL) is stored as is;
 - a line longer than SMTP allows (998 octets and CRLF, RFC 5321 §4.5.3.1.6) is
   broken by inserting CRLF and a space, as Postfix's smtp_line_length_limit does:
-  a cron job's long output line must not cost the whole mail, and in a header the
-  break is a fold (`fold_long_lines`); the size limit applies to the result;
+  a cron job's long output line must not cost the whole mail; a header line is
+  folded before whitespace where it has some (RFC 5322 §2.2.3: nothing changes),
+  after -t has read the recipients (`fold_long_lines`); the size limit applies to
+  the message as stored;
 - recipients come from the command line (each argument an address list, as
   Postfix reads it) and, with -t, from To:, Cc: and Bcc: (read with the `email`
   package); a bare name (`root`) gets the first local domain, so
@@ -48,11 +50,11 @@ RECIPIENT_FIELDS = ("to", "cc", "bcc")  # -t reads these (RFC 5322 §3.6.3)
 REMOVED_FIELDS = frozenset({"bcc"})
 _DOT_LINES = frozenset({b".", b".\n", b".\r\n"})
 LINE_OCTETS = MAX_TEXT_LINE - 2  # a line's octets before its CRLF
-_LONG_LINE = re.compile(rb"[^\r\n]{%d,}" % (LINE_OCTETS + 1))
+_LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d,}" % (LINE_OCTETS + 1))
 _LIST_SYNTAX = re.compile(r"[,<>()]")  # an argument holding these is an address list
 # Leading mbox separator lines (`From sender date`, also UUCP's `>From ...`): what
 # `git format-patch`, `formail` and saved mailboxes start a message with.
-_FROM_LINES = re.compile(rb"(?:>*From [^\n]*(?:\n|\Z))+")
+_FROM_LINES = re.compile(rb"(?:>*From [^\r\n]*(?:\r\n|\r|\n|\Z))+")
 
 
 class SubmissionError(Exception):
@@ -207,9 +209,7 @@ def prepare(raw: bytes, *, recipients: Sequence[str], extract: bool, sender: str
             now: datetime, limit: int | None = None) -> Submission:
     """The envelope and the data to store for the message `raw` read from stdin;
     SubmissionError (EX_DATAERR) if it is larger than `limit` once in SMTP's form."""
-    data = fold_long_lines(crlf_lines(raw))
-    if limit is not None and len(data) > limit:
-        raise SubmissionError(os.EX_DATAERR, f"message larger than max_message_bytes ({limit})")
+    data = crlf_lines(raw)
     section = replace(scan_headers(data), eol=CRLF)  # also for an empty message
     header = data[:section.end]
     envelope_to = recipients_of(recipients, header, extract=extract, domain=submitter.domain)
@@ -222,25 +222,47 @@ def prepare(raw: bytes, *, recipients: Sequence[str], extract: bool, sender: str
     trace = local_received(uid=submitter.uid, hostname=submitter.hostname, queue_id=queue_id,
                            recipient=envelope_to[0] if len(envelope_to) == 1 else None, now=now)
     kept = without_fields(header, REMOVED_FIELDS) if "bcc" in section.names else header
-    chunks = (trace, kept, added, body_separator(data, section), data[section.end:])
+    message = (fold_long_lines(kept, header=True), body_separator(data, section),
+               fold_long_lines(data[section.end:]))
+    if limit is not None and sum(map(len, message)) > limit:
+        raise SubmissionError(os.EX_DATAERR, f"message larger than max_message_bytes ({limit})")
+    chunks = (trace, message[0], added, *message[1:])
     return Submission(envelope_from, envelope_to, tuple(c for c in chunks if c))
 
 
-def fold_long_lines(data: bytes) -> bytes:
+def fold_long_lines(data: bytes, *, header: bool = False) -> bytes:
     """CRLF data with every line of more than LINE_OCTETS octets broken into lines
-    that fit: the first LINE_OCTETS octets, then CRLF, a space and the next
-    LINE_OCTETS - 1, and so on. Data without such a line is returned as is."""
+    that fit (see the module doc); data without such a line is returned as is.
+    `header`: the lines are header fields, folded before whitespace where they can."""
     if _LONG_LINE.search(data) is None:
         return data
+    breaker = _folded_field_line if header else _broken_line
+    return _LONG_LINE.sub(lambda match: breaker(match.group()), data)
 
-    def broken(match: re.Match[bytes]) -> bytes:
-        line = match.group()
-        pieces = [line[:LINE_OCTETS]]
-        step = LINE_OCTETS - 1
-        pieces += [b" " + line[at:at + step] for at in range(LINE_OCTETS, len(line), step)]
-        return CRLF.join(pieces)
 
-    return _LONG_LINE.sub(broken, data)
+def _broken_line(line: bytes) -> bytes:
+    """The first LINE_OCTETS octets, then CRLF, a space and the next LINE_OCTETS - 1,
+    and so on (Postfix's way: a space is added, nothing is lost)."""
+    step = LINE_OCTETS - 1
+    return CRLF.join([line[:LINE_OCTETS]] + [b" " + line[at:at + step]
+                                             for at in range(LINE_OCTETS, len(line), step)])
+
+
+def _folded_field_line(line: bytes) -> bytes:
+    """A header line folded before its last space or tab within reach, so that
+    unfolding (removing the CRLFs) gives the field back unchanged; a stretch of more
+    than LINE_OCTETS octets without one is broken as a body line is."""
+    pieces = []
+    while len(line) > LINE_OCTETS:
+        cut = max(line.rfind(b" ", 1, LINE_OCTETS + 1), line.rfind(b"\t", 1, LINE_OCTETS + 1))
+        if cut > 0:
+            pieces.append(line[:cut])
+            line = line[cut:]  # the continuation begins with the whitespace
+        else:
+            pieces.append(line[:LINE_OCTETS])
+            line = b" " + line[LINE_OCTETS:]
+    pieces.append(line)
+    return CRLF.join(pieces)
 
 
 def without_from_lines(raw: bytes) -> bytes:
