@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.queue import BLANK, STATE_DIRNAME, DeliveryState, StateStore
+from shared.queue import BLANK, STATE_DIRNAME, DeliveryState, QueueWriter, StateStore, operations
 
 
 def test_a_state_round_trips_and_a_blank_one_leaves_no_file(tmp_path: Path) -> None:
@@ -48,3 +48,41 @@ def test_a_malformed_state_is_refused(raw: bytes) -> None:
 def test_unknown_keys_of_a_newer_version_are_ignored() -> None:
     assert DeliveryState.from_json(b'{"attempts": 3, "colour": "blue"}') == DeliveryState(
         attempts=3)
+
+
+# -------------------------------------------------------------- operators' changes
+
+def _one_queued(tmp_path: Path) -> tuple[Path, StateStore, str]:
+    queue_dir = tmp_path / "queue"
+    queue_id = QueueWriter(queue_dir).store("a@example.com", ["b@example.org"], b"x\r\n")
+    return queue_dir, StateStore(queue_dir), queue_id
+
+
+def test_an_unknown_change_is_a_programming_error_never_a_delete(tmp_path: Path) -> None:
+    queue_dir, store, queue_id = _one_queued(tmp_path)
+    with pytest.raises(ValueError):
+        operations.apply("purge", queue_dir, store, {}, queue_id, 0.0)
+    assert (queue_dir / queue_id).is_file()
+
+
+def test_a_change_that_fails_is_its_ids_answer(tmp_path: Path) -> None:
+    queue_dir, store, queue_id = _one_queued(tmp_path)
+    (store.dir / queue_id).mkdir(parents=True)  # a folder where its state file goes
+    (store.dir / queue_id / "x").write_text("")
+    answer = operations.apply("hold", queue_dir, store, {}, queue_id, 0.0)
+    assert answer.startswith(operations.ERROR_PREFIX) and not operations.succeeded(answer)
+    assert operations.apply("hold", queue_dir, store, {}, "nosuchid", 0.0) == \
+        operations.NOT_QUEUED
+
+
+def test_a_delete_whose_folder_sync_fails_says_the_message_is_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue_dir, store, queue_id = _one_queued(tmp_path)
+
+    def no_sync(folder: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(operations, "fsync_dir", no_sync)
+    answer = operations.apply("delete", queue_dir, store, {}, queue_id, 0.0)
+    assert answer == "deleted (not yet on disk: Input/output error)"
+    assert operations.succeeded(answer) and not (queue_dir / queue_id).exists()

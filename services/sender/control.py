@@ -89,7 +89,8 @@ def _socket_address(path: Path) -> Iterator[str]:
     if len(os.fsencode(path)) <= SUN_PATH_MAX:
         yield str(path)
         return
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # O_PATH: like the path itself, it needs only search permission on the folder.
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         yield f"/proc/self/fd/{folder}/{path.name}"
     finally:

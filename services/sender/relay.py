@@ -231,8 +231,10 @@ class RelayConnection:
             return False
         if not self.idle:
             return True  # replies are due: the session's own reading sees any end
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        if readable:
+        pending = getattr(self.sock, "pending", lambda: 0)()  # TLS: decrypted, unread
+        poll = select.poll()
+        poll.register(self.sock, select.POLLIN)
+        if pending or poll.poll(0):
             self._drop()
             return False
         return True

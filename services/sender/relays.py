@@ -2,7 +2,8 @@
 
 Relays are tried in their configured order. One that cannot be reached (connect,
 TLS, a refused or 421 greeting, EHLO, AUTH, a timeout on the way), or whose session
-breaks with a transaction in it (a 421, a timeout, a dropped connection), backs off:
+breaks with a transaction in it before it answered any message (a 421, a timeout, a
+dropped connection), backs off:
 `Backoff` from its first failure, doubling, but never longer than `relay_retry`,
 and reset by a success; meanwhile the next relay carries the mail, and the first
 one is tried again after at most `relay_retry`. While every relay backs off,

@@ -381,7 +381,7 @@ class QueueRunner:
                 conn.wait()
         except RelayError as err:
             unsent = conn.take_unsent()
-            broke = self._broke_a_transaction(conn, len(flight) - len(unsent))
+            broke = self._relay_broke_the_session(conn, len(flight), len(unsent))
             self._settle_results(conn)  # what came before the failure
             for message in reversed(unsent):  # never started: first in the next session
                 self._put_ready(flight.pop(message.ref), front=True)
@@ -396,22 +396,29 @@ class QueueRunner:
             self.close_relay()
 
     @staticmethod
-    def _broke_a_transaction(conn: RelayConnection, started: int) -> bool:
-        """Did the session end in a transaction - `started` messages were under way,
-        of which those in `conn.results` have their outcome - either cut off with
-        none, or ended by the relay's 421?"""
-        if started > len(conn.results):
-            return True
-        return any(reply.code == 421 for done in conn.results for _, reply in done.results)
+    def _relay_broke_the_session(conn: RelayConnection, in_flight: int, unsent: int) -> bool:
+        """Did the session end the way of a relay that does not work: a transaction
+        under way cut off with no reply, or ended by a 421 - with not one message of
+        this session answered otherwise? A relay that has answered messages and then
+        goes away (its limit of messages per session, or a 421 right after a 250)
+        works; only the message that met the 421 is deferred.
+        `in_flight`: this session's messages not settled, of which `unsent` never
+        started; those with an outcome are in `conn.results`."""
+        answered = conn.messages - in_flight  # settled before: each had its reply
+        cut_off = in_flight - unsent > len(conn.results)
+        for done in conn.results:
+            if any(reply.code == 421 for _, reply in done.results):
+                cut_off = True
+            else:
+                answered += 1
+        return cut_off and answered == 0
 
     def _relay_failed(self, route: RelayRoute, conn: RelayConnection,
                       err: RelayError) -> None:
         """The relay `route` failed now, through its session `conn`: it could not be
-        used (connect, TLS, the greeting, AUTH), or the session broke with a
-        transaction in it (a 421, a timeout, a dropped connection). It backs off, and
-        the rest of the pass goes to the next relay. A session that ends between
-        transactions (a relay's idle timeout) is no failure: the next message simply
-        opens a new one."""
+        used (connect, TLS, the greeting, AUTH), or the session broke before it
+        answered any message (`_relay_broke_the_session`). It backs off, and the rest
+        of the pass goes to the next relay."""
         failed_at = self.clock()
         self.figures.relay_session(False, failed_at)
         retry_at = route.state.failed(failed_at)

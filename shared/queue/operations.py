@@ -31,6 +31,8 @@ ERROR_PREFIX = "error: "  # an answer saying the change could not be made
 def apply(action: str, queue_dir: Path, store: StateStore,
           states: dict[str, DeliveryState], queue_id: str, now: float) -> str:
     """One of ACTIONS to one message at rest: what became of it (see the module doc)."""
+    if action not in ACTIONS:
+        raise ValueError(f"no such change: {action!r}")
     try:
         if action == "hold":
             return hold(queue_dir, store, states, queue_id)
@@ -115,7 +117,10 @@ def delete(queue_dir: Path, store: StateStore, states: dict[str, DeliveryState],
     if not is_queued(queue_dir, queue_id):
         return NOT_QUEUED
     os.unlink(os.path.join(queue_dir, queue_id))
-    fsync_dir(queue_dir)  # a power cut must not bring it back
     unlink_quietly(store.path(queue_id))
     states.pop(queue_id, None)
+    try:
+        fsync_dir(queue_dir)  # a power cut must not bring it back
+    except OSError as err:  # gone all the same: say so, and what is not yet sure
+        return f"deleted (not yet on disk: {err.strerror or err})"
     return "deleted"
