@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from hypothesis import settings
 from loguru import logger
 
 from shared.config import load_config
-from tests.sender_support import Setup
+from tests.sender_support import Relay, Setup
 from tests.support import MailbagProcess, wait_for_banner, write_config
 
 # CI runs the property tests with a fixed seed, so a red run is reproducible and a
@@ -79,3 +81,20 @@ def make_app() -> Iterator:
     appliance = with_make(Appliance())
     yield appliance
     appliance.cleanup()
+
+
+@pytest.fixture
+def relay():
+    """An aiosmtpd relay on a free loopback port, recording what it gets."""
+    server = Relay().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder another user can enter (pytest's tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="mailbag-shared-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -74,15 +72,6 @@ def test_an_id_named_twice_is_deleted_once_and_reported_as_deleted(tmp_path: Pat
 
 
 # ---------------------------------------------------------------- a user outside the queue
-
-@pytest.fixture
-def shared_folder() -> Iterator[Path]:
-    """A folder another user can enter (pytest's tmp_path is private to root)."""
-    folder = Path(tempfile.mkdtemp(prefix="mailbag-review3-"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
 
 def _as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*AS_NOBODY, *command], capture_output=True, text=True, timeout=60,

@@ -20,13 +20,6 @@ from tests.sender_support import Relay
 DATA = b"Subject: review4\r\n\r\nbody\r\n"
 
 
-@pytest.fixture
-def relay():
-    made = Relay().start()
-    yield made
-    made.stop()
-
-
 def test_mail_that_arrives_while_the_rate_limit_holds_a_message_back_is_delivered(
     setup, relay
 ) -> None:

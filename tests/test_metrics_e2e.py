@@ -68,13 +68,6 @@ class Mailbag:
                 proc.stop()
 
 
-@pytest.fixture
-def relay():
-    server = Relay().start()
-    yield server
-    server.stop()
-
-
 def test_healthz_follows_the_sender_and_the_relay_and_the_counters_follow_the_mail(
         tmp_path: Path, relay: Relay) -> None:
     mailbag = Mailbag(tmp_path, sender={"relay": relay.address, "relay_retry": 0.3,

@@ -6,7 +6,6 @@ really pass (each test is bounded to a few of them).
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -104,30 +103,6 @@ def test_the_rate_limit_spaces_messages_and_holds_across_a_restart(setup, relays
     assert (env.config.queue.dir / RATE_FILE).exists()
     restarted = TokenBucket.load(Rate(20, 1.0), env.config.queue.dir, time.time())
     assert restarted.tokens < 2  # the restart does not hand out a fresh bucket
-
-
-def test_local_mail_does_not_wait_for_the_rate_limit(setup, relays) -> None:
-    (relay,) = relays(1)
-    relay.start()
-    env = setup(relay.address, max_rate="1/min")
-    env.use_real_clock()
-    env.writer.store("a@example.com", ["far@example.org"], DATA)
-    env.writer.store("a@example.com", ["far2@example.org"], DATA)
-    worker = threading.Thread(target=env.runner.run_pass)
-    worker.start()
-    try:
-        time.sleep(0.3)  # the first remote message waits for its token (a minute)
-        env.writer.store("a@example.com", ["you@localhost"], DATA)
-        env.runner._due.append(env.reader.scan().ready[-1])  # as the next pass would list it
-        new = env.config.local.maildir / "you" / "new"
-        deadline = time.monotonic() + 5
-        while not (new.exists() and any(new.iterdir())):
-            assert time.monotonic() < deadline, "local mail waited for the rate limit"
-            time.sleep(0.05)
-    finally:
-        env.stop.set()
-        worker.join(10)
-    assert not worker.is_alive()
 
 
 @pytest.mark.parametrize(("text", "count", "seconds"), [

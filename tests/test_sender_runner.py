@@ -47,13 +47,6 @@ from tests.support import free_port, tiny_tmpfs, write_config
 DATA = b"Subject: hello\r\n\r\nbody\r\n.dot line\r\n"
 
 
-@pytest.fixture
-def relay():
-    server = Relay().start()
-    yield server
-    server.stop()
-
-
 # ---------------------------------------------------------------------------- pure parts
 
 def test_arrival_time_comes_from_the_queue_id() -> None:

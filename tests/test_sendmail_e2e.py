@@ -10,11 +10,8 @@ pointed at the script as their users point them at /usr/sbin/sendmail.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -204,15 +201,6 @@ def test_errors_are_one_line_never_a_traceback(tmp_path: Path, args: tuple[str, 
     assert stderr.startswith(error.format(path=config_path)) and stderr.count("\n") == 1, stderr
     queue_dir = tmp_path / "var" / "queue"
     assert not queue_dir.exists() or not any(p.is_file() for p in queue_dir.iterdir())
-
-
-@pytest.fixture
-def shared_folder() -> Iterator[Path]:
-    """A folder another user can enter (pytest's tmp_path is private to root)."""
-    folder = Path(tempfile.mkdtemp(prefix="mailbag-submit-"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_who_may_write_the_queue(shared_folder: Path) -> None:
