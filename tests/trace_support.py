@@ -2,8 +2,9 @@
 
 The stored data is one `Received:` field, then the data as the client sent it - with,
 for a client that may relay, a `Date:` and a `Message-ID:` at the end of its header
-section when it had none. `assert_as_sent` checks each of those, field by field, and
-that every other byte is the client's.
+section when it had none, and an empty line in front of data that starts with white
+space when nothing else is (it would continue the Received: field). `assert_as_sent`
+checks each of those, field by field, and that every other byte is the client's.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def assert_as_sent(stored: bytes, sent: bytes, *, queue_id: str | None = None,
         pattern += rb"Message-ID: <" + re.escape(trace["id"]) + rb"@[^>\r\n]+>\r\n"
     if pattern and tail[:2] not in (b"", b"\r\n") and tail[:1] != b"\n":
         pattern += rb"\r\n"  # an empty line, so that the body is not read as fields
+    elif not pattern and not head and tail[:1] in (b" ", b"\t"):
+        pattern = rb"\r\n"  # an empty line, so that the first line is not the trace's
     match = re.fullmatch(pattern, added)
     assert match is not None, f"added {added!r}, expected {pattern!r}"
     if "date" in match.groupdict():

@@ -6,7 +6,10 @@
   several would disclose Bcc's), and the date - written by `shared/headers.py`;
 - for a client that may relay (relay_networks, or authenticated), a missing
   `Date:` or `Message-ID:` at the end of its header section (RFC 6409 §8), with an
-  empty line after them when the message had none there.
+  empty line after them when the message had none there;
+- an empty line after the trace when nothing else is added in front of data whose
+  first line begins with white space: that line would otherwise continue the
+  Received: field (RFC 5322 §2.2.3), as Postfix's smtpd knows too.
 
 The message stays in the chunks it was read in: a field added at the end of the
 header section splits the chunk it falls in into two views of it; no copy of the
@@ -38,6 +41,9 @@ def stored_chunks(message: MessageReady, *, hostname: str, queue_id: str,
     if origin.trusted:
         added = missing_fields(message.headers, queue_id=queue_id, hostname=hostname, now=now)
     if not added:
+        separator = separator_after_trace(message) if message.headers.end == 0 else b""
+        if separator:
+            chunks.append(separator)
         chunks.extend(message.chunks)
         return chunks
     end = message.headers.end
@@ -47,6 +53,12 @@ def stored_chunks(message: MessageReady, *, hostname: str, queue_id: str,
     chunks.append(added)
     chunks.extend(after)
     return chunks
+
+
+def separator_after_trace(message: MessageReady) -> bytes:
+    """The empty line that keeps data starting with white space out of the trace
+    field in front of it (it would read as a continuation line); b"" otherwise."""
+    return message.headers.eol if first_bytes(message.chunks, 1) in (b" ", b"\t") else b""
 
 
 def split_at(chunks: Sequence[Chunk], offset: int) -> tuple[list[Chunk], list[Chunk]]:
