@@ -194,6 +194,12 @@ class PathSyntaxError(ValueError):
     """A MAIL/RCPT argument that does not parse; str() says what is wrong."""
 
 
+class ArgumentSyntaxError(PathSyntaxError):
+    """An argument that is not `FROM:<path> [parameters]` at all (no keyword, a
+    malformed parameter): a command syntax error (RFC 3463 X.5.4), whatever the
+    address; every other PathSyntaxError is about the address itself."""
+
+
 @dataclass(frozen=True)
 class PathArgument:
     """A parsed `FROM:<...> PARAMS` / `TO:<...> PARAMS` argument."""
@@ -211,7 +217,7 @@ def parse_path_argument(argument: str, keyword: str) -> PathArgument:
     match = _PATH_KEYWORD[keyword].match(argument)
     if not match:
         command = "MAIL FROM" if keyword == "FROM" else "RCPT TO"
-        raise PathSyntaxError(f"Syntax: {command}:<address>")
+        raise ArgumentSyntaxError(f"Syntax: {command}:<address>")
     rest = argument[match.end():]
     if rest.startswith("<"):
         end = _closing_bracket(rest)
@@ -262,7 +268,7 @@ def parse_params(text: str) -> dict[str, str | None]:
     for word in text.split():
         match = _PARAM.fullmatch(word)
         if not match:
-            raise PathSyntaxError(f"Malformed parameter {word[:40]!r}")
+            raise ArgumentSyntaxError(f"Malformed parameter {word[:40]!r}")
         params[match.group(1).upper()] = match.group(2)
     return params
 

@@ -62,3 +62,31 @@ def test_data_starting_with_white_space_never_continues_the_received_field(
     parsed = message_from_bytes(data, policy=policy.default)
     assert parsed["Received"].endswith(trace["date"].decode())
     assert parsed.get_payload(decode=True) == sent
+
+
+def replies_to(*commands: str) -> list[bytes]:
+    """The wire replies of an EHLO session to `commands` (the EHLO's left out)."""
+    session = ServerSession(SessionPolicy(hostname=HOST), "192.0.2.7", may_relay=True)
+    session.receive_data(b"".join(c.encode() + b"\r\n" for c in ("EHLO c.example", *commands)))
+    replies = []
+    while (event := session.next_event()) is not NEED_DATA:
+        assert isinstance(event, SendReply)
+        replies.append(event.data)
+    return replies[1:]
+
+
+@pytest.mark.parametrize(("commands", "expected"), [
+    (["MAIL FROM:<a@b@c.example>"], b"501 5.1.7 "),  # X.1.7: bad sender address syntax
+    (["MAIL FROM:<alice>"], b"501 5.1.7 "),
+    (["MAIL FROM:<a@b.example>", "RCPT TO:<a@b@c.example>"], b"501 5.1.3 "),  # destination
+    (["MAIL FROM:<a@b.example> SIZE="], b"501 5.5.4 "),  # a malformed parameter: syntax
+    (["MAIL FROM:<a@b.example>", "RCPT TO:<c@d.example> NOTIFY"], b"555 5.5.4 "),
+    (["MAIL FROM:<a@b.example>", "RCPT TO:<c@d.example> X=\x7f"], b"501 5.5.4 "),
+    (["MAIL <a@b.example>"], b"501 5.5.4 "),  # no FROM: keyword: command syntax
+    (["MAIL FROM:<a@b.example>", "RCPT <c@d.example>"], b"501 5.5.4 "),
+])
+def test_an_enhanced_code_says_whose_address_or_which_syntax_was_bad(
+        commands: list[str], expected: bytes) -> None:
+    """RFC 3463: X.1.7 is a bad sender address, X.1.3 a bad recipient address, X.5.4
+    a command's arguments that are no path at all (Postfix answers the same)."""
+    assert replies_to(*commands)[-1].startswith(expected)

@@ -47,6 +47,7 @@ from services.receiver.data import DataReader, Refusal
 from shared.headers import HeaderSection
 from shared.smtp import (
     MAX_COMMAND_LINE,
+    ArgumentSyntaxError,
     PathSyntaxError,
     Reply,
     check_mailbox,
@@ -399,8 +400,10 @@ class ServerSession:
             path = parse_path_argument(argument, "FROM")
             if path.address:
                 check_mailbox(path.address)
+        except ArgumentSyntaxError as err:
+            return R.S501_SYNTAX.format(detail=str(err))
         except PathSyntaxError as err:
-            return R.S501_BAD_ADDRESS.format(detail=str(err))
+            return R.S501_BAD_SENDER.format(detail=str(err))
         envelope = Envelope(mail_from=path.address)
         self._recipient_overshoot = 0
         for name, value in path.params.items():
@@ -432,6 +435,8 @@ class ServerSession:
             is_postmaster = address.lower() == "postmaster"
             if not is_postmaster:
                 check_mailbox(address)
+        except ArgumentSyntaxError as err:
+            return R.S501_SYNTAX.format(detail=str(err))
         except PathSyntaxError as err:
             return R.S501_BAD_ADDRESS.format(detail=str(err))
         if path.params:
