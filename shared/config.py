@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.aliases import AliasError, AliasTable
-from shared.smtp import PathSyntaxError, check_mailbox
+from shared.smtp import PathSyntaxError, check_mailbox, idna_twin
 
 ENV_VAR = "MAILBAG_CONFIG"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +232,13 @@ class SenderConfig:
 class LocalConfig:
     domains: tuple[str, ...] = ("localhost",)
     maildir: Path = Path("var/mail")
+
+    def __post_init__(self) -> None:
+        # An internationalised domain is local in both IDNA forms (shared.smtp.idna_twin);
+        # the configured ones come first, so the first is still the one bare names get.
+        twins = (idna_twin(domain) for domain in self.domains)
+        extra = tuple(dict.fromkeys(t for t in twins if t and t not in self.domains))
+        object.__setattr__(self, "domains", self.domains + extra)
 
 
 @dataclass(frozen=True)

@@ -334,6 +334,24 @@ def domain_of(address: str) -> str:
     return address[at + 1:].lower() if at >= 0 else ""
 
 
+def idna_twin(domain: str) -> str | None:
+    """The same domain in its other IDNA form (RFC 5890): A-labels (`xn--...`) for a
+    domain in Unicode, Unicode for one in A-labels; None for a plain ASCII domain,
+    or one that is not valid IDNA. Clients that do not speak SMTPUTF8 write a local
+    domain in A-labels, clients that do may write it in Unicode: both are the same."""
+    try:
+        if domain.isascii():
+            if "xn--" not in domain:
+                return None
+            twin = domain.encode("ascii").decode("idna")
+        else:
+            twin = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    twin = twin.lower()
+    return twin if twin != domain else None
+
+
 def local_part_of(address: str) -> str:
     at = address.rfind("@")
     return address[:at] if at >= 0 else address

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,10 @@ from services.receiver.session import (
     SessionPolicy,
 )
 from services.receiver.trace import stored_chunks
+from services.sender.local import is_local
+from shared.config import load_config
+from shared.smtp import idna_twin
+from tests.support import write_config
 from tests.trace_support import assert_as_sent, split_trace
 
 NOW = datetime(2026, 12, 1, 14, 50, 33, tzinfo=UTC)
@@ -90,3 +95,35 @@ def test_an_enhanced_code_says_whose_address_or_which_syntax_was_bad(
     """RFC 3463: X.1.7 is a bad sender address, X.1.3 a bad recipient address, X.5.4
     a command's arguments that are no path at all (Postfix answers the same)."""
     assert replies_to(*commands)[-1].startswith(expected)
+
+
+# ---------------------------------------------------- an internationalised local domain
+
+@pytest.mark.parametrize("configured", ["münchen.example", "xn--mnchen-3ya.example"])
+def test_an_international_local_domain_is_local_in_both_idna_forms(
+        tmp_path: Path, configured: str) -> None:
+    """RFC 5890: `münchen.example` and `xn--mnchen-3ya.example` are one domain. A
+    client that does not speak SMTPUTF8 writes the A-labels; the domain compared as
+    text took that for a foreign domain - 554 relay access denied from outside, and
+    relayed, never delivered locally, from a relay client. Both forms are local now,
+    whichever is configured, the configured one first."""
+    config = load_config(write_config(tmp_path, local={"domains": [configured],
+                                                       "maildir": "var/mail"}))
+    assert config.local.domains[0] == configured
+    assert set(config.local.domains) == {"münchen.example", "xn--mnchen-3ya.example"}
+    policy = SessionPolicy(hostname=HOST, local_domains=frozenset(config.local.domains))
+    session = ServerSession(policy, "192.0.2.7", may_relay=False)
+    session.receive_data(b"EHLO client.example\r\nMAIL FROM:<a@example.com>\r\n"
+                         b"RCPT TO:<bob@xn--mnchen-3ya.example>\r\n")
+    replies = []
+    while (event := session.next_event()) is not NEED_DATA:
+        if isinstance(event, SendReply):
+            replies.append(event.reply.code)
+    assert replies == [250, 250, 250], replies  # EHLO, MAIL, RCPT
+    assert is_local("bob@xn--mnchen-3ya.example", config.local.domains)
+    assert is_local("bob@münchen.example", config.local.domains)
+
+
+def test_a_plain_or_broken_domain_has_no_idna_twin() -> None:
+    assert idna_twin("example.com") is None
+    assert idna_twin("xn--zz.example") is None  # not valid punycode for IDNA
