@@ -127,3 +127,14 @@ def test_an_international_local_domain_is_local_in_both_idna_forms(
 def test_a_plain_or_broken_domain_has_no_idna_twin() -> None:
     assert idna_twin("example.com") is None
     assert idna_twin("xn--zz.example") is None  # not valid punycode for IDNA
+
+
+@pytest.mark.parametrize("line", ["ſtarttls".encode(), "quıt".encode(), "ehlo x".upper().encode()])
+def test_a_verb_is_matched_in_ascii_only(line: bytes) -> None:
+    """Unicode case mapping turns "ſ" into "S" and "ı" into "I": such a word is no
+    SMTP verb (500), while an ASCII verb in any case still is one."""
+    session = ServerSession(SessionPolicy(hostname=HOST), "192.0.2.7", may_relay=False)
+    session.receive_data(line + b"\r\n")
+    event = session.next_event()
+    assert isinstance(event, SendReply)
+    assert event.reply.code == (250 if line.startswith(b"EHLO") else 500), event.reply

@@ -346,7 +346,8 @@ class ServerSession:
             return self._reply(R.S500_BARE_CR, "", bad=True)
         text = line.decode("utf-8", "surrogateescape")
         verb, _, argument = text.strip(" ").partition(" ")
-        verb = verb.upper()
+        # Verbs are ASCII (RFC 5321 §4.1.1): no Unicode case mapping ("ſ" -> "S").
+        verb = verb.upper() if verb.isascii() else verb
         argument = argument.strip(" ")
         handler = _HANDLERS.get(verb)
         if handler is None or verb in self._unavailable:
