@@ -1,0 +1,98 @@
+"""Operations against what the sixth review found (each test failed before its fix):
+the metrics endpoint and /healthz with real programs, and config values at their
+edges, loaded from real files and given to real programs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, load_config
+from tests.metrics_support import http_get, samples
+from tests.support import REPO, write_config
+from tests.test_metrics_e2e import Mailbag
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_queue_folder_that_is_gone_is_unhealthy_and_has_no_gauges(tmp_path: Path) -> None:
+    """The receiver made the queue folder at its start; once it is gone (removed or
+    renamed by mistake) every message gets 451, so /healthz must not say "ok" and
+    the gauges must not say "an empty queue"; it comes back to 200 with the folder."""
+    mailbag = Mailbag(tmp_path)
+    try:
+        mailbag.start_receiver()
+        mailbag.start_sender()
+        mailbag.wait_health(200)
+        queue = mailbag.config.queue.dir
+        away = queue.with_name("queue.away")
+        queue.rename(away)
+        body = mailbag.wait_health(503, "queue: cannot be read")
+        assert str(queue) in body and "No such file or directory" in body
+        status, exposition = http_get(mailbag.metrics_port, "/metrics")
+        assert status == 200
+        assert not any(name.startswith("mailbag_queue") for name, _ in samples(exposition))
+        away.rename(queue)
+        assert mailbag.wait_health(200) == "ok\n"
+    finally:
+        mailbag.stop()
+
+
+# Every value in seconds: past about 292 years (2**63 ns) the waits they feed overflow.
+SECONDS_KEYS = [
+    ("receiver", "idle_timeout"), ("receiver", "session_deadline"),
+    ("sender", "poll_interval"), ("sender", "relay_retry"), ("sender", "connect_timeout"),
+    ("sender", "greeting_timeout"), ("sender", "command_timeout"),
+    ("sender", "data_init_timeout"), ("sender", "data_block_timeout"),
+    ("sender", "data_end_timeout"), ("sender", "retry_initial"), ("sender", "retry_max"),
+    ("sender", "max_queue_lifetime"), ("bounce", "delay_warning"),
+    ("metrics", "relay_down_after"), ("metrics", "max_queue_age"),
+]
+
+
+def _write(folder: Path, section: str, line: str) -> Path:
+    path = folder / "mailbag.toml"
+    path.write_text(f"[{section}]\n{line}\n")
+    return path
+
+
+@pytest.mark.parametrize(("section", "key"), SECONDS_KEYS)
+@pytest.mark.parametrize("value", ["1e10", "nan", "inf"])
+def test_a_time_beyond_any_wait_is_one_line_naming_the_key(
+        tmp_path: Path, section: str, key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as failure:
+        load_config(_write(tmp_path, section, f"{key} = {value}"))
+    assert f"{section}.{key}" in str(failure.value)
+    assert "\n" not in str(failure.value)
+
+
+@pytest.mark.parametrize(("section", "key"), SECONDS_KEYS)
+def test_ten_years_is_still_a_time(tmp_path: Path, section: str, key: str) -> None:
+    config = load_config(_write(tmp_path, section, f'{key} = "3650d"'
+                                if section in ("bounce", "metrics") else f"{key} = 315360000"))
+    assert getattr(getattr(config, section), key) == 315360000
+
+
+@pytest.mark.parametrize("key", ["greeting_timeout", "command_timeout", "data_init_timeout",
+                                 "data_block_timeout", "data_end_timeout"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_relay_timeout_of_zero_or_less_is_one_line_naming_the_key(
+        tmp_path: Path, key: str, value: str) -> None:
+    """Like connect_timeout: a timeout of 0 fails every relay session at once."""
+    with pytest.raises(ConfigError, match=f"sender.{key}: must be greater than 0"):
+        load_config(_write(tmp_path, "sender", f"{key} = {value}"))
+
+
+def test_a_huge_poll_interval_stops_the_sender_at_start_with_one_line(tmp_path: Path) -> None:
+    """Not a start, then a crash at the first wait on an empty queue (a restart loop
+    under supervisord)."""
+    path = write_config(tmp_path, sender={"poll_interval": 1e10})
+    result = subprocess.run([sys.executable, "-m", "services.sender", "--config", str(path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "sender.poll_interval" in line
