@@ -63,8 +63,10 @@ class HostPort:
             raise ValueError(f"expected host:port (or [ipv6]:port), got {text!r}")
         host = match.group(1) or match.group(3)
         port = int(match.group(2) or match.group(4))
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port {port} is out of range")
+        # Port 0 is bind(2)'s "any free port": a listener that no log line, `make run`
+        # or scraper could name, a relay that cannot be reached.
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range (1-65535)")
         return cls(host, port)
 
     def __str__(self) -> str:

@@ -96,3 +96,25 @@ def test_a_huge_poll_interval_stops_the_sender_at_start_with_one_line(tmp_path: 
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "sender.poll_interval" in line
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("receiver", "listen", '"127.0.0.1:0"'), ("receiver", "tls_listen", '"[::1]:0"'),
+    ("metrics", "listen", '"127.0.0.1:0"'), ("sender", "relay", '["relay.example.com:0"]'),
+])
+def test_port_zero_is_one_line_naming_the_key(tmp_path: Path, section: str, key: str,
+                                              value: str) -> None:
+    """Port 0 is "any free port" to bind(2): a listener nobody can be told about (the
+    log, `make run` and Prometheus would all say :0), a relay nobody can reach."""
+    with pytest.raises(ConfigError) as failure:
+        load_config(_write(tmp_path, section, f"{key} = {value}"))
+    assert f"{section}.{key}" in str(failure.value) and "port 0" in str(failure.value)
+
+
+def test_a_metrics_port_of_zero_stops_the_receiver_with_one_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, metrics={"listen": "127.0.0.1:0"})
+    result = subprocess.run([sys.executable, "-m", "services.receiver", "--config", str(path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    (line,) = result.stderr.strip().splitlines()
+    assert "metrics.listen" in line and "port 0" in line
