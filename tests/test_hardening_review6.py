@@ -4,6 +4,7 @@ edges, loaded from real files and given to real programs."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from shared.config import ConfigError, load_config
-from tests.metrics_support import http_get, samples
+from tests.appliance_support import wait_until
+from tests.hardening_support import connect
+from tests.metrics_support import answers, http_get, samples
 from tests.support import REPO, write_config
 from tests.test_metrics_e2e import Mailbag
 
@@ -118,3 +121,29 @@ def test_a_metrics_port_of_zero_stops_the_receiver_with_one_line(tmp_path: Path)
     assert result.returncode == 2, (result.returncode, result.stderr)
     (line,) = result.stderr.strip().splitlines()
     assert "metrics.listen" in line and "port 0" in line
+
+
+def test_a_stopping_receiver_no_longer_answers_healthz(tmp_path: Path) -> None:
+    """TERM: the receiver refuses new sessions at once, while a DATA in progress may
+    keep it alive for up to 8 s. Meanwhile /healthz must not answer as if mail were
+    accepted (a load balancer would keep sending clients to it): the endpoint goes
+    away with the SMTP listeners - no answer, "down", as documented."""
+    mailbag = Mailbag(tmp_path)
+    try:
+        mailbag.start_receiver()
+        wait_until(lambda: answers(mailbag.metrics_port), 5, "the endpoint to answer")
+        with connect(mailbag.config) as client:
+            assert client.command("EHLO client.example").code == 250
+            assert client.command("MAIL FROM:<a@example.com>").code == 250
+            assert client.command("RCPT TO:<b@example.org>").code == 250
+            assert client.command("DATA").code == 354
+            client.send(b"Subject: in flight\r\n\r\nstill coming\r\n")
+            mailbag.receiver.signal(signal.SIGTERM)
+            wait_until(lambda: answers(mailbag.metrics_port) is None, 5,
+                       "the endpoint to stop answering")
+            assert mailbag.receiver.proc.poll() is None  # DATA still keeps it running
+            assert client.command(".").code == 250
+        assert mailbag.receiver.stop() == 0
+    finally:
+        mailbag.stop()
+
