@@ -4,6 +4,8 @@ edges, loaded from real files and given to real programs."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -147,3 +149,49 @@ def test_a_stopping_receiver_no_longer_answers_healthz(tmp_path: Path) -> None:
     finally:
         mailbag.stop()
 
+
+def _signal_a_thread_other_than_main(pid: int, signum: int) -> None:
+    """What the kernel may do with a process-directed signal: deliver it to any of
+    the process's threads (tgkill(2) picks one here, one that is not the main)."""
+    others = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+    assert others, "the program runs threads besides its main one"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.tgkill(pid, others[-1], signum) == 0, os.strerror(ctypes.get_errno())
+
+
+@pytest.mark.parametrize("program", ["receiver", "sender"])
+def test_term_taken_by_another_thread_still_stops_the_program(tmp_path: Path,
+                                                              program: str) -> None:
+    """Python runs signal handlers in the main thread only, and a main thread that
+    sleeps on a lock (the receiver's main loop, the sender's idle wait of up to
+    poll_interval) is not woken when the signal lands in another thread: the stop
+    waited for an unrelated event, and supervisord's KILL came first."""
+    mailbag = Mailbag(tmp_path)
+    try:
+        mailbag.start_receiver()
+        mailbag.start_sender()
+        mailbag.wait_health(200)
+        proc = getattr(mailbag, program)
+        _signal_a_thread_other_than_main(proc.proc.pid, signal.SIGTERM)
+        try:
+            assert proc.proc.wait(5) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the {program} ignored TERM") from None
+    finally:
+        mailbag.stop()
+
+
+@pytest.mark.parametrize("program", ["receiver", "sender"])
+def test_hup_taken_by_another_thread_still_reloads(tmp_path: Path, program: str) -> None:
+    mailbag = Mailbag(tmp_path)
+    try:
+        mailbag.start_receiver()
+        mailbag.start_sender()
+        mailbag.wait_health(200)
+        proc = getattr(mailbag, program)
+        _signal_a_thread_other_than_main(proc.proc.pid, signal.SIGHUP)
+        tag = "R-SMTP" if program == "receiver" else "S-SMTP"
+        wait_until(lambda: f"{tag} - reload ok" in mailbag.config.log.file.read_text(), 5,
+                   f"the {program}'s reload")
+    finally:
+        mailbag.stop()
