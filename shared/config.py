@@ -38,6 +38,12 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "mailbag.toml"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# The longest time any key may say, in seconds (ten years). Every such value ends up
+# in a wait (threading, sockets) or a time stamp, and those overflow at 2**63 ns
+# (about 292 years) - a value past that would be accepted here and end the sender at
+# its first wait; no mail setting needs more than years.
+MAX_SECONDS = 10 * 365 * 86400.0
+
 
 class ConfigError(Exception):
     """A configuration problem; str(err) is one line fit for the operator."""
@@ -57,8 +63,10 @@ class HostPort:
             raise ValueError(f"expected host:port (or [ipv6]:port), got {text!r}")
         host = match.group(1) or match.group(3)
         port = int(match.group(2) or match.group(4))
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port {port} is out of range")
+        # Port 0 is bind(2)'s "any free port": a listener that no log line, `make run`
+        # or scraper could name, a relay that cannot be reached.
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range (1-65535)")
         return cls(host, port)
 
     def __str__(self) -> str:
@@ -373,8 +381,12 @@ def parse_duration(text: str | int | float) -> float:
         if not match or unit not in _DURATION_UNITS:
             raise ValueError(f"expected a duration like '30m', '4h', '2d' or seconds, got {text!r}")
         seconds = float(match.group(1)) * _DURATION_UNITS[unit]
+    if not math.isfinite(seconds):  # TOML numbers may be nan or inf
+        raise ValueError(f"expected a finite duration, got {text!r}")
     if seconds <= 0:
         raise ValueError(f"a duration must be greater than 0, got {text!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"a duration is at most 3650d (10 years), got {text!r}")
     return seconds
 
 
@@ -488,6 +500,9 @@ def _convert(value: typing.Any, annotation: typing.Any, key: str, base: Path) ->
                 raise ConfigError(f"{key}: expected a number, got {value!r}")
             if not math.isfinite(value):  # TOML has nan and inf; no timeout is either
                 raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            if value > MAX_SECONDS:  # every float key is seconds
+                raise ConfigError(f"{key}: at most {MAX_SECONDS:.0f} seconds (10 years), "
+                                  f"got {value!r}")
             return float(value)
         if annotation is str:
             return _expect(value, str, key)
@@ -581,6 +596,11 @@ def _check_ranges(config: Config) -> None:
         "receiver.max_hops": rcv.max_hops,
         "sender.poll_interval": snd.poll_interval,
         "sender.connect_timeout": snd.connect_timeout,
+        "sender.greeting_timeout": snd.greeting_timeout,
+        "sender.command_timeout": snd.command_timeout,
+        "sender.data_init_timeout": snd.data_init_timeout,
+        "sender.data_block_timeout": snd.data_block_timeout,
+        "sender.data_end_timeout": snd.data_end_timeout,
         "sender.retry_initial": snd.retry_initial,
         "sender.retry_max": snd.retry_max,
         "sender.max_queue_lifetime": snd.max_queue_lifetime,

@@ -7,13 +7,55 @@ before it imports anything heavy, so that a TERM arriving during start-up (a
 like any other, and a HUP then is a reload once the program runs - not a death by
 signal (HUP's default action). This module imports nothing but the standard
 library for that.
+
+Who records: not the Python handler. The kernel may hand a process's signal to
+any of its threads, and Python runs handlers in the main thread only, between
+two bytecodes: a main thread asleep on a lock (the receiver's main loop, the
+sender's idle wait) is not woken by a signal that landed elsewhere, so a TERM or
+a HUP waited for some unrelated event - and supervisord's KILL came first. The
+C-level handler, in whatever thread it runs, writes the signal's number to the
+wakeup fd (`signal.set_wakeup_fd`); a thread of this module blocks on it and
+records the signal at once, whoever sleeps. The Python handlers do nothing.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+
+_recorders: dict[int, Callable[[int], None]] = {}  # signal number -> what records it
+_watcher: threading.Thread | None = None
+
+
+def _route(signum: int, record: Callable[[int], None]) -> None:
+    """Have `signum` recorded by `record`, on the watcher thread (see the module
+    docstring). Call from the main thread (Python installs handlers only there)."""
+    global _watcher
+    if _watcher is None:
+        reader, writer = os.pipe()
+        os.set_blocking(writer, False)  # the C handler must never block
+        signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+        _watcher = threading.Thread(target=_watch, args=(reader,), name="signals",
+                                    daemon=True)
+        _watcher.start()
+    _recorders[signum] = record
+    signal.signal(signum, _ignore)  # a Python handler: only then is the wakeup fd written
+
+
+def _ignore(_signum: int, _frame: FrameType | None) -> None:
+    """The main thread's part: none (the watcher thread has recorded it)."""
+
+
+def _watch(reader: int) -> None:
+    """The watcher thread: each byte on the wakeup fd is one signal's number."""
+    while True:
+        for signum in os.read(reader, 512):
+            record = _recorders.get(signum)
+            if record is not None:
+                record(signum)
 
 
 class StopFlag:
@@ -25,10 +67,10 @@ class StopFlag:
 
     def install(self) -> StopFlag:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._record)
+            _route(signum, self._record)
         return self
 
-    def _record(self, signum: int, _frame: FrameType | None) -> None:
+    def _record(self, signum: int) -> None:
         self.signal_name = signal.Signals(signum).name
         self.event.set()
 
@@ -52,7 +94,7 @@ class ReloadFlag:
         self._wakes: list[threading.Event] = []
 
     def install(self) -> ReloadFlag:
-        signal.signal(signal.SIGHUP, self._record)
+        _route(signal.SIGHUP, self._record)
         return self
 
     def wake_also(self, event: threading.Event) -> None:
@@ -60,7 +102,7 @@ class ReloadFlag:
         if self.event.is_set():
             event.set()
 
-    def _record(self, _signum: int, _frame: FrameType | None) -> None:
+    def _record(self, _signum: int) -> None:
         self.event.set()
         for event in self._wakes:
             event.set()

@@ -23,6 +23,7 @@ HOUR = 3600.0
 def monitor_at(tmp_path: Path, now: list[float]) -> Monitor:
     config = load_config(write_config(tmp_path, metrics={"listen": "127.0.0.1:9325"}))
     config.metrics_dir.mkdir(parents=True)
+    config.queue.dir.mkdir(parents=True)  # as the receiver makes it at its start
     return Monitor(config, lambda: 7, EventLog("R-SMTP", "-"), clock=lambda: now[0])
 
 
@@ -101,7 +102,7 @@ def test_a_snapshot_that_cannot_be_parsed_is_left_out_and_said_once(
 
 def test_a_queue_that_cannot_be_read_is_unhealthy_and_has_no_gauges(tmp_path: Path) -> None:
     monitor = monitor_at(tmp_path, [1e9])
-    monitor.queue_dir.parent.mkdir(parents=True, exist_ok=True)
+    monitor.queue_dir.rmdir()
     monitor.queue_dir.write_text("a file where the folder should be")
     seen = exposition(monitor)
     assert not any(name.startswith("mailbag_queue") for name, _ in seen)

@@ -18,6 +18,7 @@ logged once (again only when it changes) and leaves that part out.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,6 +114,7 @@ class Monitor(Collector):
 
     def _census(self, now: float) -> tuple[QueueCensus | None, str]:
         try:
+            self._check_queue_folder()
             found = self._counter.count(now)
         except (ListingError, OSError) as err:
             why = str(err) if isinstance(err, ListingError) else (err.strerror or str(err))
@@ -120,6 +122,16 @@ class Monitor(Collector):
             return None, why
         self._say("queue", "", folder=self.queue_dir)
         return found, ""
+
+    def _check_queue_folder(self) -> None:
+        """The receiver made the queue folder at its start, so one that is gone now
+        (removed or renamed by mistake) is no empty queue - every message gets 451 -
+        but a queue that cannot be read: ListingError, worded as the listing's."""
+        try:
+            os.stat(self.queue_dir)
+        except OSError as err:
+            raise ListingError(os.EX_IOERR, f"cannot read {self.queue_dir}: "
+                                            f"{err.strerror or err}") from None
 
     def _sender_figures(self) -> list[Metric]:
         try:

@@ -247,11 +247,13 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
     for server in servers:
         server.begin_shutdown()
     deadline = time.monotonic() + GRACE_SECONDS  # one grace for every listener
+    if endpoint is not None:
+        # With the listeners: mail is no longer accepted, so /healthz no longer
+        # answers (down), though a DATA in progress keeps the process for its grace.
+        endpoint.stop()
     clean = True
     for server in servers:
         clean &= server.wait_for_sessions(max(0.0, deadline - time.monotonic()))
-    if endpoint is not None:
-        endpoint.stop()
     log.ok("exit", clean=clean)
     shutdown_logging()
     return EXIT_OK
