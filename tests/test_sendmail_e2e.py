@@ -298,6 +298,16 @@ def test_make_install_sendmail_never_replaces_another_mta_unless_forced(tmp_path
         assert real.stat() == real_before
 
 
+def test_make_install_sendmail_is_all_or_nothing(tmp_path: Path) -> None:
+    """Another MTA's sendmail and no mailq: mailq alone must not become mailbag's
+    (it would list one queue while sendmail fills another)."""
+    (tmp_path / "usr/sbin").mkdir(parents=True)
+    (tmp_path / "usr/sbin/sendmail").write_bytes(b"\x7fELF another MTA")
+    refused = make_install(tmp_path)
+    assert refused.returncode != 0 and "nothing installed" in refused.stderr
+    assert not os.path.lexists(tmp_path / "usr/bin/mailq")
+
+
 def test_a_cron_job_whose_output_has_a_long_line_is_queued_in_lines_smtp_allows(
         tmp_path: Path) -> None:
     """A job printing one 5,000-character line: queued (not refused, so the mail is

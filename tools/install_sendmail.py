@@ -12,7 +12,8 @@ Anything else there - another MTA's binary, such as Postfix's /usr/sbin/sendmail
 is refused unless --force (make's FORCE=1); then it is renamed to
 `<name>.before-mailbag` (never deleted), so `mv` puts it back.
 
-Exit status 0 when both links are in place, 1 (one line per problem) otherwise.
+Both links or none: if either may not be made, nothing is changed. Exit status 0
+when both links are in place, 1 (one line per problem) otherwise.
 """
 
 from __future__ import annotations
@@ -26,22 +27,27 @@ KEPT_SUFFIX = ".before-mailbag"
 LINKS = ("sbin/sendmail", "bin/mailq")
 
 
-class InstallError(Exception):
-    """One line for the operator."""
+def refusal(link: Path, target: Path, *, force: bool) -> str | None:
+    """Why `link` must not be replaced, or None if it may (absent, ours, or forced)."""
+    if not os.path.lexists(link) or link.resolve() == target.resolve():
+        return None
+    what = f"a symlink to {os.readlink(link)}" if link.is_symlink() else "a file"
+    if not force:
+        return (f"{link} is {what}, another MTA's: not replaced "
+                f"(FORCE=1 replaces it and keeps it as {link.name}{KEPT_SUFFIX})")
+    kept = link.with_name(link.name + KEPT_SUFFIX)
+    if os.path.lexists(kept):
+        return f"{kept} exists already: move it away first"
+    return None
 
 
-def install_link(link: Path, target: Path, *, force: bool) -> str:
-    """Make `link` a symlink to `target`; what was done, as one line."""
+def install_link(link: Path, target: Path) -> str:
+    """Make `link` a symlink to `target` (refusal() said it may); what was done."""
     if os.path.lexists(link):
         if link.resolve() == target.resolve():
             return f"{link}: already mailbag-sendmail"
         what = f"a symlink to {os.readlink(link)}" if link.is_symlink() else "a file"
-        if not force:
-            raise InstallError(f"{link} is {what}, another MTA's: not replaced "
-                               f"(FORCE=1 replaces it and keeps it as {link.name}{KEPT_SUFFIX})")
         kept = link.with_name(link.name + KEPT_SUFFIX)
-        if os.path.lexists(kept):
-            raise InstallError(f"{kept} exists already: move it away first")
         os.rename(link, kept)
         os.symlink(target, link)
         return f"{link} -> {target} (was {what}, kept as {kept.name})"
@@ -64,11 +70,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     base = Path(args.root + "/" + args.prefix.strip("/")) if args.root else Path(args.prefix)
+    links = [base / relative for relative in LINKS]
+    # All or nothing: a machine with mailq from mailbag and sendmail from another
+    # MTA would list one queue and fill another.
+    refused = [why for why in (refusal(link, target, force=args.force) for link in links) if why]
+    for why in refused:
+        print(f"install-sendmail: {why}; nothing installed", file=sys.stderr)
+    if refused:
+        return 1
     status = 0
-    for relative in LINKS:
+    for link in links:
         try:
-            print(install_link(base / relative, target, force=args.force))
-        except (InstallError, OSError) as err:
+            print(install_link(link, target))
+        except OSError as err:
             print(f"install-sendmail: {err}", file=sys.stderr)
             status = 1
     return status
