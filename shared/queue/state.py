@@ -102,11 +102,16 @@ class StateStore:
             return BLANK
 
     def _entries(self) -> list[os.DirEntry[str]]:
-        """The folder's entries; a folder removed by hand is made again (empty)."""
+        """The folder's entries; a folder removed by hand is made again (empty) - but
+        never the queue folder around it: one that is gone must stay visibly gone
+        (every arrival gets 451, /healthz says so), not come back empty."""
         try:
             return list(os.scandir(self.dir))
         except FileNotFoundError:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir.mkdir(exist_ok=True)
+            except FileNotFoundError:
+                pass
             return []
 
     def load_all(self) -> tuple[dict[str, DeliveryState], list[tuple[str, str]]]:
@@ -134,8 +139,8 @@ class StateStore:
         if state.is_blank:
             self.remove(queue_id, durable=durable)
             return
-        if not self.dir.is_dir():  # removed by hand: make it again
-            self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.is_dir():  # removed by hand: make it again (not the queue's)
+            self.dir.mkdir(exist_ok=True)
         path = self.path(queue_id)
         if durable:
             write_durably_replacing(path, state.to_json())
