@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from shared.config import ENV_VAR, Config, ConfigError, load_config, resolve_config_path
 from shared.log import EventLog, setup_logging
-from shared.signals import ReloadFlag, StopFlag
+from shared.signals import ReloadFlag, StopFlag, ignore_from_now_on
 
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
@@ -59,4 +59,6 @@ def run_program(
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         status = EXIT_OK
+    finally:
+        ignore_from_now_on()
     sys.exit(status)

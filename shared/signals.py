@@ -58,6 +58,18 @@ def _watch(reader: int) -> None:
                 record(signum)
 
 
+def ignore_from_now_on() -> None:
+    """The program has stopped: what signals come from now on are ignored.
+
+    Python's finalization puts back the default action of every signal that has a
+    Python handler, and TERM's default is death. A second TERM in that last moment
+    (supervisord's or an operator's, to a program already on its way out after a
+    graceful stop) would turn a clean exit 0 into "killed by SIGTERM". An ignored
+    signal is left ignored by the finalization. Call from the main thread."""
+    for signum in _recorders:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; waited on by main loops (an Event, so waits wake at once)."""
 

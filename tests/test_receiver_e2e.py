@@ -641,6 +641,19 @@ def test_term_lets_data_in_progress_finish(receiver_factory) -> None:
     assert proc.proc is not None and proc.proc.wait(TIMEOUT) == 0
 
 
+def test_terms_that_keep_coming_while_it_exits_still_end_in_exit_0(receiver_factory) -> None:
+    """One TERM stops; more TERMs, down to the program's last instant (an impatient
+    operator, or supervisord's stop arriving after the test's own), change nothing:
+    Python's finalization would put TERM's default action (death) back in place."""
+    _config, proc = receiver_factory()
+    assert proc.proc is not None
+    deadline = time.monotonic() + TIMEOUT
+    while proc.proc.poll() is None and time.monotonic() < deadline:
+        proc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.0005)
+    assert proc.proc.wait(TIMEOUT) == 0
+
+
 @pytest.fixture
 def tiny_queue_dir(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs for queue.dir: a full disk that even root cannot write past."""
