@@ -1,5 +1,5 @@
-"""`mailbag-sendmail`, the `mailbag` command and the queue against what a third
-hostile review found (each test failed before its fix): an id named twice, a user
+"""`mailbag-sendmail`, the `mailbag` command and the queue against what a hostile
+review found (each test failed before its fix): an id named twice, a user
 who may not enter the queue's folders, file names with control characters, and a
 message of many short lines.
 

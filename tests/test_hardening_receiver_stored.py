@@ -1,4 +1,4 @@
-"""Receiver hardening, fifth review: what the stored message and the replies must be.
+"""Receiver hardening: what the stored message and the replies must be.
 
 Protocol logic is checked by feeding bytes to a `ServerSession` (sans-I/O) and
 rendering what `trace.py` would store, as the server does.
@@ -27,7 +27,7 @@ from tests.support import write_config
 from tests.trace_support import assert_as_sent, split_trace
 
 NOW = datetime(2026, 12, 1, 14, 50, 33, tzinfo=UTC)
-HOST = "mx.review5.example"
+HOST = "mx.hardening.example"
 QUEUE_ID = "18ed2cae52641ea8601849"
 
 

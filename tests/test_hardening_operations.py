@@ -1,4 +1,4 @@
-"""Operations against what the sixth review found (each test failed before its fix):
+"""Operations against what a hostile review found (each test failed before its fix):
 the metrics endpoint and /healthz with real programs, and config values at their
 edges, loaded from real files and given to real programs."""
 

@@ -1,4 +1,4 @@
-"""The sender against what the fourth review found (each test failed before its fix),
+"""The sender against what a hostile review found (each test failed before its fix),
 with real relays on 127.0.0.1 and a real queue."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from shared.log import EventLog
 from shared.queue import BLANK, DeliveryState
 from tests.sender_support import Relay
 
-DATA = b"Subject: review4\r\n\r\nbody\r\n"
+DATA = b"Subject: hardening\r\n\r\nbody\r\n"
 
 
 def test_mail_that_arrives_while_the_rate_limit_holds_a_message_back_is_delivered(
