@@ -29,9 +29,7 @@ def test_a_queue_folder_that_is_gone_is_unhealthy_and_has_no_gauges(tmp_path: Pa
     the gauges must not say "an empty queue"; it comes back to 200 with the folder."""
     mailbag = Mailbag(tmp_path)
     try:
-        mailbag.start_receiver()
-        mailbag.start_sender()
-        mailbag.wait_health(200)
+        mailbag.start_both()
         queue = mailbag.config.queue.dir
         away = queue.with_name("queue.away")
         queue.rename(away)
@@ -168,9 +166,7 @@ def test_term_taken_by_another_thread_still_stops_the_program(tmp_path: Path,
     waited for an unrelated event, and supervisord's KILL came first."""
     mailbag = Mailbag(tmp_path)
     try:
-        mailbag.start_receiver()
-        mailbag.start_sender()
-        mailbag.wait_health(200)
+        mailbag.start_both()
         proc = getattr(mailbag, program)
         _signal_a_thread_other_than_main(proc.proc.pid, signal.SIGTERM)
         try:
@@ -185,9 +181,7 @@ def test_term_taken_by_another_thread_still_stops_the_program(tmp_path: Path,
 def test_hup_taken_by_another_thread_still_reloads(tmp_path: Path, program: str) -> None:
     mailbag = Mailbag(tmp_path)
     try:
-        mailbag.start_receiver()
-        mailbag.start_sender()
-        mailbag.wait_health(200)
+        mailbag.start_both()
         proc = getattr(mailbag, program)
         _signal_a_thread_other_than_main(proc.proc.pid, signal.SIGHUP)
         tag = "R-SMTP" if program == "receiver" else "S-SMTP"

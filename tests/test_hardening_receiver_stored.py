@@ -6,7 +6,6 @@ rendering what `trace.py` would store, as the server does.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -19,36 +18,11 @@ from services.receiver.session import (
     ServerSession,
     SessionPolicy,
 )
-from services.receiver.trace import stored_chunks
 from services.sender.local import is_local
 from shared.config import load_config
 from shared.smtp import idna_twin
 from tests.support import write_config
-from tests.trace_support import assert_as_sent, split_trace
-
-NOW = datetime(2026, 12, 1, 14, 50, 33, tzinfo=UTC)
-HOST = "mx.hardening.example"
-QUEUE_ID = "18ed2cae52641ea8601849"
-
-
-def receive(data: bytes, *, may_relay: bool) -> MessageReady:
-    """One transaction (data dot-stuffed on the wire) through a session."""
-    session = ServerSession(SessionPolicy(hostname=HOST), "192.0.2.7", may_relay=may_relay)
-    wire = data.replace(b"\r\n.", b"\r\n..")
-    if wire.startswith(b"."):
-        wire = b"." + wire
-    session.receive_data(b"EHLO client.example\r\nMAIL FROM:<a@example.com>\r\n"
-                         b"RCPT TO:<b@localhost>\r\nDATA\r\n" + wire + b".\r\n")
-    while (event := session.next_event()) is not NEED_DATA:
-        if isinstance(event, MessageReady):
-            return event
-        assert isinstance(event, SendReply) and event.reply.is_positive, event
-    raise AssertionError("no message")
-
-
-def stored(message: MessageReady) -> bytes:
-    return b"".join(bytes(c) for c in stored_chunks(message, hostname=HOST, queue_id=QUEUE_ID,
-                                                   now=NOW))
+from tests.trace_support import HOST, QUEUE_ID, assert_as_sent, receive, split_trace, stored
 
 
 @pytest.mark.parametrize("may_relay", [False, True], ids=["outside", "relay-network"])
@@ -61,7 +35,9 @@ def test_data_starting_with_white_space_never_continues_the_received_field(
     the Received: field put in front of it (RFC 5322 §2.2.3): the trace's date gets
     the client's text appended and the line is lost from the body. As Postfix's
     smtpd, an empty line goes between them."""
-    data = stored(receive(sent, may_relay=may_relay))
+    message = receive(sent, may_relay=may_relay)
+    assert isinstance(message, MessageReady), message
+    data = stored(message)
     trace, _rest = split_trace(data)
     assert_as_sent(data, sent, queue_id=QUEUE_ID, trusted=may_relay)
     parsed = message_from_bytes(data, policy=policy.default)

@@ -47,6 +47,12 @@ class Mailbag:
     def start_sender(self) -> None:
         self.sender = MailbagProcess("sender", self.config_path).start()
 
+    def start_both(self) -> None:
+        """Both programs, until /healthz says they run."""
+        self.start_receiver()
+        self.start_sender()
+        self.wait_health(200)
+
     def send(self, to: str = "you@example.org", count: int = 1) -> None:
         with smtplib.SMTP(*self.smtp, timeout=10) as client:
             for _ in range(count):

@@ -7,7 +7,6 @@ big header section falls across chunks); what is stored is parsed back with the
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from email import message_from_bytes, policy
 
 import pytest
@@ -16,47 +15,10 @@ from hypothesis import strategies as st
 
 from services.receiver import replies as R
 from services.receiver.data import DataReader
-from services.receiver.session import (
-    NEED_DATA,
-    MessageReady,
-    SendReply,
-    ServerSession,
-    SessionPolicy,
-)
-from services.receiver.trace import first_bytes, split_at, stored_chunks
+from services.receiver.session import MessageReady, SendReply
+from services.receiver.trace import first_bytes, split_at
 from tests.support import PROPERTY_SETTINGS
-from tests.trace_support import assert_as_sent, split_trace
-
-NOW = datetime(2026, 12, 1, 14, 50, 33, tzinfo=UTC)
-HOST = "mx.trace.example"
-QUEUE_ID = "18ed2cae52641ea8601849"
-
-
-def receive(data: bytes, *, may_relay: bool = True, rcpts: tuple[str, ...] = ("b@localhost",),
-            greet: bytes = b"EHLO client.example", max_hops: int = 50) -> MessageReady | SendReply:
-    """One transaction through a session; the MessageReady, or the refusal."""
-    session = ServerSession(SessionPolicy(hostname=HOST, max_hops=max_hops), "192.0.2.7",
-                            may_relay=may_relay)
-    wire = data.replace(b"\r\n.", b"\r\n..")
-    if wire.startswith(b"."):
-        wire = b"." + wire
-    script = (greet + b"\r\nMAIL FROM:<a@example.com>\r\n"
-              + b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts) + b"DATA\r\n"
-              + wire + b".\r\n")
-    last = None
-    for start in range(0, len(script), 64 * 1024):  # as the server reads it
-        session.receive_data(script[start:start + 64 * 1024])
-        while (event := session.next_event()) is not NEED_DATA:
-            if isinstance(event, MessageReady):
-                return event
-            last = event
-    assert isinstance(last, SendReply)
-    return last
-
-
-def stored(message: MessageReady) -> bytes:
-    return b"".join(bytes(c) for c in stored_chunks(message, hostname=HOST, queue_id=QUEUE_ID,
-                                                   now=NOW))
+from tests.trace_support import HOST, NOW, QUEUE_ID, assert_as_sent, receive, split_trace, stored
 
 
 def test_received_field_names_the_client_the_server_the_id_and_the_one_recipient() -> None:

@@ -10,8 +10,17 @@ checks each of those, field by field, and that every other byte is the client's.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+from services.receiver.session import (
+    NEED_DATA,
+    MessageReady,
+    SendReply,
+    ServerSession,
+    SessionPolicy,
+)
+from services.receiver.trace import stored_chunks
 from shared.headers import scan_headers
 
 # RFC 5321 §4.4, folded as Postfix folds it (see shared/headers.smtp_received).
@@ -21,6 +30,41 @@ TRACE = re.compile(
     rb"(?:\r\n\tfor <(?P<rcpt>[^>\r\n]*)>)?; (?P<date>[^\r\n]+)\r\n"
 )
 ADDED_DATE = rb"Date: (?P<date>[^\r\n]+)\r\n"
+
+# What `receive` and `stored` put in the trace: fixed, so tests can name them.
+NOW = datetime(2026, 12, 1, 14, 50, 33, tzinfo=UTC)
+HOST = "mx.trace.example"
+QUEUE_ID = "18ed2cae52641ea8601849"
+
+
+def receive(data: bytes, *, may_relay: bool = True, rcpts: tuple[str, ...] = ("b@localhost",),
+            greet: bytes = b"EHLO client.example", max_hops: int = 50) -> MessageReady | SendReply:
+    """One transaction through a `ServerSession` (no socket); the MessageReady, or the
+    refusal. `data` is dot-stuffed for the wire and fed in the server's read size, so
+    a big header section falls across chunks as it does for real."""
+    session = ServerSession(SessionPolicy(hostname=HOST, max_hops=max_hops), "192.0.2.7",
+                            may_relay=may_relay)
+    wire = data.replace(b"\r\n.", b"\r\n..")
+    if wire.startswith(b"."):
+        wire = b"." + wire
+    script = (greet + b"\r\nMAIL FROM:<a@example.com>\r\n"
+              + b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts) + b"DATA\r\n"
+              + wire + b".\r\n")
+    last = None
+    for start in range(0, len(script), 64 * 1024):  # as the server reads it
+        session.receive_data(script[start:start + 64 * 1024])
+        while (event := session.next_event()) is not NEED_DATA:
+            if isinstance(event, MessageReady):
+                return event
+            last = event
+    assert isinstance(last, SendReply)
+    return last
+
+
+def stored(message: MessageReady) -> bytes:
+    """What the receiver writes after the envelope: `stored_chunks`, joined."""
+    return b"".join(bytes(c) for c in stored_chunks(message, hostname=HOST, queue_id=QUEUE_ID,
+                                                   now=NOW))
 
 
 def split_trace(stored: bytes) -> tuple[re.Match[bytes], bytes]:

@@ -24,6 +24,11 @@ from shared.smtp import Reply
 
 
 class Notifier:
+    """Queues the notices the runner's decisions call for (see the module docstring).
+
+    It holds the queue's writer, not a connection: a notice is an ordinary message,
+    so the sender's own loop delivers it, retries it and keeps it across restarts."""
+
     def __init__(self, writer: QueueWriter, hostname: str, lifetime: float,
                  log: EventLog, figures: SenderFigures | None = None) -> None:
         self.writer = writer
