@@ -22,9 +22,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # One worker per core and one more: the end-to-end tests mostly wait on sockets and
-# processes, so a third worker on two cores fills that time (on the 2-core VM the
-# suite took 177 s with two workers, 139 s with three). --dist loadfile keeps each
-# file's tests in one worker (some share a user or a mount by name).
+# processes, and the extra worker fills that time. --dist loadfile keeps each file's
+# tests in one worker (some share a user or a mount by name).
 # Bytecode first: every end-to-end test starts programs, and where
 # PYTHONDONTWRITEBYTECODE is set each start would compile the sources again.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))

@@ -66,7 +66,7 @@ class SessionState(enum.Enum):
 
     # Members are singletons compared by identity: hash them the same way. Enum's own
     # __hash__ is Python code (hash of the name), and TRANSITIONS is looked up with
-    # the state on every command (py-spy: 5% of the receiver's Python time).
+    # the state on every command (its cost: bench/README.md).
     __hash__ = object.__hash__
 
 
@@ -626,5 +626,6 @@ _HANDLERS: dict[str, Callable[[ServerSession, str], Reply | None]] = {
 @functools.lru_cache(maxsize=1024)
 def _wire_bytes(reply: Reply, esmtp: bool) -> bytes:
     """`reply.to_bytes(esmtp)`, remembered: most replies repeat (constants, the same
-    sender), and rendering them was a tenth of the receiver's Python time (py-spy)."""
+    sender), and rendering each one again was a large share of the receiver's Python
+    time (bench/README.md)."""
     return reply.to_bytes(esmtp)
