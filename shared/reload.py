@@ -28,25 +28,26 @@ RESTART_KEYS = ("queue.dir", "queue.failed_dir", "queue.quarantine_dir",
                 "log.file", "log.level", "log.rotation", "log.retention", "metrics.listen")
 
 
-def reload_config(running: Config, started: Config, log: EventLog,
-                  restart_keys: Sequence[str], apply: Callable[[Config], None]) -> Config:
-    """Read `running.path` again and `apply` it; the config now in force.
+def reload_config(started: Config, log: EventLog, restart_keys: Sequence[str],
+                  apply: Callable[[Config], None]) -> None:
+    """Read the config file again and `apply` it; on any problem, one line, and what
+    runs stays as it was.
 
-    `started`: the config the program started with (the restart keys in force)."""
+    `started`: the config the program started with - its path (a reload reads the
+    same file), and the restart keys in force whatever reloads came between."""
     try:
-        new = load_config(running.path)
+        new = load_config(started.path)
         apply(new)
     except (ConfigError, StartupError) as err:
-        log.error("reload", file=running.path, error=str(err), kept="the running config")
-        return running
+        log.error("reload", file=started.path, error=str(err), kept="the running config")
+        return
     except Exception as exc:  # noqa: BLE001 - a file a reload reads must never end the program
-        log.error("reload", file=running.path, exc=exc, kept="the running config")
-        return running
+        log.error("reload", file=started.path, exc=exc, kept="the running config")
+        return
     log.ok("reload", file=new.path)
     pending = changed_keys(started, new, restart_keys)
     if pending:
         log.info("reload", file=new.path, needs_restart=",".join(pending))
-    return new
 
 
 def changed_keys(old: Config, new: Config, keys: Sequence[str]) -> list[str]:

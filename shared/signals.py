@@ -70,11 +70,30 @@ def ignore_from_now_on() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT; waited on by main loops (an Event, so waits wake at once)."""
+class _Flag:
+    """An Event set by a signal, and other Events it sets with it: a loop that sleeps
+    on its own Event (`wake_also`) is woken by the signal too."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self._wakes: list[threading.Event] = []
+
+    def wake_also(self, event: threading.Event) -> None:
+        self._wakes.append(event)
+        if self.event.is_set():
+            event.set()
+
+    def _set(self) -> None:
+        self.event.set()
+        for event in self._wakes:
+            event.set()
+
+
+class StopFlag(_Flag):
+    """Set by SIGTERM/SIGINT; waited on by main loops (an Event, so waits wake at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.signal_name = ""
 
     def install(self) -> StopFlag:
@@ -84,7 +103,7 @@ class StopFlag:
 
     def _record(self, signum: int) -> None:
         self.signal_name = signal.Signals(signum).name
-        self.event.set()
+        self._set()
 
     @property
     def is_set(self) -> bool:
@@ -94,30 +113,18 @@ class StopFlag:
         return self.event.wait(timeout)
 
 
-class ReloadFlag:
+class ReloadFlag(_Flag):
     """Set by SIGHUP: re-read the config (SPEC §7 "Reload").
 
     The main loop `take()`s it when it is between two pieces of work; HUPs that come
-    before it does make one reload, of the file as it is then. `wake_also(event)`:
-    a loop that sleeps on its own Event is woken by a HUP too."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._wakes: list[threading.Event] = []
+    before it does make one reload, of the file as it is then."""
 
     def install(self) -> ReloadFlag:
         _route(signal.SIGHUP, self._record)
         return self
 
-    def wake_also(self, event: threading.Event) -> None:
-        self._wakes.append(event)
-        if self.event.is_set():
-            event.set()
-
     def _record(self, _signum: int) -> None:
-        self.event.set()
-        for event in self._wakes:
-            event.set()
+        self._set()
 
     def take(self) -> bool:
         """True (once) if a HUP came since the last take."""

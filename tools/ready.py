@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-import xmlrpc.client
 from pathlib import Path
-
-from supervisor.xmlrpc import SupervisorTransport
 
 # Not resolve(): a private instance (tests) links tools/ into its own folder.
 REPO = Path(__file__).absolute().parent.parent
@@ -26,6 +23,7 @@ from services.admin.supervisor import (  # noqa: E402
     SupervisorConf,
     SupervisorUnavailable,
     config_in_use,
+    program_states,
     supervisord_pid,
 )
 from shared.config import (  # noqa: E402
@@ -37,22 +35,24 @@ from shared.config import (  # noqa: E402
 )
 
 WAIT_SECONDS = 20.0
-def receiver_gave_up() -> bool:
+def receiver_gave_up(conf: SupervisorConf | None) -> bool:
     """supervisord has given up on the receiver (FATAL): no point in waiting longer."""
-    transport = SupervisorTransport(None, None, f"unix://{REPO / 'var' / 'supervisor.sock'}")
-    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-    try:
-        return proxy.supervisor.getProcessInfo("receiver")["statename"] == "FATAL"
-    except (OSError, xmlrpc.client.Error):
+    if conf is None:
         return False
+    try:
+        states = program_states(conf)
+    except SupervisorUnavailable:
+        return False
+    return any(program.name == "receiver" and program.state == "FATAL" for program in states)
 
 
-def wait_for_receiver(listen: HostPort, hostname: str, timeout: float = WAIT_SECONDS) -> bool:
+def wait_for_receiver(listen: HostPort, hostname: str, conf: SupervisorConf | None,
+                      timeout: float = WAIT_SECONDS) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if answers_220(listen, hostname):
             return True
-        if receiver_gave_up():
+        if receiver_gave_up(conf):
             return False
         time.sleep(0.2)
     return False
@@ -68,11 +68,18 @@ def tail(path: Path, lines: int = 10) -> str:
     return "\n".join(distinct[-lines:])
 
 
-def running_with_another_config(asked: Path) -> str | None:
-    """What to tell the operator when the running programs use another config."""
+def supervisor_conf() -> SupervisorConf | None:
+    """This folder's supervisord.conf (REPO: a private instance has its own), None if
+    it cannot be read."""
     try:
-        conf = SupervisorConf.read(REPO / "supervisord.conf")
+        return SupervisorConf.read(REPO / "supervisord.conf")
     except SupervisorUnavailable:
+        return None
+
+
+def running_with_another_config(conf: SupervisorConf | None, asked: Path) -> str | None:
+    """What to tell the operator when the running programs use another config."""
+    if conf is None:
         return None
     pid = supervisord_pid(conf)
     used = config_in_use(pid) if pid else None
@@ -85,7 +92,8 @@ def running_with_another_config(asked: Path) -> str | None:
 def main(argv: list[str]) -> int:
     """`--same-config`: only check that the running programs use the config asked for."""
     path = resolve_config_path(None)
-    other = running_with_another_config(path)
+    conf = supervisor_conf()
+    other = running_with_another_config(conf, path)
     if other:
         print(f"mailbag: {other}", file=sys.stderr)
         return 1
@@ -97,7 +105,7 @@ def main(argv: list[str]) -> int:
         print(f"mailbag: error: {err}", file=sys.stderr)
         return 2
     listen = config.receiver.listen
-    if not wait_for_receiver(listen, config.hostname):
+    if not wait_for_receiver(listen, config.hostname, conf):
         print(f"mailbag: the receiver does not answer 220 on {listen}; "
               "its output (var/log/receiver.out):", file=sys.stderr)
         print(tail(REPO / "var" / "log" / "receiver.out"), file=sys.stderr)
@@ -106,13 +114,11 @@ def main(argv: list[str]) -> int:
         return 1
     relay = (", ".join(map(str, config.sender.relay))
              or "none (only local domains are delivered; set [sender] relay)")
-    host = WILDCARDS.get(listen.host, listen.host)
-    server = f"[{host}]:{listen.port}" if ":" in host else f"{host}:{listen.port}"
+    server = HostPort(WILDCARDS.get(listen.host, listen.host), listen.port)
     metrics = config.metrics.listen
     if metrics:
-        metrics_host = WILDCARDS.get(metrics.host, metrics.host)
-        where = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
-        endpoint = f"http://{where}:{metrics.port}/metrics and /healthz"
+        endpoint = (f"http://{HostPort(WILDCARDS.get(metrics.host, metrics.host), metrics.port)}"
+                    "/metrics and /healthz")
     else:
         endpoint = "off (set [metrics] listen, README Monitoring)"
     print(f"""mailbag is running (receiver answers 220 on {listen}).

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.admin.errors import AdminError
-from services.admin.listing import ListingError, failed_rows
+from services.admin.listing import ListingError, failed_names, failed_path
 from services.sender.control import ControlError, ask_sender
 from shared.config import Config
 from shared.log import EventLog, setup_logging
@@ -50,7 +49,7 @@ from shared.queue import (
     operations,
 )
 
-PROGRAM = "ADMIN"
+LOG_IDENTIFIER = "ADMIN"  # SPEC §7: the program field of its log lines
 LOCK_WAIT = 5.0  # seconds to wait for a queue lock nobody answers for
 LOCK_RETRY = 0.2
 VIA_SENDER = "sender"
@@ -74,7 +73,7 @@ class AdminLog:
     def __init__(self, config: Config, warn: Callable[[str], None]) -> None:
         self.log: EventLog | None
         try:
-            self.log = setup_logging(config.log, PROGRAM).with_peer(f"uid={os.getuid()}")
+            self.log = setup_logging(config.log, LOG_IDENTIFIER).with_peer(f"uid={os.getuid()}")
         except OSError as err:
             self.log = None
             warn(f"cannot write the log {config.log.file} ({err.strerror or err}); "
@@ -98,7 +97,6 @@ class AdminLog:
 # ---------------------------------------------------------------------------- the queue
 
 def change_queued(config: Config, action: str, ids: Sequence[str], *,
-                  clock: Callable[[], float] = time.time,
                   wait: float = LOCK_WAIT) -> tuple[list[Result], str]:
     """Apply hold / release / delete / flush to queued messages; the results and who
     applied them (VIA_SENDER or VIA_LOCK). `flush` with no ids: every deferred one.
@@ -111,7 +109,7 @@ def change_queued(config: Config, action: str, ids: Sequence[str], *,
             raise AdminError(str(err)) from None
         if answers is not None:
             return _results(answers), VIA_SENDER
-        answers = _at_rest(config, action, ids, clock)
+        answers = _at_rest(config, action, ids)
         if answers is not None:
             return _results(answers), VIA_LOCK
         if time.monotonic() >= deadline:
@@ -127,8 +125,7 @@ def _results(answers: dict[str, str]) -> list[Result]:
             for queue_id, text in answers.items()]
 
 
-def _at_rest(config: Config, action: str, ids: Sequence[str],
-             clock: Callable[[], float]) -> dict[str, str] | None:
+def _at_rest(config: Config, action: str, ids: Sequence[str]) -> dict[str, str] | None:
     """As the queue's owner (no sender runs); None if the lock is taken."""
     queue = config.queue
     try:
@@ -141,7 +138,7 @@ def _at_rest(config: Config, action: str, ids: Sequence[str],
             return None
         store = StateStore(queue.dir)
         states, _unreadable = store.load_all()  # an unreadable state counts as none
-        now = clock()
+        now = time.time()
         if action == "flush" and not ids:
             ids = operations.deferred_ids(states, now)
         answers = {}
@@ -174,25 +171,9 @@ def queued_ids(config: Config) -> list[str]:
 def failed_ids(config: Config) -> list[str]:
     """Every message in the failed folder (`<id>` or `<id>.<n>`), as listed."""
     try:
-        return [row.id for row in failed_rows(config.queue.failed)]
+        return failed_names(config.queue.failed)
     except ListingError as err:
         raise AdminError(str(err)) from None
-
-
-def failed_path(config: Config, name: str) -> Path | None:
-    """The failed message of that name, or None (never a reason file or a dot name).
-    AdminError when the failed folder cannot be looked at by this user."""
-    if not name or "/" in name or name.startswith(".") or name.endswith(REASON_SUFFIX):
-        return None
-    path = config.queue.failed / name
-    try:
-        info = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as err:
-        raise AdminError(f"cannot use the failed folder {config.queue.failed}: "
-                         f"{err.strerror or err}") from None
-    return path if stat.S_ISREG(info.st_mode) else None
 
 
 def delete_failed(config: Config, name: str) -> Result:

@@ -31,11 +31,13 @@ import bisect
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.admin.errors import AdminError
 from shared.config import Config
 from shared.queue import (
     ARRIVAL_PREFIX,
@@ -109,6 +111,38 @@ def failed_rows(failed_dir: Path) -> list[QueueRow]:
         reason = _read_reason(Path(entry.path + REASON_SUFFIX))
         rows.append(_read_row(entry, "failed", BLANK, None, reason))
     return _oldest_first(rows)
+
+
+def failed_names(failed_dir: Path) -> list[str]:
+    """The names of the failed folder's messages, in `failed_rows`' order, from the
+    listing alone (no file opened)."""
+    entries = [entry for entry in _regular_files(failed_dir)
+               if not entry.name.endswith(REASON_SUFFIX)]
+    return [entry.name for entry in sorted(entries, key=lambda e: (_arrival(e), e.name))]
+
+
+def failed_path(config: Config, name: str) -> Path | None:
+    """The failed message of that name, or None (never a reason file or a dot name).
+    AdminError when the failed folder cannot be looked at by this user."""
+    if not name or "/" in name or name.startswith(".") or name.endswith(REASON_SUFFIX):
+        return None
+    path = config.queue.failed / name
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as err:
+        raise AdminError(f"cannot use the failed folder {config.queue.failed}: "
+                         f"{err.strerror or err}") from None
+    return path if stat.S_ISREG(info.st_mode) else None
+
+
+def oldest_message(queue_dir: Path) -> tuple[str, float] | None:
+    """The queued message that arrived first, held ones included, with its arrival:
+    from the names alone (a file named by hand: its mtime), no file opened."""
+    first = min(((_arrival(entry), entry.name) for entry in _regular_files(queue_dir)),
+                default=None)
+    return None if first is None else (first[1], first[0])
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.admin.changes import failed_path
-from services.admin.listing import duration, state_of
+from services.admin.listing import duration, failed_path, state_of
 from shared.config import Config
 from shared.headers import scan_headers
 from shared.queue import (

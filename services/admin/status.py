@@ -8,8 +8,9 @@ What it shows, and where each part comes from:
   (supervisord's environment);
 - whether a sender serves the queue: its control socket answers (with its pid) -
   true also for a sender started by hand, without supervisord;
-- the queue: counts by state and the oldest message's age (listing.py, the same
-  reading as `mailbag queue`), and the failed folder's count;
+- the queue: counts by state and the oldest message's age (listing.py: the rule of
+  `mailbag queue`, counted as the metrics count it, from names and states without
+  opening a message), and the failed folder's count;
 - the last successful relay delivery and the last error: from the tail of the
   shared logfile. The log is the one record both programs keep of what happened
   (SPEC §5), it survives restarts, and it is what an operator reads next; no
@@ -31,7 +32,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from services.admin.listing import ListingError, duration, failed_rows, printable, queue_rows
+from services.admin.listing import (
+    STATES,
+    Census,
+    ListingError,
+    duration,
+    oldest_message,
+    printable,
+)
 from services.admin.supervisor import (
     ProgramState,
     SupervisorConf,
@@ -44,7 +52,6 @@ from services.sender.control import ControlError, ping_sender
 from shared.config import Config
 
 TAIL_BYTES = 1024 * 1024
-QUEUE_STATES = ("ready", "deferred", "held")
 REFUSALS = frozenset({"reject", "auth", "tls", "connect", "close"})  # R-SMTP, a client's
 
 
@@ -132,14 +139,13 @@ def gather(config_path: Path, config: Config | None, config_problem: str,
 
 def _gather_queue(status: Status, config: Config, now: float) -> None:
     try:
-        rows = queue_rows(config.queue.dir, now)
-        status.failed = len(failed_rows(config.queue.failed))
+        census = Census(config.queue.dir, config.queue.failed).count(now)
+        status.oldest = oldest_message(config.queue.dir)
     except ListingError as err:
         status.queue_problem = str(err)
         return
-    status.counts = {state: sum(row.state == state for row in rows) for state in QUEUE_STATES}
-    if rows:
-        status.oldest = (rows[0].id, rows[0].arrival)
+    status.counts = {state: census.counts[state] for state in STATES if state != "failed"}
+    status.failed = census.counts["failed"]
 
 
 def last_events(log_file: Path) -> tuple[LogEvent | None, LogEvent | None]:

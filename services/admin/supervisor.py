@@ -22,9 +22,8 @@ from pathlib import Path
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from shared.config import DEFAULT_CONFIG_PATH, ENV_VAR, REPO_ROOT
+from shared.config import DEFAULT_CONFIG_PATH, ENV_VAR
 
-DEFAULT_CONF = REPO_ROOT / "supervisord.conf"
 PROGRAMS = ("receiver", "sender")
 RPC_TIMEOUT = 5.0
 

@@ -194,15 +194,14 @@ def serve_until_stopped(servers: list[ReceiverServer], config: Config, log: Even
                         endpoint: MetricsEndpoint | None = None) -> None:
     """The main loop: sleeps until TERM, reloading on each HUP meanwhile."""
     wake = threading.Event()
+    stop.wake_also(wake)
     reload.wake_also(wake)
-    threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
-    running = config
     while not stop.is_set:
         wake.wait()
         wake.clear()
         if reload.take() and not stop.is_set:
-            running = reload_config(running, config, log, RECEIVER_RESTART_KEYS,
-                                    lambda new: reconfigure(servers, new, endpoint))
+            reload_config(config, log, RECEIVER_RESTART_KEYS,
+                          lambda new: reconfigure(servers, new, endpoint))
 
 
 def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:

@@ -130,8 +130,6 @@ def start_control(config: Config, runner: QueueRunner, log: EventLog) -> Control
 def reloader(config: Config, runner: QueueRunner, log: EventLog, stop: threading.Event,
              reload: ReloadFlag) -> Callable[[], None]:
     """The runner's `before_pass`: a HUP since the last pass re-reads the config."""
-    running = config
-
     def apply(new: Config) -> None:
         relays = build_relays(new, EventLog(PROGRAM, "-"), stop)
         signer = DkimSigner.from_config(new.dkim)  # the key files, read again
@@ -139,9 +137,8 @@ def reloader(config: Config, runner: QueueRunner, log: EventLog, stop: threading
         runner.reconfigure(new, relays, signer)
 
     def before_pass() -> None:
-        nonlocal running
         if reload.take():
-            running = reload_config(running, config, log, RESTART_KEYS, apply)
+            reload_config(config, log, RESTART_KEYS, apply)
 
     return before_pass
 
@@ -169,7 +166,7 @@ def main(config: Config, stop: StopFlag, reload: ReloadFlag) -> int:
         log.info("maildir-clean", removed=len(cleaned), maildir=config.local.maildir)
     wake = threading.Event()
     # The runner waits on `wake`; a stop or a reload must wake it too.
-    threading.Thread(target=lambda: (stop.wait(None), wake.set()), daemon=True).start()
+    stop.wake_also(wake)
     reload.wake_also(wake)
     # Only the sender that owns the queue counts and shares: a standby one has
     # nothing to say, and must not overwrite the owner's figures.

@@ -67,12 +67,12 @@ class QueueWriter:
         self._dir_prefix = f"{self.dir}{os.sep}"
         self._tmp_prefix = f"{self.tmp_dir}{os.sep}"
 
-    def clean_leftovers(self, now: float | None = None) -> list[str]:
+    def clean_leftovers(self) -> list[str]:
         """Delete temporary files a crash left; they were never acknowledged. Only
         those older than LEFTOVER_AGE: `mailbag-sendmail`, `mailbag requeue` and the
         sender's notices write into `.tmp` too, at any moment, and a file being
         written is seconds old."""
-        limit = (time.time() if now is None else now) - LEFTOVER_AGE
+        limit = time.time() - LEFTOVER_AGE
         removed = []
         for entry in os.scandir(self.tmp_dir):
             try:
