@@ -21,6 +21,7 @@ from shared.aliases import AliasTable
 from shared.queue import arrival_time
 from tests.admin_support import mailbag
 from tests.sender_support import RecordingHandler, Relay
+from tests.support import free_port
 
 DATA = (b"From: Cron Daemon <cron@localhost>\r\nTo: root@localhost\r\n"
         b"Subject: nightly\r\nMessage-ID: <1@localhost>\r\n\r\nall good\r\n")
@@ -192,6 +193,20 @@ def test_one_delay_warning_then_the_delivery(setup, relay) -> None:
     _, (rcpt,) = report(warning)
     assert rcpt["Action"] == "delayed" and rcpt["Will-Retry-Until"]
     assert env.runner.settler.states[queue_id].warned
+
+
+def test_a_delay_warning_while_no_relay_answers_names_no_remote_mta(setup) -> None:
+    """Remote-MTA (RFC 3464 §2.3.5) names the host that answered; while the relay
+    cannot be reached, none did: the notice says no host."""
+    env = setup(f"127.0.0.1:{free_port()}", sections={"bounce": {"delay_warning": "30"}})
+    queue_id = env.writer.store("alice@localhost", ["b@example.org"], DATA)
+    arrived = arrival_time(queue_id, 0)
+    for at in (arrived + 1, arrived + 31, arrived + 100, arrived + 101):
+        env.pass_at(at)
+    (warning,) = mailbox_messages(env, "alice")
+    _, (rcpt,) = report(warning)
+    assert rcpt["Action"] == "delayed" and rcpt["Remote-MTA"] is None
+    assert "the mail system" in warning.get_body(("plain",)).get_content()
 
 
 def test_mail_from_the_null_sender_never_bounces(setup, relay) -> None:

@@ -30,10 +30,12 @@ from shared.queue import (
     QueueFile,
     QueueReader,
     QueueWriter,
+    StateStore,
     arrival_time,
     new_queue_id,
 )
 from shared.smtp import mailbox_name
+from tests.appliance_support import wait_until
 from tests.sender_support import (
     FakeClock,
     LoopbackRelay,
@@ -42,7 +44,7 @@ from tests.sender_support import (
     Relay,
     Setup,
 )
-from tests.support import free_port, tiny_tmpfs, write_config
+from tests.support import fill_disk, free_port, tiny_tmpfs, write_config
 
 DATA = b"Subject: hello\r\n\r\nbody\r\n.dot line\r\n"
 
@@ -878,6 +880,50 @@ def test_a_hold_during_the_attempt_applies_if_the_attempt_does_not_deliver(setup
         running.stop()
         server.stop()
     assert env.queued() == [queue_id]
+
+
+@pytest.mark.parametrize("action", ["hold", "delete"])
+def test_a_change_during_the_attempt_holds_when_the_disk_is_full_at_its_end(
+        tmp_path: Path, action: str, log_lines) -> None:
+    """The queue's disk is full when the attempt ends with a 451: neither the
+    deferral nor the operator's hold can be written, and the move is stuck. The
+    operator's change still happens: a delete at once (an unlink needs no room), a
+    hold once there is room again - on disk, where a restart reads it, not only in
+    the memory of this process."""
+    handler = RecordingHandler(data_reply="451 4.3.0 later", data_delay=1.0)
+    server = Relay(handler=handler).start()
+    with tiny_tmpfs(tmp_path / "queue-fs", "64k") as mount:
+        env = Setup(tmp_path, server.address, {"queue": {"dir": str(mount / "queue")}},
+                    retry_initial=3600, retry_max=3600)
+        queue_id = env.writer.store("a@example.com", ["b@example.org"], DATA)
+        running = Running(env)
+        try:
+            assert handler.in_data.wait(10)
+            filler = fill_disk(mount)
+            done = "held" if action == "hold" else "deleted"
+            assert running.request(action, queue_id) == {
+                queue_id: f"being delivered now: {done} unless this attempt delivers it"}
+            wait_until(lambda: any(f"id={queue_id}" in x and " stuck fail " in x
+                                   for x in log_lines), 10, "the stuck move")
+            filler.unlink()
+            running.wake.set()  # a pass, as the next poll would start
+            if action == "delete":
+                wait_until(lambda: env.queued() == [], 10, "the delete")
+            else:
+                wait_until(lambda: any(f"id={queue_id}" in x and " unstuck ok " in x
+                                       for x in log_lines), 10, "the move, once there is room")
+            running.stop()
+            if action == "delete":
+                assert env.queued() == []
+            else:
+                assert env.queued() == [queue_id]
+                on_disk, _unreadable = StateStore(env.config.queue.dir).load_all()  # a restart's
+                assert on_disk[queue_id].held and on_disk[queue_id].attempts == 1
+        finally:
+            if running.thread.is_alive():
+                running.stop()
+            env.close()
+            server.stop()
 
 
 def test_a_request_after_the_runners_end_is_refused_never_left_waiting(setup) -> None:

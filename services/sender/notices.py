@@ -52,7 +52,8 @@ class Notifier:
               now: float) -> None:
         recipients = [FailedRecipient(
             o.recipient, _reply(o), reason=_reason(o), original=origins.get(o.recipient),
-            remote_mta=_host(o.peer), last_attempt=now) for o in outcomes]
+            remote_mta=_host(o.peer) if o.reply is not None else None,  # who answered
+            last_attempt=now) for o in outcomes]
         notice = build_notice(action, hostname=self.hostname, queue_id=queue_id,
                               sender=message.sender, recipients=recipients,
                               original=message.data, arrival=arrival, now=now,
@@ -87,8 +88,9 @@ def _reason(outcome: Outcome) -> str:
 
 
 def _host(peer: str) -> str | None:
-    """The relay's host name for Remote-MTA; None for local delivery."""
+    """The relay's host name for Remote-MTA, from the peer of the log line
+    (`host:port`, `[ipv6]:port`); None for local delivery."""
     if peer in ("local", "-", ""):
         return None
-    host = peer.rsplit(":", 1)[0] if not peer.endswith("]") else peer
+    host = peer.rsplit(":", 1)[0]
     return host.split("[", 1)[0] or host

@@ -290,8 +290,7 @@ class QueueRunner:
             if job is None:
                 continue
             worked = True
-            if self._after_attempt.get(job.queue_id):  # held or deleted meanwhile
-                self._apply_to_read(job, self._after_attempt.pop(job.queue_id))
+            if self._withdrawn(job):
                 continue
             if not job.remote:
                 self._settle(job, [])
@@ -304,8 +303,7 @@ class QueueRunner:
                 conn, why = self._connection()
             finally:
                 self._in_hand = None
-            if self._after_attempt.get(job.queue_id):  # held or deleted meanwhile
-                self._apply_to_read(job, self._after_attempt.pop(job.queue_id))
+            if self._withdrawn(job):
                 continue
             if conn is None:
                 self._hold(job, why)
@@ -317,6 +315,19 @@ class QueueRunner:
                 self.bucket.take(self.clock())
                 self.bucket.save(self.reader.dir)
         return worked
+
+    def _withdrawn(self, job: Job) -> bool:
+        """True if an operator held or deleted `job` after it was read: the change is
+        applied now. The operator was answered already; a delete that fails is logged
+        (the message stays queued, and may be deleted again)."""
+        action = self._after_attempt.pop(job.queue_id, None)
+        if action is None:
+            return False
+        answer = self._apply_to_read(job, action)
+        if answer.startswith(operations.ERROR_PREFIX):
+            self.log.error(action, id=job.queue_id,
+                           error=answer.removeprefix(operations.ERROR_PREFIX))
+        return True
 
     def _outgoing(self, job: Job, conn: RelayConnection) -> tuple[str, bytes]:
         """The envelope sender and data for the relay: rewritten and signed when so
@@ -512,6 +523,8 @@ class QueueRunner:
         decision = self.settler.settle(
             job, job.outcomes + list(relayed), at=at, hold=held or after == "hold",
             waiting_until=at if self.stop.is_set() else self.relays.next_retry())
+        if decision is None:  # its move is stuck (retried each pass): decided all the same
+            decision = self.settler.stuck[job.queue_id].decision
         if decision is None or not decision.remaining:
             return
         # The operator was told "unless this attempt delivers it": say how it ended.

@@ -149,18 +149,20 @@ class Settler:
                     if not s.held and name not in self.stuck), default=math.inf)
 
     def set_state(self, queue_id: str, state: DeliveryState) -> None:
-        """Remember a message's state, on disk too when it changed."""
+        """Remember a message's state, on disk too when it changed: the disk first,
+        so that a state in memory is one on disk (a failed save - OSError - leaves
+        both as they were, and the next try writes it)."""
         old = self.states.get(queue_id, BLANK)
         if old == state:
             return
-        if state.is_blank:
-            self.states.pop(queue_id, None)
-        else:
-            self.states[queue_id] = state
         # Only a change of the held or expanded flag must survive a power cut; a lost
         # next attempt means the message is simply tried once more.
         self.store.save(queue_id, state, durable=state.held != old.held
                         or state.expanded != old.expanded)
+        if state.is_blank:
+            self.states.pop(queue_id, None)
+        else:
+            self.states[queue_id] = state
 
     def forget_gone(self, present: set[str], strange: set[str]) -> None:
         """Drop what is known of messages no longer queued (delivered, failed,
@@ -283,10 +285,12 @@ class Settler:
         attempts = state.attempts + 1
         expiry = expires_at(arrival_time(entry.name, entry.mtime_ns / 1e9), self.policy)
         next_attempt = min(at + self.policy.backoff.delay(attempts), expiry)
+        backed_off = replace(state, attempts=attempts, next_attempt=next_attempt,
+                             last_reply=reason)
         try:
-            self.set_state(entry.name, replace(state, attempts=attempts,
-                                               next_attempt=next_attempt, last_reply=reason))
-        except OSError as err:  # a full disk: tried again at the next pass
+            self.set_state(entry.name, backed_off)
+        except OSError as err:  # a full disk: the backoff holds in memory, for this run
+            self.states[entry.name] = backed_off
             self.log.error("state", id=entry.name, error=err.strerror or str(err))
 
     def quarantine(self, queue_id: str, reason: str) -> bool:
