@@ -427,7 +427,7 @@ def parse_config(raw: dict[str, typing.Any], path: Path) -> Config:
                 raise ConfigError(f"[{key}] must be a table")
             values[key] = _build_section(key, _SECTIONS[key], value, base)
         else:
-            known = ["hostname", *_SECTIONS]
+            known = ["hostname", "aliases", *_SECTIONS]
             raise ConfigError(f"unknown key {key!r} at the top level of {path.name}"
                               + _suggestion(key, known, ""))
     for name, cls in _SECTIONS.items():

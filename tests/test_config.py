@@ -88,6 +88,8 @@ BAD_CONFIGS = [
      "unknown key 'max_conections' in [receiver]; did you mean 'max_connections'?"),
     ("misspelt-section", "[reciever]\nlisten = \"127.0.0.1:2525\"\n",
      "unknown key 'reciever' at the top level of mailbag.toml; did you mean 'receiver'?"),
+    ("misspelt-aliases", "[aliasses]\nroot = \"admin\"\n",
+     "unknown key 'aliasses' at the top level of mailbag.toml; did you mean 'aliases'?"),
     ("key-in-another-section", "[receiver]\nrelay = \"smtp.example.com:587\"\n",
      "unknown key 'relay' in [receiver]; it belongs in [sender]"),
     ("wrong-type-int", "[receiver]\nmax_connections = \"5\"\n", "receiver.max_connections"),

@@ -104,6 +104,33 @@ def test_the_receiver_reloads_limits_users_and_certificate_and_keeps_open_sessio
     assert proc.stderr_text() == ""
 
 
+def test_a_reload_cannot_take_tls_from_the_implicit_tls_port_that_stays_open(
+    tmp_path: Path,
+) -> None:
+    """tls_listen needs a restart, so its socket stays open after a reload; a new
+    config without the certificate would leave it without TLS (every session there
+    an internal error). Such a reload is refused, in one line, and the port goes on."""
+    ca = TestCA(tmp_path)
+    tls_port = free_port()
+    sections = {"receiver": {"tls_listen": f"127.0.0.1:{tls_port}",
+                             "tls_cert": str(ca.cert_file), "tls_key": str(ca.key_file)}}
+    path = write_config(tmp_path, **sections)
+    config = load_config(path)
+    proc = MailbagProcess("receiver", path).start()
+    try:
+        wait_for_banner(config.receiver.listen.host, config.receiver.listen.port)
+        write_config_keeping_port(tmp_path, config, receiver={})  # no TLS at all
+        lines = hup_and_wait(proc, config.log.file, "R-SMTP")
+        assert len(lines) == 1 and " reload fail " in lines[0], lines
+        assert "receiver.tls_listen" in lines[0] and "receiver.tls_cert" in lines[0]
+        with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=10,
+                              context=ca.client_context()) as client:
+            assert client.ehlo()[0] == 250
+    finally:
+        assert proc.stop() == 0
+    assert proc.stderr_text() == ""
+
+
 def write_config_keeping_port(folder: Path, config, **sections) -> Path:
     """Rewrite the config; the receiver's port is the one it listens on unless the
     test asks for another (`listen`), which needs a restart."""

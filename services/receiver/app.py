@@ -181,8 +181,9 @@ def reconfigure(servers: list[ReceiverServer], config: Config,
     hand them to every server for the sessions to come, and the health limits to
     the metrics endpoint."""
     settings = session_settings(config)
-    rcv = config.receiver
-    servers[0].slots.resize(rcv.max_connections, rcv.max_connections_per_ip)  # shared
+    if settings.tls_context is None and any(server.implicit_tls for server in servers):
+        raise StartupError("receiver.tls_listen stays open until a restart, and needs "
+                           "receiver.tls_cert and receiver.tls_key until then")
     for server in servers:
         server.reconfigure(**settings.as_arguments())
     if endpoint is not None:

@@ -229,11 +229,13 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         check_password: Callable[[str, str], bool] | None,
     ) -> None:
         """New settings for the sessions that start from now on (a reload); a session
-        already open keeps the ones it started with (`session_settings`)."""
+        already open keeps the ones it started with (`session_settings`). The slot
+        pool may be shared by several servers: each resizes it to the same limits."""
         with self._lock:
             self.policy, self.limits, self.relay_networks = policy, limits, relay_networks
             self.tls_context, self.check_password = tls_context, check_password
             self._relay_decisions = {}
+        self.slots.resize(limits.max_connections, limits.max_connections_per_ip)
         self.threads.resize(_thread_limit(limits))
 
     def session_settings(self, ip: str) -> tuple[SessionPolicy, ServerLimits, bool,
