@@ -12,8 +12,9 @@ Anything else there - another MTA's binary, such as Postfix's /usr/sbin/sendmail
 is refused unless --force (make's FORCE=1); then it is renamed to
 `<name>.before-mailbag` (never deleted), so `mv` puts it back.
 
-Both links or none: if either may not be made, nothing is changed. Exit status 0
-when both links are in place, 1 (one line per problem) otherwise.
+Both links or none: if either is refused, nothing is changed (an error while
+making them - a read-only /usr - is reported, and what was made stays). Exit
+status 0 when both links are in place, 1 (one line per problem) otherwise.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     base = Path(args.root + "/" + args.prefix.strip("/")) if args.root else Path(args.prefix)
     links = [base / relative for relative in LINKS]
-    # All or nothing: a machine with mailq from mailbag and sendmail from another
-    # MTA would list one queue and fill another.
+    # Both refused or neither: a machine with mailq from mailbag and sendmail from
+    # another MTA would list one queue and fill another.
     refused = [why for why in (refusal(link, target, force=args.force) for link in links) if why]
     for why in refused:
         print(f"install-sendmail: {why}; nothing installed", file=sys.stderr)

@@ -18,9 +18,9 @@ Wherever a program checks the same thing at start, the check calls the program's
 own start-up code (`services/receiver/app.py`, `services/sender/app.py`), so that
 the two can never disagree.
 
-To check a new concern (a config section of its own, say [dkim] with its key
-files): write `check_dkim(config: Config) -> list[str]` here, one line per
-problem naming the key and the file, and add it to `CHECKS`. A check must not
+To check a new concern (a config section of its own, with files it names): write
+`check_<concern>(config: Config) -> list[str]` here, one line per problem naming
+the key and the file, and add it to `CHECKS`. A check must not
 change anything (it runs against the live appliance) and must not raise for a
 problem it finds: it returns it.
 """

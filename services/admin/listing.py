@@ -183,7 +183,7 @@ class Census:
         try:
             states = self._states.load()
         except OSError as err:
-            raise _listing_error(err, self._states.dir) from None
+            raise listing_error(err, self._states.dir) from None
         if self._seen is None or self._seen[0] is not names or self._seen[1] is not states:
             self._sort(names, states)
         deferred = len(self._next_attempts) - bisect.bisect_right(self._next_attempts, now)
@@ -257,7 +257,7 @@ def _load_states(queue_dir: Path) -> dict[str, DeliveryState]:
             return {}
         states, _unreadable = StateStore(queue_dir).load_all()
     except OSError as err:
-        raise _listing_error(err, queue_dir) from None
+        raise listing_error(err, queue_dir) from None
     return states
 
 
@@ -269,14 +269,16 @@ def _regular_files(folder: Path) -> list[os.DirEntry[str]]:
     except FileNotFoundError:
         return []
     except OSError as err:
-        raise _listing_error(err, folder) from None
+        raise listing_error(err, folder) from None
     # is_file(follow_symlinks=False): a regular file, told by the listing's d_type
     # without a stat (a file gone meanwhile is simply not one).
     return [entry for entry in entries
             if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)]
 
 
-def _listing_error(err: OSError, folder: Path) -> ListingError:
+def listing_error(err: OSError, folder: Path) -> ListingError:
+    """The one wording of a folder that cannot be read, for the listing and the
+    endpoint alike."""
     code = os.EX_NOPERM if isinstance(err, PermissionError) else os.EX_IOERR
     return ListingError(code, f"cannot read {folder}: {err.strerror or err}")
 

@@ -1,6 +1,7 @@
 """One look at the appliance from the receiver's process, for `/metrics` and `/healthz`.
 
-At every request, and nowhere else, `Monitor` reads what it reports:
+At every request (and once at start, so that the first scrape of a large queue
+finds its listing made), `Monitor` reads what it reports:
 
 - the queue on disk: `listing.Census` (names and ids only, never a message;
   folders listed again only when they changed, a state file parsed again only
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.admin.listing import STATES, Census, ListingError, QueueCensus
+from services.admin.listing import STATES, Census, ListingError, QueueCensus, listing_error
 from services.monitoring.health import Limits, Look, problems
 from shared.config import Config
 from shared.log import EventLog
@@ -130,8 +131,7 @@ class Monitor(Collector):
         try:
             os.stat(self.queue_dir)
         except OSError as err:
-            raise ListingError(os.EX_IOERR, f"cannot read {self.queue_dir}: "
-                                            f"{err.strerror or err}") from None
+            raise listing_error(err, self.queue_dir) from None
 
     def _sender_figures(self) -> list[Metric]:
         try:

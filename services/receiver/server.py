@@ -26,7 +26,8 @@ and carries out the session's events.
   a `close` line when a session ends, saying why, unless it ended with QUIT after
   queuing messages (their lines said it all); and the rejections: the first of each
   kind (command and reply code) as it happens, repeats counted into one line per
-  kind at the end, so no client can flood the log. Nothing is written at connect.
+  kind at the end, so no client can flood the log. Nothing is written at connect,
+  but for connections refused over a limit (`RefusalLog`: the first, then a count).
   A line costs more than a session's SMTP work: the common session - connect, one
   message, QUIT - writes one line.
 - Graceful stop (SPEC §6): `begin_shutdown()` stops accepting; a session in the middle
@@ -120,13 +121,13 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.stopping = threading.Event()
         self.slots = slots or SlotPool(limits.max_connections, limits.max_connections_per_ip)
         self.figures = figures or ReceiverFigures()  # counts nothing unless metrics are on
-        self.refusals = RefusalLog(EventLog(PROGRAM, "-"))
+        self.log = EventLog(PROGRAM, "-")
+        self.refusals = RefusalLog(self.log)
         self.threads = SessionThreads(self._run_session, _thread_limit(limits))
         self._lock = threading.Condition()
         self._sessions: set[SessionHandler] = set()
         self._serving = threading.Event()
         self._stopped = threading.Event()
-        self.log = EventLog(PROGRAM, "-")
         super().__init__(address, SessionHandler)
 
     def server_bind(self) -> None:

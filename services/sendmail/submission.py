@@ -11,7 +11,8 @@ What `mailbag-sendmail` does to what a program hands it (SPEC §7):
   a cron job's long output line must not cost the whole mail; a header line is
   folded before whitespace where it has some (RFC 5322 §2.2.3: nothing changes),
   after -t has read the recipients (`fold_long_lines`); the size limit applies to
-  the message as stored;
+  the caller's message in SMTP's form (CRLF, long lines broken), not counting the
+  header fields added here;
 - recipients come from the command line (each argument an address list, as
   Postfix reads it) and, with -t, from To:, Cc: and Bcc: (read with the `email`
   package); a bare name (`root`) gets the first local domain, so

@@ -1,7 +1,9 @@
 """mailbag's figures for Prometheus (SPEC §9): what is counted, and how the two
 programs' figures meet in ONE endpoint.
 
-    figures.py   every metric's name and meaning, and the objects that count them
+    figures.py   every metric's name and meaning, and the programs' counting calls
+                 (which count nothing when metrics are off)
+    counting.py  the same calls counting into prometheus_client's metrics
     alive.py     "this program runs": a lock the kernel drops when the program dies
     share.py     the sender's figures, written to a file the endpoint reads
 
