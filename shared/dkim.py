@@ -62,6 +62,9 @@ MIN_RSA_BITS = 1024  # RFC 8301 §3.2: verifiers must refuse smaller keys
 # verify; generating one takes minutes to hours (keygen refuses them).
 MAX_RSA_BITS = 4096
 TXT_STRING_MAX = 255  # RFC 1035 §3.3.14: one <character-string> in a TXT record
+# The reason for mail of a domain with no key: the usual case, which callers need
+# not log (only other reasons mean that something is wrong).
+NO_KEY = "not signed: no DKIM key for"
 
 Algorithm = Literal["rsa", "ed25519"]
 
@@ -134,7 +137,7 @@ class DkimSigner:
         domain = domains.pop()
         key = self.key_for(domain)
         if key is None:
-            return SignResult(data, reason=f"not signed: no DKIM key for {domain}")
+            return SignResult(data, reason=f"{NO_KEY} {domain}")
         present = [f.name.lower() for f in section.fields]
         fields = [name for name in present if name in SIGNED_FIELDS]
         fields += [name for name in OVERSIGNED if name in present]

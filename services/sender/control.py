@@ -76,6 +76,8 @@ class RequestError(ValueError):
 
 
 def control_path(queue_dir: Path) -> Path:
+    """The socket's place: in the queue folder, so that whoever may change the queue
+    (its owner and group) may ask the sender, and nobody else."""
     return Path(queue_dir) / CONTROL_NAME
 
 
@@ -304,9 +306,7 @@ def _exchange(queue_dir: Path, request: dict[str, object],
         try:
             with _socket_address(path) as address:
                 sock.connect(address)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
-        except OSError as err:
+        except OSError as err:  # none there, or none listening: no sender runs
             if err.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
                 return None
             raise ControlError(f"cannot connect to {path}: {err.strerror or err}") from None

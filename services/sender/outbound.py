@@ -20,19 +20,21 @@ from __future__ import annotations
 
 from services.sender.downgrade import NotConvertible, for_relay
 from services.sender.rewrite import SenderRewriter
-from shared.dkim import DkimSigner
+from shared.dkim import NO_KEY, DkimSigner
 from shared.log import EventLog
-
-NO_KEY = "not signed: no DKIM key for"
 
 
 class Outbound:
+    """What relayed mail gets on its way out, after it was read and before the relay
+    session sees it: sender rewriting, then DKIM (which signs the final bytes)."""
+
     def __init__(self, rewriter: SenderRewriter, signer: DkimSigner) -> None:
         self.rewriter = rewriter
         self.signer = signer
 
     @property
     def active(self) -> bool:
+        """False when neither is configured: the runner skips `prepare` altogether."""
         return self.rewriter.active or self.signer.active
 
     def prepare(self, queue_id: str, sender: str, data: bytes,
@@ -48,11 +50,10 @@ class Outbound:
                 log.ok("rewrite", id=queue_id, sender=f"<{sender}>",
                        fields=",".join(f"{name}:{new}" for name, _, new in result.changed))
         if self.signer.active:
-            if not data.isascii() and "8BITMIME" not in relay_extensions:
-                try:
-                    data, _ = for_relay(data, False)
-                except NotConvertible:
-                    return sender, data  # the session refuses it (5.6.3): nothing to sign
+            try:  # signed as sent: 7 bit for a relay without 8BITMIME
+                data, _ = for_relay(data, "8BITMIME" in relay_extensions)
+            except NotConvertible:
+                return sender, data  # the session refuses it (5.6.3): nothing to sign
             signed = self.signer.sign(data)
             if signed.domain is not None:
                 data = signed.data

@@ -42,6 +42,10 @@ class Routes:
 
 
 class Router:
+    """Where each recipient of a message goes: through the aliases, to a Maildir
+    (delivered here, at once), or to the relay. Used at delivery, not at receipt, so
+    that a reloaded alias table applies to mail already queued."""
+
     def __init__(self, aliases: AliasTable, local: LocalDelivery,
                  local_domains: frozenset[str], log: EventLog) -> None:
         self.aliases = aliases

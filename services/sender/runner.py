@@ -82,8 +82,9 @@ READY_MAX = 16  # messages read and waiting for the relay, at most...
 READY_MAX_BYTES = 32 * 1024 * 1024  # ... and their data in bytes
 # Seconds a relay session may stay idle while a message waits for the rate limit's
 # token (Postfix's smtp_connection_cache_time_limit); a longer wait ends it with QUIT:
-# a relay may close an idle session (RFC 5321 §4.5.3.2.7), and the next message would
-# meet its 421 and be deferred for it.
+# an idle session holds one of the relay's connection slots for nothing, and a relay
+# may drop it without a word (RFC 5321 §4.5.3.2.7) - which `still_open` cannot
+# always see before the next message is handed to it.
 RATE_IDLE_SESSION = 2.0
 
 
@@ -477,8 +478,9 @@ class QueueRunner:
     def _local_work(self) -> bool:
         """One step of work that needs no relay (the relay connection's on_idle hook):
         an operator's request, or the next due message with its local recipients
-        delivered. What it has for the relay waits in `_ready`, or when that is full
-        goes to the next pass. True if it did anything."""
+        delivered. A message that had local recipients is settled at once (the rest
+        waits for the relay's next turn); one for the relay only waits in `_ready`,
+        or when that is full goes to the next pass. True if it did anything."""
         if self._serve_requests():
             return True
         if not self._due or self.stop.is_set():

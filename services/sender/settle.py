@@ -57,6 +57,8 @@ from shared.smtp import Reply
 
 
 def format_time(when: float) -> str:
+    """A log line's time (UTC, to the second); "never" for infinity (no relay will
+    be due)."""
     if math.isinf(when):
         return "never"
     return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
@@ -101,7 +103,7 @@ class Settler:
     """The queue's memory of each message, and every move of its file after an attempt.
 
     Used by the runner's one thread only (operators' changes reach it through the
-    runner's requests), so it needs no lock but for `own_moves`, which the watch
+    runner's requests), so it needs no lock but for `_own_moves`, which the watch
     thread reads."""
 
     def __init__(self, reader: QueueReader, policy: RetryPolicy, notifier: Notifier,
@@ -138,6 +140,7 @@ class Settler:
             self.log.error("state", id=name, error=why)
 
     def is_due(self, name: str, now: float) -> bool:
+        """Not held, and its next attempt has come (a message with no state is due)."""
         state = self.states.get(name)
         return state is None or (not state.held and state.next_attempt <= now)
 
@@ -200,8 +203,9 @@ class Settler:
     def settle(self, job: Job, outcomes: Sequence[Outcome], *, at: float,
                waiting_until: float, hold: bool = False) -> Decision | None:
         """Ask decide() what becomes of the message, log and count it, queue its
-        notices, carry it out. `hold`: an operator held it during the attempt. The decision, or None
-        when its move failed (kept and retried: see `retry_stuck`)."""
+        notices, carry it out. `hold`: an operator held it, before or during the
+        attempt. The decision, or None when its move failed (kept and retried: see
+        `retry_stuck`)."""
         state = self.states.get(job.queue_id, BLANK)
         if hold:
             state = replace(state, held=True)
