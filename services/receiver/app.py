@@ -148,7 +148,7 @@ def session_settings(config: Config) -> SessionSettings:
 
 
 def build_servers(config: Config, queue: MessageStore,
-                  figures: ReceiverFigures | None = None) -> list[ReceiverServer]:
+                  figures: ReceiverFigures) -> list[ReceiverServer]:
     rcv = config.receiver
     settings = session_settings(config)
     slots = SlotPool(rcv.max_connections, rcv.max_connections_per_ip)  # for all listeners
@@ -176,7 +176,7 @@ def build_servers(config: Config, queue: MessageStore,
 
 
 def reconfigure(servers: list[ReceiverServer], config: Config,
-                endpoint: MetricsEndpoint | None = None) -> None:
+                endpoint: MetricsEndpoint | None) -> None:
     """A reload: build the new settings first (StartupError: nothing changed), then
     hand them to every server for the sessions to come, and the health limits to
     the metrics endpoint."""
@@ -192,7 +192,7 @@ def reconfigure(servers: list[ReceiverServer], config: Config,
 
 def serve_until_stopped(servers: list[ReceiverServer], config: Config, log: EventLog,
                         stop: StopFlag, reload: ReloadFlag,
-                        endpoint: MetricsEndpoint | None = None) -> None:
+                        endpoint: MetricsEndpoint | None) -> None:
     """The main loop: sleeps until TERM, reloading on each HUP meanwhile."""
     wake = threading.Event()
     stop.wake_also(wake)

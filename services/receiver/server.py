@@ -230,7 +230,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         check_password: Callable[[str, str], bool] | None,
     ) -> None:
         """New settings for the sessions that start from now on (a reload); a session
-        already open keeps the ones it started with (`session_settings`). The slot
+        already open keeps the ones it started with (`settings_for`). The slot
         pool may be shared by several servers: each resizes it to the same limits."""
         with self._lock:
             self.policy, self.limits, self.relay_networks = policy, limits, relay_networks
@@ -239,7 +239,7 @@ class ReceiverServer(socketserver.ThreadingTCPServer):
         self.slots.resize(limits.max_connections, limits.max_connections_per_ip)
         self.threads.resize(_thread_limit(limits))
 
-    def session_settings(self, ip: str) -> tuple[SessionPolicy, ServerLimits, bool,
+    def settings_for(self, ip: str) -> tuple[SessionPolicy, ServerLimits, bool,
                                                  ssl.SSLContext | None,
                                                  Callable[[str, str], bool] | None]:
         """What a new session keeps for its whole life: the policy, the limits,
@@ -413,7 +413,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         self.rejections = RejectionLog(self.log)
         self.sock: socket.socket = self.request
         policy, self.limits, may_relay, self.tls_context, self.check_password = (
-            server.session_settings(ip))
+            server.settings_for(ip))
         self.session = ServerSession(
             policy, ip, may_relay=may_relay, tls_active=server.implicit_tls
         )

@@ -75,6 +75,11 @@ class RequestError(ValueError):
     """A request that is not one (bad JSON, unknown action, too many ids)."""
 
 
+# The results' key for a request the runner failed on as a whole (the error is its
+# value), where the others are message ids.
+WHOLE_REQUEST = "*"
+
+
 def control_path(queue_dir: Path) -> Path:
     """The socket's place: in the queue folder, so that whoever may change the queue
     (its owner and group) may ask the sender, and nobody else."""
@@ -226,8 +231,8 @@ class ControlServer:
             return _response(ok=False, error=(
                 f"the sender did not get to it within {self.runner_timeout:g} s "
                 "(it applies it when it does)"))
-        if "*" in results:  # the runner failed on it (and logged why)
-            return _response(ok=False, error=results["*"])
+        if WHOLE_REQUEST in results:  # the runner failed on it (and logged why)
+            return _response(ok=False, error=results[WHOLE_REQUEST])
         return _response(ok=True, results=results)
 
 

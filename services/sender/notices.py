@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.sender.bounce import DELAYED, FAILED, Action, FailedRecipient, build_notice
-from services.sender.decision import Decision, Outcome, Status
+from services.sender.decision import Decision, Outcome, RetryPolicy, Status, expires_at
 from shared.log import EventLog
 from shared.metrics.figures import SenderFigures
 from shared.queue import QueueFile, QueueWriteError, QueueWriter
@@ -29,13 +29,13 @@ class Notifier:
     It holds the queue's writer, not a connection: a notice is an ordinary message,
     so the sender's own loop delivers it, retries it and keeps it across restarts."""
 
-    def __init__(self, writer: QueueWriter, hostname: str, lifetime: float,
-                 log: EventLog, figures: SenderFigures | None = None) -> None:
+    def __init__(self, writer: QueueWriter, hostname: str, policy: RetryPolicy,
+                 log: EventLog, figures: SenderFigures) -> None:
         self.writer = writer
         self.hostname = hostname
-        self.lifetime = lifetime
+        self.policy = policy  # for the time a delayed message is retried until
         self.log = log
-        self.figures = figures or SenderFigures()
+        self.figures = figures
 
     def notify(self, queue_id: str, message: QueueFile, decision: Decision,
                origins: dict[str, str], arrival: float, now: float) -> None:
@@ -57,7 +57,7 @@ class Notifier:
         notice = build_notice(action, hostname=self.hostname, queue_id=queue_id,
                               sender=message.sender, recipients=recipients,
                               original=message.data, arrival=arrival, now=now,
-                              retry_until=arrival + self.lifetime)
+                              retry_until=expires_at(arrival, self.policy))
         if notice is None:
             return
         event = "bounce" if action == FAILED else "delay-warning"

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.sender.client import OutgoingMessage
-from services.sender.control import RunnerEnded
+from services.sender.control import WHOLE_REQUEST, RunnerEnded
 from services.sender.decision import (
     Backoff,
     Outcome,
@@ -171,8 +171,7 @@ class QueueRunner:
         snd = config.sender
         policy = RetryPolicy(Backoff(snd.retry_initial, snd.retry_max),
                              snd.max_queue_lifetime, config.bounce.delay_warning)
-        return policy, Notifier(writer, config.hostname, snd.max_queue_lifetime, self.log,
-                                self.figures)
+        return policy, Notifier(writer, config.hostname, policy, self.log, self.figures)
 
     def reconfigure(self, config: Config, relays: RelayPool, signer: DkimSigner) -> None:
         """New settings (a reload), on the runner's thread between two passes: the
@@ -576,7 +575,7 @@ class QueueRunner:
                     request.results[queue_id] = self._apply(request.action, queue_id)
             except Exception as exc:  # noqa: BLE001 - the operator gets the error, we go on
                 self.log.error("request", action=request.action, exc=exc)
-                request.results["*"] = f"error: {exc}"
+                request.results[WHOLE_REQUEST] = f"{operations.ERROR_PREFIX}{exc}"
             finally:
                 request.done.set()
         return served

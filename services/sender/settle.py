@@ -107,12 +107,12 @@ class Settler:
     thread reads."""
 
     def __init__(self, reader: QueueReader, policy: RetryPolicy, notifier: Notifier,
-                 log: EventLog, figures: SenderFigures | None = None) -> None:
+                 log: EventLog, figures: SenderFigures) -> None:
         self.reader = reader
         self.policy = policy
         self.notifier = notifier
         self.log = log
-        self.figures = figures or SenderFigures()
+        self.figures = figures
         self.store = StateStore(reader.dir)
         self.states: dict[str, DeliveryState] = {}
         self._peer_logs: dict[str, EventLog] = {}
@@ -250,19 +250,17 @@ class Settler:
         a step fails (the queued file is then as it was, or rewritten whole)."""
         queue_id, message = job.queue_id, job.message
         path = Path(job.path)
-        reasons = [f"<{o.recipient}>: {o.detail}" for o in decision.failed]
-        failed_part = QueueFile(message.sender, tuple(o.recipient for o in decision.failed),
-                                message.data)
         if decision.action is Action.FINISH:
             self.reader.finish(job.path)
         elif decision.action is Action.FAIL:
+            failed_part, reasons = _failed_part(message, decision)
             try:
                 self.reader.fail(path, failed_part, reasons)
             except QueueFormatError:  # cannot be written again: move it as it is
                 self.reader.quarantine(path, "; ".join(reasons))
         elif decision.action is Action.PARTIAL:
             if decision.failed:  # first the record, then the rewrite: a crash repeats it
-                self.reader.fail_some(path, failed_part, reasons)
+                self.reader.fail_some(path, *_failed_part(message, decision))
             with self._own_moves_lock:
                 self._own_moves.add(queue_id)
             self.reader.rewrite(path, QueueFile(message.sender, decision.remaining,
@@ -391,6 +389,14 @@ class Settler:
         if log is None:
             log = self._peer_logs[peer] = self.log.with_peer(peer)
         return log
+
+
+def _failed_part(message: QueueFile, decision: Decision) -> tuple[QueueFile, list[str]]:
+    """What the failed folder keeps of a message: its failed recipients only, and
+    the reason for each (`QueueReader.fail`'s arguments)."""
+    return (QueueFile(message.sender, tuple(o.recipient for o in decision.failed),
+                      message.data),
+            [f"<{o.recipient}>: {o.detail}" for o in decision.failed])
 
 
 def _why(err: BaseException) -> str:
