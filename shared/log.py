@@ -363,6 +363,16 @@ def setup_logging(config: LogConfig, program: str, *, enqueue: bool = False) -> 
     return EventLog(program, "-")
 
 
+def user_command_log(config: LogConfig, program: str, uid: int) -> tuple[EventLog | None, str]:
+    """The log of a command a user runs (`mailbag-sendmail`, `mailbag`): its lines
+    name the user (`uid=N`). A user who may not write the logfile gets (None, why):
+    the command still does its work, and says so on stderr."""
+    try:
+        return setup_logging(config, program).with_peer(f"uid={uid}"), ""
+    except OSError as err:
+        return None, err.strerror or str(err)
+
+
 def shutdown_logging() -> None:
     """Flush queued records and close the sinks (call before the process exits)."""
     logger.complete()

@@ -36,7 +36,7 @@ from services.admin.errors import AdminError
 from services.admin.listing import ListingError, failed_names, failed_path
 from services.sender.control import ControlError, ask_sender
 from shared.config import Config
-from shared.log import EventLog, setup_logging
+from shared.log import user_command_log
 from shared.queue import (
     REASON_SUFFIX,
     QueueFile,
@@ -71,12 +71,9 @@ class AdminLog:
     so once on stderr, and the change is still made."""
 
     def __init__(self, config: Config, warn: Callable[[str], None]) -> None:
-        self.log: EventLog | None
-        try:
-            self.log = setup_logging(config.log, LOG_IDENTIFIER).with_peer(f"uid={os.getuid()}")
-        except OSError as err:
-            self.log = None
-            warn(f"cannot write the log {config.log.file} ({err.strerror or err}); "
+        self.log, problem = user_command_log(config.log, LOG_IDENTIFIER, os.getuid())
+        if self.log is None:
+            warn(f"cannot write the log {config.log.file} ({problem}); "
                  "the change is not logged")
 
     def record(self, action: str, result: Result, **details: object) -> None:

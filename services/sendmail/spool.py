@@ -16,7 +16,7 @@ from pathlib import Path
 
 from services.sendmail.submission import Submission, SubmissionError, Submitter
 from shared.config import Config
-from shared.log import EventLog, setup_logging
+from shared.log import user_command_log
 from shared.queue import QueueFormatError, QueueWriteError, QueueWriter
 
 PROGRAM = "mailbag-sendmail"  # the prefix of every line on stderr
@@ -74,12 +74,7 @@ class SubmitLog:
 
     def __init__(self, config: Config, uid: int) -> None:
         self.path = config.log.file
-        self.problem = ""
-        self.log: EventLog | None = None
-        try:
-            self.log = setup_logging(config.log, LOG_IDENTIFIER).with_peer(f"uid={uid}")
-        except OSError as err:
-            self.problem = err.strerror or str(err)
+        self.log, self.problem = user_command_log(config.log, LOG_IDENTIFIER, uid)
 
     def queued(self, queue_id: str, submission: Submission) -> None:
         if self.log is None:
